@@ -1,0 +1,47 @@
+# mr2nst developer entry points. `make demo` and `make test` set themselves up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+TYPECHECK := build/typecheck
+
+.PHONY: setup demo test unit e2e lint typecheck bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/mr2nst demo --out demo-out
+
+# The whole suite: lint, strict typing of core/ and bank/, then every test.
+test: setup lint typecheck
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/core tests/bank tests/node
+
+e2e: setup
+	$(PY) -m pytest tests/e2e
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# mypy cannot follow setuptools' editable-install finder, so it checks a tree of
+# symlinks that lays the folders out under their installed names.
+typecheck: setup
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mr2nst
+	touch $(TYPECHECK)/mr2nst/py.typed
+	ln -s $(CURDIR)/core $(TYPECHECK)/mr2nst/core
+	ln -s $(CURDIR)/bank $(TYPECHECK)/mr2nst/bank
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --strict --namespace-packages --explicit-package-bases -p mr2nst.core -p mr2nst.bank
+
+bench: setup
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf build demo-out .pytest_cache .mypy_cache

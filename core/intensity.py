@@ -1,0 +1,64 @@
+"""Mapping between stored integer pixel values and the engine's float images.
+
+The engine works on float32 images in [0, 1] where brighter always means denser
+(MONOCHROME1 data is inverted on the way in and back on the way out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ImageError
+
+FloatImage = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    """A linear map between stored values and unit floats.
+
+    ``low`` is the stored value that maps to 0.0 and ``high`` the one that maps to 1.0
+    (before any MONOCHROME1 inversion). ``bits_stored`` bounds what may be written back.
+    """
+
+    bits_stored: int
+    low: float
+    high: float
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits_stored <= 16:
+            raise ImageError(f"bits_stored must be 1..16, got {self.bits_stored}")
+        if not self.high > self.low:
+            raise ImageError(f"stored range must have high > low, got [{self.low}, {self.high}]")
+
+    @property
+    def max_value(self) -> int:
+        return int(2**self.bits_stored - 1)
+
+    @classmethod
+    def full(cls, bits_stored: int, invert: bool = False) -> StoredRange:
+        """The whole range of an unsigned ``bits_stored`` image: an exact, lossless map."""
+        return cls(bits_stored=bits_stored, low=0.0, high=float(2**bits_stored - 1), invert=invert)
+
+    def to_unit(self, stored: npt.NDArray[np.generic]) -> FloatImage:
+        """Stored values to float32 (0..1 for values inside the range; not clipped)."""
+        if stored.ndim != 2:
+            raise ImageError(f"expected a 2-D image, got shape {stored.shape}")
+        unit = (stored.astype(np.float64) - self.low) / (self.high - self.low)
+        if self.invert:
+            unit = 1.0 - unit
+        return unit.astype(np.float32)
+
+    def from_unit(self, unit: npt.NDArray[np.floating]) -> npt.NDArray[np.uint16]:
+        """Float image back to rounded, clipped stored values."""
+        if not np.all(np.isfinite(unit)):
+            raise ImageError("image contains NaN or infinite values")
+        values = np.asarray(unit, dtype=np.float64)
+        if self.invert:
+            values = 1.0 - values
+        stored = np.rint(values * (self.high - self.low) + self.low)
+        return np.clip(stored, 0, self.max_value).astype(np.uint16)

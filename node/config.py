@@ -1,0 +1,259 @@
+"""The node's one typed, frozen configuration, loaded from TOML with env overrides.
+
+Every default is written once, here. ``load_config`` validates at load time and raises
+:class:`~mr2nst.node.errors.ConfigError` with a message that names the offending key.
+Environment variables ``MR2NST_SECTION__KEY`` override file values (TOML syntax for the
+value, falling back to a plain string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MR2NST_"
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ]$")]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = "MR2NST"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    data_dir: Path = Path("./mr2nst-data")
+    max_associations: int = Field(default=8, ge=1, le=1024)
+    allowed_callers: tuple[str, ...] = ()
+    min_free_disk_mb: int = Field(default=2048, ge=0)
+    # Seconds an association may stay silent before it is released (DIMSE/ACSE/network).
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    # Hours that spool (received) and outbox (derived) files are kept once all their
+    # deliveries are settled; ledger rows are kept for good.
+    retention_hours: float = Field(default=24.0, ge=0)
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _check_callers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            ae, _, addr = entry.partition("@")
+            if not ae or len(ae) > 16:
+                raise ValueError(f"{entry!r}: expected 'AE' or 'AE@IP' with an AE title of 1-16 characters")
+            if addr:
+                try:
+                    ipaddress.ip_address(addr)
+                except ValueError as exc:
+                    raise ValueError(f"{entry!r}: {addr!r} is not an IP address") from exc
+        return value
+
+
+class LedgerSection(_Section):
+    url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be empty (SQLite under data_dir), sqlite:///PATH or postgresql://...")
+        return value
+
+
+class EngineSection(_Section):
+    device: str = "auto"
+    workers: int = Field(default=1, ge=1, le=64)
+    features: Literal["imagenet", "seeded-random"] = "imagenet"
+    weights: str = ""
+    patch_size: int = Field(default=512, ge=32, le=4096)
+    grids: tuple[int, ...] = (1, 2, 4)
+    overlap: float = Field(default=0.125, ge=0.0, lt=0.5)
+    iterations: int = Field(default=400, ge=1)
+    references: int = Field(default=5, ge=1)
+    refiner: str = ""
+    # A worker holds a claimed job under a lease it renews; a job whose lease ran out
+    # (its worker died) goes back to the queue.
+    lease_s: float = Field(default=60.0, gt=0)
+    # Processing attempts before a job that keeps failing is given up as `failed`.
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("grids")
+    @classmethod
+    def _check_grids(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(g < 1 for g in value):
+            raise ValueError("must be a non-empty list of positive grid sizes, e.g. [1, 2, 4]")
+        return value
+
+
+class BankSection(_Section):
+    path: Path = Path("./bank")
+
+
+Method = Literal["mr2nst", "ehm", "passthrough"]
+Action = Literal["normalize", "forward", "drop"]
+
+
+class Route(_Section):
+    name: str = Field(min_length=1)
+    match: dict[str, str] = Field(default_factory=dict)
+    action: Action = "normalize"
+    method: Method = "mr2nst"
+    destinations: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_destinations(self) -> Route:
+        if self.action != "drop" and not self.destinations:
+            raise ValueError(f"route {self.name!r}: action {self.action!r} needs at least one destination")
+        return self
+
+
+class Destination(_Section):
+    kind: Literal["dicom"] = "dicom"
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: bool = False
+
+    @field_validator("tls")
+    @classmethod
+    def _no_tls_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("TLS destinations are not supported yet")
+        return value
+
+
+class ForwardingSection(_Section):
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=5.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    # Seconds between polls of the ledger for due deliveries.
+    poll_s: float = Field(default=1.0, gt=0)
+    # Parallel C-STORE SCU associations across all destinations.
+    concurrency: int = Field(default=4, ge=1, le=64)
+    calling_ae: str = ""  # empty = node.ae_title
+
+
+class DerivedSection(_Section):
+    series_number_offset: int = 1000
+    description_suffix: str = " [UIH style, mr2NST]"
+    # DICOM UID root for generated UIDs; empty = pydicom's registered root.
+    uid_root: str = ""
+
+
+class LoggingSection(_Section):
+    format: Literal["json", "console", "auto"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    node: NodeSection = NodeSection()
+    ledger: LedgerSection = LedgerSection()
+    engine: EngineSection = EngineSection()
+    bank: BankSection = BankSection()
+    routes: tuple[Route, ...] = ()
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    forwarding: ForwardingSection = ForwardingSection()
+    derived: DerivedSection = DerivedSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Config:
+        names = set()
+        for index, route in enumerate(self.routes):
+            if route.name in names:
+                raise ValueError(f"routes[{index}].name: duplicate route name {route.name!r}")
+            names.add(route.name)
+            for dest in route.destinations:
+                if dest not in self.destinations:
+                    raise ValueError(
+                        f"routes[{index}].destinations: unknown destination {dest!r} "
+                        f"(define it as [destinations.{dest}])"
+                    )
+        return self
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger.url or f"sqlite:///{(self.node.data_dir / 'ledger.db').resolve()}"
+
+    def fingerprint(self) -> str:
+        """A short hash of the settings that shape pixel output (engine + derived)."""
+        payload = json.dumps(
+            {"engine": self.engine.model_dump(mode="json", exclude={"workers", "device", "lease_s", "max_attempts"}),
+             "derived": self.derived.model_dump(mode="json")},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, values in overrides.items():
+        current = merged.get(section)
+        merged[section] = {**current, **values} if isinstance(current, dict) else values
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML mapping (plus env overrides) into a :class:`Config`."""
+    merged = _merge(dict(data), _env_overrides(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a TOML config file; ``None`` means all defaults (plus env)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(data, environ)

@@ -1,0 +1,87 @@
+"""structlog configuration: the one place logging is set up (called by the CLI).
+
+JSON lines when stderr is not a TTY (or ``format = "json"``), a console renderer on a
+TTY. Per-instance context (job_id, study_uid, series_uid, sop_uid, calling_ae, route)
+travels through contextvars. pynetdicom's stdlib logging is rendered by the same
+processors. Keys that would carry PHI are removed from every event.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+import structlog
+from structlog.contextvars import bound_contextvars, merge_contextvars
+
+# Never logged, whatever a caller passes.
+PHI_KEYS = frozenset({
+    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
+    "patient_name", "patient_id", "patient_birth_date", "accession_number",
+})
+
+CONTEXT_KEYS = ("job_id", "study_uid", "series_uid", "sop_uid", "calling_ae", "route")
+
+
+def drop_phi(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: remove any PHI-named key from the event."""
+    for key in PHI_KEYS.intersection(event_dict):
+        del event_dict[key]
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        drop_phi,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog and stdlib logging (pynetdicom) once for this process."""
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (structlog.processors.JSONRenderer(sort_keys=False) if use_json
+                     else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    shared = _shared_processors()
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=shared,
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # pynetdicom is chatty at INFO (one line per PDU event); keep it at WARNING unless debugging.
+    logging.getLogger("pynetdicom").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.stdlib.get_logger(name)
+
+
+@contextmanager
+def instance_context(**values: Any) -> Iterator[None]:
+    """Bind per-instance context (only the known keys) for the duration of a block."""
+    unknown = set(values) - set(CONTEXT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown context keys: {sorted(unknown)}")
+    with bound_contextvars(**{k: v for k, v in values.items() if v is not None}):
+        yield
