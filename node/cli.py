@@ -182,8 +182,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    configure_logging("json", "warning")
-    return EXIT_OK if run_demo(Path(args.out), keep_logs=args.verbose) else EXIT_RUNTIME
+    return EXIT_OK if run_demo(Path(args.out), n=args.n) else EXIT_RUNTIME
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -208,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="self-contained end-to-end run on this machine")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--verbose", action="store_true", help="keep the node's log in OUT/node.log")
+    p.add_argument("--n", type=int, default=4, help="number of phantom GE images to send")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("transfer", help="normalize files offline with the same pipeline")

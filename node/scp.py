@@ -85,12 +85,13 @@ class StoreService:
 def handle_requested(event: Any, service: StoreService) -> None:
     """EVT_REQUESTED: reject callers that are not on the allowlist."""
     requestor = event.assoc.requestor
-    ae_title, address = str(requestor.ae_title).strip(), str(requestor.address)
+    ae_title, address = str(requestor.primitive.calling_ae_title).strip(), str(requestor.address)
     if not service.allowlist.allows(ae_title, address):
         log.warning("association_rejected", calling_ae=ae_title, peer=address,
                     reason="calling AE not on node.allowed_callers")
         event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER,
                                      REJECT_CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: lets the A-ASSOCIATE-RJ go out
 
 
 def handle_echo(event: Any) -> int:

@@ -60,7 +60,9 @@ COMPRESSED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 #: Everything the SCP accepts for the normalizable SOP classes.
-ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+)
 
 #: Transfer syntaxes whose encoding always discards information.
 ALWAYS_LOSSY_TRANSFER_SYNTAXES: frozenset[UID] = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})

@@ -29,7 +29,7 @@ from .ledger import Job, Ledger
 from .ledger_schema import FAILED
 from .logs import configure_logging, get_logger, instance_context
 from .methods import MethodCache
-from .pixels import decode
+from .pixels import decode, output_range
 from .spool import Spool
 from .version import VERSION
 
@@ -57,7 +57,7 @@ class Pipeline:
         method = self.methods.get(method_name)
         decoded = decode(source)
         result = method(decoded.image, decoded.info)
-        target = result.target_range or decoded.stored_range
+        target = output_range(decoded, result.target_range)
         stored = target.from_unit(result.image)
         fingerprint = f"{method.fingerprint()}:{self.config.fingerprint()}"
         return build_derived(source, stored, target, result.provenance, fingerprint=fingerprint,

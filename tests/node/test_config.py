@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from mr2nst.node.cli import main
 from mr2nst.node.config import load_config, parse_config
@@ -46,7 +47,7 @@ def test_good_file_loads_frozen(tmp_path):
     """A valid file loads into a frozen object."""
     cfg = load_config(write(tmp_path, GOOD), environ={})
     assert cfg.routes[0].destinations == ("cad",) and cfg.destinations["cad"].port == 104
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.node.port = 1  # type: ignore[misc]
 
 

@@ -1,0 +1,108 @@
+"""Tests of the forwarder: outcomes, backoff, dead deliveries and cleanup."""
+
+import random
+import time
+
+import pytest
+
+from mr2nst.node.config import parse_config
+from mr2nst.node.destinations import SendResult, classify
+from mr2nst.node.forwarder import Forwarder, backoff_delay
+from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.spool import Spool
+
+
+class FakeDestination:
+    def __init__(self, results):
+        self.name = "cad"
+        self.results = list(results)
+        self.sent: list[str] = []
+
+    def send(self, path):
+        self.sent.append(path)
+        return self.results.pop(0)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "d"), "retention_hours": 0},
+                        "forwarding": {"max_attempts": 3, "backoff_initial_s": 0.001, "backoff_max_s": 0.002}},
+                       environ={})
+    spool = Spool(cfg.node.data_dir).create()
+    ledger = Ledger.open(cfg.ledger_url)
+    yield cfg, spool, ledger
+    ledger.close()
+
+
+def transformed(ledger, spool, dests=("cad",)):
+    src = spool.write_incoming(b"source")
+    job_id = ledger.record(Received("1.2", "1.2.3", "1", "2", "1.2.840.10008.1.2.1", "MOD", "MR2NST", "127.0.0.1",
+                                    "r", "normalize", "passthrough", tuple(dests), "received", str(src)))
+    ledger.claim_job("w", 30)
+    out = spool.write(spool.outbox, "out.dcm", lambda fh: fh.write(b"derived") and None)
+    ledger.mark_transformed(job_id, "w", output_path=str(out), out_series_uid="9", out_sop_uid="9.1",
+                            destinations=list(dests))
+    return job_id, src, out
+
+
+def drain(fwd, ledger):
+    """Deliver everything due now, synchronously."""
+    jobs = ledger.claim_deliveries(fwd.owner, 10, 60)
+    return [fwd.deliver(job) for job in jobs]
+
+
+def test_classify_statuses():
+    """Peer statuses map to sent, transient or permanent failures."""
+    assert classify(0x0000).ok and classify(0xB007).ok
+    assert not classify(0xA700).permanent
+    assert classify(0xA900).permanent and classify(0xC123).permanent and classify(0x0122).permanent
+
+
+def test_backoff_grows_with_jitter_and_cap():
+    """Delays double per attempt, stay within [d/2, d] and never pass the cap."""
+    rng = random.Random(1)
+    for attempt, d in [(1, 5), (2, 10), (3, 20), (10, 600)]:
+        delays = [backoff_delay(attempt, 5, 600, rng) for _ in range(50)]
+        assert all(d / 2 <= x <= d for x in delays) and len(set(delays)) > 1
+
+
+def test_transient_failures_retry_until_dead(setup):
+    """A destination that keeps failing is retried max_attempts times, then dead."""
+    cfg, spool, ledger = setup
+    dest = FakeDestination([SendResult(False, None, False, "down")] * 3)
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    transformed(ledger, spool)
+    states = []
+    for _ in range(3):
+        time.sleep(0.01)
+        drain(fwd, ledger)
+        states.append(ledger.queue()[0]["deliveries"][0]["state"])
+    assert states == ["failed", "failed", "dead"] and len(dest.sent) == 3
+
+
+def test_permanent_rejection_is_dead_at_once_and_retry_revives(setup):
+    """A 0xC000 rejection makes the delivery dead; queue retry sends it again."""
+    cfg, spool, ledger = setup
+    dest = FakeDestination([SendResult(False, 0xC000, True, "rejected"), SendResult(True, 0)])
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    transformed(ledger, spool)
+    drain(fwd, ledger)
+    assert ledger.queue()[0]["deliveries"][0]["state"] == "dead"
+    assert ledger.retry() == 1
+    drain(fwd, ledger)
+    assert ledger.counts()["done"] == 1 and len(dest.sent) == 2
+
+
+def test_cleanup_removes_only_settled_files(setup):
+    """Cleanup removes files of done instances and keeps those still waiting to be sent."""
+    cfg, spool, ledger = setup
+    dest = FakeDestination([SendResult(True, 0)])
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    _, src1, out1 = transformed(ledger, spool)
+    drain(fwd, ledger)
+    waiting_src = spool.write_incoming(b"other")
+    ledger.record(Received("1.2", "1.2.4", "1", "2", "ts", "MOD", "MR2NST", "p", "r", "normalize", "passthrough",
+                           ("cad",), "received", str(waiting_src)))
+    time.sleep(0.01)
+    assert fwd.cleanup() == 2
+    assert not src1.exists() and not out1.exists() and waiting_src.exists()

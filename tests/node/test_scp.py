@@ -1,0 +1,155 @@
+"""Tests of the C-STORE SCP with real pynetdicom associations on ephemeral ports."""
+
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+from dicom_factory import make_mg
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from mr2nst.node import scp
+from mr2nst.node.config import parse_config
+from mr2nst.node.ledger import Ledger
+from mr2nst.node.routing import Router
+from mr2nst.node.spool import Spool
+
+ROUTES = {
+    "routes": [
+        {"name": "junk", "match": {"SeriesDescription": "JUNK*"}, "action": "drop"},
+        {"name": "mg", "match": {"Modality": "MG"}, "method": "passthrough", "destinations": ["cad"]},
+    ],
+    "destinations": {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 1}},
+}
+
+
+@pytest.fixture
+def node(tmp_path):
+    def start(**node_overrides):
+        cfg = parse_config({**ROUTES, "node": {"host": "127.0.0.1", "data_dir": str(tmp_path / "data"),
+                                               "min_free_disk_mb": 0, **node_overrides}}, environ={})
+        spool = Spool(cfg.node.data_dir).create()
+        ledger = Ledger.open(cfg.ledger_url)
+        service = scp.StoreService(spool, ledger, Router(cfg.routes), cfg.node.min_free_disk_mb,
+                                   scp.Allowlist.parse(cfg.node.allowed_callers))
+        server = scp.start_scp(cfg, service, port=0)
+        started.append((server, ledger))
+        return SimpleNamespace(port=server.server_address[1], ledger=ledger, spool=spool, service=service)
+
+    started: list = []
+    yield start
+    for server, ledger in started:
+        server.shutdown()
+        ledger.close()
+
+
+def store(port, ds, calling="MODALITY"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MR2NST")
+    if not assoc.is_established:
+        return assoc, None
+    rsp = assoc.send_c_store(ds)
+    assoc.release()
+    return assoc, int(rsp.Status)
+
+
+def test_store_persists_then_acknowledges(node):
+    """A stored instance is on disk, complete, with a ledger row, when Success returns."""
+    n = node()
+    ds = make_mg()
+    _, status = store(n.port, ds)
+    assert status == scp.SUCCESS
+    [row] = n.ledger.queue()
+    assert row["state"] == "received" and row["route"] == "mg" and row["destinations"] == ["cad"]
+    saved = pydicom.dcmread(row["spool_path"])
+    assert saved.SOPInstanceUID == ds.SOPInstanceUID and saved.PixelData == ds.PixelData
+    assert saved.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert list(n.spool.tmp.iterdir()) == []
+
+
+def test_drop_route_stores_nothing(node):
+    """A drop route acknowledges, records `dropped`, and writes no file."""
+    n = node()
+    _, status = store(n.port, make_mg(SeriesDescription="JUNK SERIES"))
+    assert status == scp.SUCCESS
+    assert n.ledger.counts() == {"dropped": 1}
+    assert list(n.spool.incoming.iterdir()) == []
+
+
+def test_echo(node):
+    """C-ECHO answers Success."""
+    n = node()
+    ae = AE(ae_title="ANY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", n.port, ae_title="MR2NST")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+
+
+def test_allowlist_rejects_unknown_caller(node):
+    """A caller not on the allowlist is rejected at association; listed ones get in."""
+    n = node(allowed_callers=["GOODMOD", "PACS@127.0.0.1", "FAR@10.9.9.9"])
+    assoc, _ = store(n.port, make_mg(), calling="BADMOD")
+    assert assoc.is_rejected
+    assoc, _ = store(n.port, make_mg(), calling="FAR")
+    assert assoc.is_rejected
+    _, status = store(n.port, make_mg(), calling="PACS")
+    assert status == scp.SUCCESS
+    assert n.ledger.counts() == {"received": 1}
+
+
+def test_low_disk_refused_with_a700(node):
+    """Below min_free_disk_mb the store is refused with 0xA700 and nothing is kept."""
+    n = node(min_free_disk_mb=10**12)
+    _, status = store(n.port, make_mg())
+    assert status == scp.OUT_OF_RESOURCES
+    assert n.ledger.counts() == {} and list(n.spool.incoming.iterdir()) == []
+
+
+def fake_event(ds, *, abstract=None, affected=None, raise_on_dataset=False):
+    class Ev:
+        @property
+        def dataset(self):
+            if raise_on_dataset:
+                raise ValueError("garbled")
+            return ds
+
+        def encoded_dataset(self, include_meta=True):
+            return b"\x00" * 128 + b"DICM"
+
+    ev = Ev()
+    ev.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="MOD", address="127.0.0.1"),
+                               acceptor=SimpleNamespace(ae_title="MR2NST"))
+    ev.context = SimpleNamespace(abstract_syntax=abstract or ds.SOPClassUID, transfer_syntax=ExplicitVRLittleEndian)
+    ev.request = SimpleNamespace(AffectedSOPInstanceUID=affected or ds.SOPInstanceUID)
+    return ev
+
+
+def test_sop_class_mismatch_a900(node):
+    """A dataset whose SOP Class differs from the negotiated one gets 0xA900."""
+    n = node()
+    assert scp.handle_store(fake_event(make_mg(), abstract=CTImageStorage), n.service) == \
+        scp.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert n.ledger.counts() == {}
+
+
+def test_undecodable_dataset_c000(node):
+    """A dataset that cannot be decoded gets 0xC000 and leaves nothing behind."""
+    n = node()
+    assert scp.handle_store(fake_event(make_mg(), raise_on_dataset=True), n.service) == scp.CANNOT_UNDERSTAND
+    assert list(n.spool.incoming.iterdir()) == []
+
+
+def test_ledger_failure_refuses_and_removes_file(node, monkeypatch):
+    """If the ledger insert fails, the store is refused (0xA700) and the file removed."""
+    n = node()
+
+    def broken(_rec):
+        raise RuntimeError("db down")
+
+    monkeypatch.setattr(n.ledger, "record", broken)
+    assert scp.handle_store(fake_event(make_mg()), n.service) == scp.OUT_OF_RESOURCES
+    assert list(n.spool.incoming.iterdir()) == []
