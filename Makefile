@@ -38,7 +38,7 @@ typecheck: setup
 	touch $(TYPECHECK)/mr2nst/py.typed
 	ln -s $(CURDIR)/core $(TYPECHECK)/mr2nst/core
 	ln -s $(CURDIR)/bank $(TYPECHECK)/mr2nst/bank
-	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --strict --namespace-packages --explicit-package-bases -p mr2nst.core -p mr2nst.bank
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --strict --namespace-packages --explicit-package-bases -p mr2nst.core -p mr2nst.bank
 
 bench: setup
 	$(PY) benchmarks/ingest.py

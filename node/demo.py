@@ -1,0 +1,189 @@
+"""``mr2nst demo``: a self-contained end-to-end run on this machine.
+
+It writes phantom GE mammograms, starts a downstream sink SCP and a node on free local
+ports, sends the images with C-STORE, waits for the derived series to arrive at the sink,
+checks every derived instance, and writes a before/after PNG and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from .config import Config, parse_config
+from .logs import configure_logging
+from .phantom_io import write_phantom_set
+from .pixels import decode
+from .scu import store_datasets
+from .service import Node
+from .sopclasses import ACCEPTED_TRANSFER_SYNTAXES
+
+DEMO_METHOD = "passthrough"
+
+
+class Sink:
+    """A downstream C-STORE SCP (the "CAD") that keeps what it receives in memory and on disk."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEMO_CAD") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.received: list[Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        self._ae = ae
+        self.server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        with self._lock:
+            self.received.append(ds)
+        return 0x0000
+
+    def start(self) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.server = self._ae.start_server(("127.0.0.1", 0), block=False,
+                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def demo_config(data_dir: Path, sink_port: int) -> Config:
+    return parse_config({
+        "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
+                 "min_free_disk_mb": 64},
+        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 30},
+        "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
+                    "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
+        "destinations": {"cad": {"ae_title": "DEMO_CAD", "host": "127.0.0.1", "port": sink_port}},
+        "forwarding": {"poll_s": 0.2, "backoff_initial_s": 1, "max_attempts": 3},
+        "logging": {"format": "json", "level": "info"},
+    }, environ={})
+
+
+def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str]:
+    """The derived-series rules a CAD vendor relies on; returns the problems found."""
+    problems = []
+    if derived.SeriesInstanceUID == source.SeriesInstanceUID:
+        problems.append("series UID not new")
+    if derived.SOPClassUID != source.SOPClassUID:
+        problems.append("SOP class changed")
+    if derived.StudyInstanceUID != source.StudyInstanceUID or derived.PatientID != source.PatientID:
+        problems.append("patient/study not kept")
+    if derived.ImageType[0] != "DERIVED":
+        problems.append("ImageType value 1 is not DERIVED")
+    if int(derived.SeriesNumber) != int(source.SeriesNumber) + config.derived.series_number_offset:
+        problems.append("SeriesNumber offset wrong")
+    ref = derived.SourceImageSequence[0]
+    if ref.ReferencedSOPInstanceUID != source.SOPInstanceUID:
+        problems.append("SourceImageSequence does not reference the source")
+    if "seeded-random" in config.engine.features and DEMO_METHOD != "passthrough" \
+            and "seeded-random" not in derived.DerivationDescription:
+        problems.append("DerivationDescription does not say seeded-random")
+    if derived.PhotometricInterpretation != source.PhotometricInterpretation:
+        problems.append("photometric interpretation changed")
+    return problems
+
+
+def iod_errors(path: Path) -> int | None:
+    """Number of IOD errors dciodvfy reports, or None when dciodvfy is not installed."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return sum(1 for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error"))
+
+
+def _display(ds: Dataset, width: int) -> Image.Image:
+    image = decode(ds).image
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+    pic = Image.fromarray((gray * 255).astype(np.uint8))
+    return pic.resize((width, round(pic.height * width / pic.width)))
+
+
+def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: int = 320) -> None:
+    tiles = [(_display(s, width), _display(d, width)) for s, d in pairs]
+    height = max(a.height for a, _ in tiles) + 24
+    canvas = Image.new("L", (2 * width * len(tiles) + 8 * (len(tiles) - 1), height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, (before, after) in enumerate(tiles):
+        x = i * (2 * width + 8)
+        canvas.paste(before, (x, 24))
+        canvas.paste(after, (x + width, 24))
+        draw.text((x + 4, 4), "before (GE)", fill=255)
+        draw.text((x + width + 4, 4), f"after ({DEMO_METHOD})", fill=255)
+    canvas.save(path)
+
+
+def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeout_s: float = 240.0) -> bool:
+    """Run the whole path once; print a summary and return True when every check passed."""
+    started = time.monotonic()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    log_file = (out / "node.log").open("w")
+    configure_logging("json", "info", stream=log_file)
+    saved_stderr = os.dup(2)
+    os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
+    sources = [pydicom.dcmread(p) for p in write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE",))]
+    print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
+    sink = Sink(out / "received")
+    config = demo_config(out / "node-data", sink.start())
+    node = Node(config).start()
+    try:
+        print(f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "
+              f"127.0.0.1:{config.destinations['cad'].port}")
+        outcomes = store_datasets([(str(s.SOPInstanceUID), s) for s in sources], "127.0.0.1", node.port,
+                                  calling="DEMO_MODALITY", called="MR2NST")
+        acked = sum(1 for o in outcomes if o.status == 0)
+        print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
+        deadline = time.monotonic() + timeout_s
+        while len(sink.received) < len(sources) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        node.stop()
+        sink.stop()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        log_file.close()
+    by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in sink.received}
+    pairs = [(s, by_source[s.SOPInstanceUID]) for s in sources if s.SOPInstanceUID in by_source]
+    problems = {str(s.SOPInstanceUID): check_derived(s, d, config) for s, d in pairs}
+    errors = {p.name: iod_errors(p) for p in sorted((out / "received").glob("*.dcm"))}
+    if pairs:
+        before_after_png(pairs, out / "before_after.png")
+    summary = {
+        "sent": len(sources), "acknowledged": acked, "derived_received": len(sink.received),
+        "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
+        "method": DEMO_METHOD, "problems": {k: v for k, v in problems.items() if v},
+        "iod_errors": errors, "seconds": round(time.monotonic() - started, 1),
+        "before_after_png": str(out / "before_after.png"), "log": str(out / "node.log"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ok = (acked == len(sources) and len(pairs) == len(sources) and not summary["problems"]
+          and all(not e for e in errors.values()))
+    print(f"demo: {len(pairs)}/{len(sources)} derived instances received in "
+          f"{len(summary['derived_series'])} derived series; IOD errors: "
+          f"{sum(e or 0 for e in errors.values())}; problems: {len(summary['problems'])}")
+    print(f"demo: before/after picture {out / 'before_after.png'}; summary {out / 'summary.json'}")
+    print(f"demo: {'OK' if ok else 'FAILED'} in {summary['seconds']} s")
+    return ok
