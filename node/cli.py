@@ -188,7 +188,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return EXIT_OK if run_demo(Path(args.out), n=args.n) else EXIT_RUNTIME
+    return EXIT_OK if run_demo(Path(args.out), n=args.n, size=(args.size[0], args.size[1])) else EXIT_RUNTIME
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="self-contained end-to-end run on this machine")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--n", type=int, default=4, help="number of phantom GE images to send")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2294, 1914))
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("transfer", help="normalize files offline with the same pipeline")

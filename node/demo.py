@@ -164,6 +164,7 @@ def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeou
         sink.stop()
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
+        configure_logging("json", "warning")  # the log file closes now; later events go to stderr
         log_file.close()
     by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in sink.received}
     pairs = [(s, by_source[s.SOPInstanceUID]) for s in sources if s.SOPInstanceUID in by_source]

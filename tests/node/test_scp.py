@@ -153,3 +153,17 @@ def test_ledger_failure_refuses_and_removes_file(node, monkeypatch):
     monkeypatch.setattr(n.ledger, "record", broken)
     assert scp.handle_store(fake_event(make_mg()), n.service) == scp.OUT_OF_RESOURCES
     assert list(n.spool.incoming.iterdir()) == []
+
+
+def test_max_associations_rejects_extra_caller(node):
+    """Beyond node.max_associations a new association is rejected (transient)."""
+    n = node(max_associations=1)
+    first = AE(ae_title="ONE")
+    first.add_requested_context(Verification)
+    held = first.associate("127.0.0.1", n.port, ae_title="MR2NST")
+    assert held.is_established
+    second = AE(ae_title="TWO")
+    second.add_requested_context(Verification)
+    extra = second.associate("127.0.0.1", n.port, ae_title="MR2NST")
+    assert extra.is_rejected
+    held.release()

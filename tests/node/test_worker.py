@@ -1,0 +1,100 @@
+"""Tests of the worker loop and the processing pipeline."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import make_mg
+
+from mr2nst.node.config import parse_config
+from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.pixels import decode_stored
+from mr2nst.node.spool import Spool
+from mr2nst.node.transfer import run_transfer
+from mr2nst.node.worker import Worker
+
+
+@pytest.fixture
+def env(tmp_path):
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "d")}, "engine": {"max_attempts": 2}}, environ={})
+    spool = Spool(cfg.node.data_dir).create()
+    ledger = Ledger.open(cfg.ledger_url)
+    yield cfg, spool, ledger, Worker(cfg, ledger, spool, "t")
+    ledger.close()
+
+
+def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough") -> int:
+    path = spool.write_incoming(data)
+    return ledger.record(Received("1.2.840.10008.5.1.4.1.1.1.2", "1.2.3", "1", "2", "ts", "MOD", "MR2NST", "p", "r",
+                                  action, method if action == "normalize" else None, ("cad",), "received", str(path)))
+
+
+def dicom_bytes(ds, tmp_path: Path) -> bytes:
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def test_passthrough_job_writes_derived_to_outbox(env, tmp_path):
+    """A normalize job ends `transformed` with a derived file in the outbox and a pending delivery."""
+    cfg, spool, ledger, worker = env
+    src = make_mg()
+    enqueue(ledger, spool, dicom_bytes(src, tmp_path))
+    assert worker.run_once() and not worker.run_once()
+    [row] = ledger.queue()
+    assert row["state"] == "transformed" and row["deliveries"][0]["state"] == "pending"
+    out = pydicom.dcmread(row["output_path"])
+    assert Path(row["output_path"]).parent == spool.outbox and out.SOPInstanceUID == row["out_sop_uid"]
+    assert np.array_equal(decode_stored(out), decode_stored(src))
+
+
+def test_forward_job_uses_original_file(env, tmp_path):
+    """A forward job delivers the received file itself."""
+    _, spool, ledger, worker = env
+    enqueue(ledger, spool, dicom_bytes(make_mg(), tmp_path), action="forward")
+    worker.run_once()
+    [row] = ledger.queue()
+    assert row["output_path"] == row["spool_path"] and row["out_sop_uid"] is None
+
+
+def test_corrupt_input_fails_permanently_and_moves_to_dead(env):
+    """An unreadable stored file fails at once and is kept in dead/ for the admin."""
+    _, spool, ledger, worker = env
+    enqueue(ledger, spool, b"not dicom at all")
+    worker.run_once()
+    [row] = ledger.queue()
+    assert row["state"] == "failed" and "PixelError" in row["error"]
+    assert Path(row["spool_path"]).parent == spool.dead and Path(row["spool_path"]).exists()
+
+
+def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch):
+    """An unexpected method error requeues the job, then fails it at engine.max_attempts."""
+    _, spool, ledger, worker = env
+
+    def boom(*_a, **_k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(worker.pipeline, "derive", boom)
+    job_id = enqueue(ledger, spool, dicom_bytes(make_mg(), tmp_path))
+    worker.run_once()
+    assert ledger.queue()[0]["state"] == "received"
+    with ledger.engine.begin() as conn:  # skip the retry delay
+        conn.exec_driver_sql(f"UPDATE instances SET lease_until = 0 WHERE id = {job_id}")
+    worker.run_once()
+    assert ledger.queue()[0]["state"] == "failed" and "CUDA out of memory" in ledger.queue()[0]["error"]
+
+
+def test_transfer_offline_writes_derived_files(tmp_path):
+    """`transfer` writes one derived file per input and reports unreadable inputs."""
+    src = make_mg()
+    (tmp_path / "in").mkdir()
+    src.save_as(tmp_path / "in" / "a.dcm", enforce_file_format=True)
+    (tmp_path / "in" / "junk.dcm").write_bytes(b"junk")
+    cfg = parse_config({}, environ={})
+    results = run_transfer(cfg, [str(tmp_path / "in")], tmp_path / "out", method="passthrough")
+    ok = [r for r in results if not r["error"]]
+    bad = [r for r in results if r["error"]]
+    assert len(ok) == 1 and len(bad) == 1 and "junk.dcm" in bad[0]["input"]
+    out = pydicom.dcmread(ok[0]["output"])
+    assert out.ImageType[0] == "DERIVED" and out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
