@@ -120,17 +120,19 @@ def _display(ds: Dataset, width: int) -> Image.Image:
     return pic.resize((width, round(pic.height * width / pic.width)))
 
 
-def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: int = 320) -> None:
-    tiles = [(_display(s, width), _display(d, width)) for s, d in pairs]
-    height = max(a.height for a, _ in tiles) + 24
-    canvas = Image.new("L", (2 * width * len(tiles) + 8 * (len(tiles) - 1), height), 0)
+def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: int = 360) -> None:
+    """One row per image: the source (before) beside the derived image (after)."""
+    rows = [(_display(s, width), _display(d, width)) for s, d in pairs]
+    heights = [max(a.height, b.height) + 24 for a, b in rows]
+    canvas = Image.new("L", (2 * width + 8, sum(heights)), 0)
     draw = ImageDraw.Draw(canvas)
-    for i, (before, after) in enumerate(tiles):
-        x = i * (2 * width + 8)
-        canvas.paste(before, (x, 24))
-        canvas.paste(after, (x + width, 24))
-        draw.text((x + 4, 4), "before (GE)", fill=255)
-        draw.text((x + width + 4, 4), f"after ({DEMO_METHOD})", fill=255)
+    y = 0
+    for (before, after), height in zip(rows, heights, strict=True):
+        canvas.paste(before, (0, y + 24))
+        canvas.paste(after, (width + 8, y + 24))
+        draw.text((4, y + 6), "before (GE)", fill=255)
+        draw.text((width + 12, y + 6), f"after ({DEMO_METHOD})", fill=255)
+        y += height
     canvas.save(path)
 
 

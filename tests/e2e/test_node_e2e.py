@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from conftest import DCMTK, Serve, StoreSCP, echo, free_port, storescu, wait_for
+from peers import DCMTK, MR2NST, Serve, StoreSCP, echo, free_port, storescu, wait_for
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from mr2nst.node.demo import iod_errors
@@ -195,9 +195,8 @@ def test_mr2nst_send_and_echo_cli(tmp_path, phantoms, cleanup):
     """`mr2nst echo` and `mr2nst send` talk to a real storescp."""
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
-    mr2nst = str(Serve.__init__.__globals__["MR2NST"])
-    assert subprocess.run([mr2nst, "echo", "127.0.0.1", str(cad.port), "--aec", "CAD"]).returncode == 0
-    out = subprocess.run([mr2nst, "send", "127.0.0.1", str(cad.port), "--aec", "CAD", "--json",
+    assert subprocess.run([MR2NST, "echo", "127.0.0.1", str(cad.port), "--aec", "CAD"]).returncode == 0
+    out = subprocess.run([MR2NST, "send", "127.0.0.1", str(cad.port), "--aec", "CAD", "--json",
                           str(phantoms["ge"][0].parent)], capture_output=True, text=True)
     assert out.returncode == 0 and '"sent": 2' in out.stdout
     assert len(cad.files()) == 2

@@ -1,0 +1,166 @@
+"""Real peers for end-to-end tests: `mr2nst serve` as a subprocess, DCMTK's storescu/storescp/echoscu."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+DCMTK = all(shutil.which(t) for t in ("storescu", "storescp", "echoscu"))
+pytestmark = pytest.mark.skipif(not DCMTK, reason="DCMTK (storescu/storescp/echoscu) not installed")
+MR2NST = str(Path(sys.executable).with_name("mr2nst"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def toml_value(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def render_toml(cfg: dict) -> str:
+    lines: list[str] = []
+    for section, values in cfg.items():
+        if section == "routes":
+            for route in values:
+                lines.append("[[routes]]")
+                for k, v in route.items():
+                    if isinstance(v, dict):
+                        v = "{ " + ", ".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()) + " }"
+                        lines.append(f"{k} = {v}")
+                    else:
+                        lines.append(f"{k} = {toml_value(v)}")
+        elif section == "destinations":
+            for name, d in values.items():
+                lines.append(f"[destinations.{name}]")
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in d.items())
+        else:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+
+class Serve:
+    """`mr2nst serve` in a subprocess with a generated config."""
+
+    def __init__(self, workdir: Path, routes: list[dict], destinations: dict[str, int], **sections: dict) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.config_path = workdir / "node.toml"
+        cfg = {
+            "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": self.port,
+                     "data_dir": str(workdir / "data"), "min_free_disk_mb": 1, "network_timeout_s": 10,
+                     **sections.pop("node", {})},
+            "engine": {"workers": 1, "lease_s": 2, "features": "seeded-random", **sections.pop("engine", {})},
+            "forwarding": {"poll_s": 0.2, "backoff_initial_s": 0.3, "backoff_max_s": 1, "max_attempts": 50,
+                           **sections.pop("forwarding", {})},
+            "logging": {"format": "json", "level": "info"},
+            "routes": routes,
+            "destinations": {n: {"ae_title": n.upper(), "host": "127.0.0.1", "port": p}
+                             for n, p in destinations.items()},
+            **sections,
+        }
+        self.config_path.write_text(render_toml(cfg))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "serve.log"
+
+    def start(self) -> Serve:
+        self.log = self.log_path.open("a")
+        self.proc = subprocess.Popen([MR2NST, "serve", "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: echo(self.port).returncode == 0 or self.proc.poll() is not None, 60, "serve to listen")
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.log.close()
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([MR2NST, *args, "--config", str(self.config_path)], capture_output=True,
+                              text=True, timeout=60)
+
+    def queue(self) -> dict:
+        out = self.cli("queue", "list", "--all", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def events(self) -> list[dict]:
+        rows = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+
+class StoreSCP:
+    """DCMTK storescp as a downstream AE."""
+
+    def __init__(self, workdir: Path, ae_title: str, port: int | None = None) -> None:
+        self.dir = workdir / f"recv-{ae_title.lower()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(["storescp", "-aet", self.ae_title, "-od", str(self.dir), "+xa",
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: echo(self.port, aec=self.ae_title).returncode == 0, 20, "storescp to listen")
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.dir.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def echo(port: int, aet: str = "E2E", aec: str = "MR2NST") -> subprocess.CompletedProcess:
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def storescu(port: int, files: list[Path], aet: str = "MODALITY", aec: str = "MR2NST",
+             extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", *(extra or []), "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
+                           *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+
+
