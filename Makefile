@@ -18,9 +18,13 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/mr2nst demo --out demo-out
 
-# The whole suite: lint, strict typing of core/ and bank/, then every test.
+# The whole suite: lint, strict typing of core/ and bank/, then every test. Where Debian's
+# pg_virtualenv exists (package postgresql), the tests also run the ledger on a throwaway
+# PostgreSQL cluster; without it those cases skip.
+PG_WRAP := $(shell command -v pg_virtualenv 2>/dev/null)
+
 test: setup lint typecheck
-	$(PY) -m pytest
+	$(PG_WRAP) $(PY) -m pytest
 
 unit: setup
 	$(PY) -m pytest tests/core tests/bank tests/node

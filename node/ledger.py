@@ -110,7 +110,12 @@ class Ledger:
 
     @classmethod
     def open(cls, url: str, clock: Clock = time.time) -> Ledger:
-        """Connect, apply pending migrations and return the ledger."""
+        """Connect, apply pending migrations and return the ledger.
+
+        ``postgresql://`` URLs use psycopg 3 (the ``postgres`` extra).
+        """
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
         try:
             engine = create_engine(url, pool_pre_ping=True)
             if engine.dialect.name == "sqlite":

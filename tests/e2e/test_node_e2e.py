@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from peers import DCMTK, MR2NST, Serve, StoreSCP, echo, free_port, storescu, wait_for
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from support import fresh_postgres, postgres_url
 
 from mr2nst.node.demo import iod_errors
 from mr2nst.node.pixels import decode_stored
@@ -200,3 +201,16 @@ def test_mr2nst_send_and_echo_cli(tmp_path, phantoms, cleanup):
                           str(phantoms["ge"][0].parent)], capture_output=True, text=True)
     assert out.returncode == 0 and '"sent": 2' in out.stdout
     assert len(cad.files()) == 2
+
+
+@pytest.mark.skipif(postgres_url() is None, reason="no PostgreSQL server (run under pg_virtualenv)")
+def test_node_on_postgresql_ledger(tmp_path, phantoms, cleanup):
+    """The node runs end to end with its ledger on PostgreSQL."""
+    url = fresh_postgres()
+    cad = StoreSCP(tmp_path, "CAD").start()
+    cleanup(cad)
+    node = Serve(tmp_path, [GE_ROUTE], {"cad": cad.port}, ledger={"url": url}).start()
+    cleanup(node)
+    assert storescu(node.port, phantoms["ge"]).returncode == 0
+    wait_for(lambda: len(cad.files()) == 2, 60, "2 derived instances via a PostgreSQL ledger")
+    assert node.queue()["counts"]["done"] == 2

@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+from support import fresh_postgres, postgres_url
 
 from mr2nst.node.errors import LedgerError
 from mr2nst.node.ledger import Ledger, Received
@@ -22,9 +23,14 @@ def clock():
     return Clock()
 
 
-@pytest.fixture
-def ledger(tmp_path, clock):
-    led = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}", clock=clock)
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    postgres_url() is None, reason="no PostgreSQL server (run under pg_virtualenv)"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger(request, tmp_path, clock):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else fresh_postgres()
+    led = Ledger.open(url, clock=clock)
     yield led
     led.close()
 
