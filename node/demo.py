@@ -160,6 +160,10 @@ def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeou
         print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
         deadline = time.monotonic() + timeout_s
         while len(sink.received) < len(sources) and time.monotonic() < deadline:
+            counts = node.ledger.counts() if node.ledger else {}
+            if counts.get("failed", 0) or counts.get("delivery_dead", 0):
+                print(f"demo: giving up early, the ledger reports {counts}")
+                break
             time.sleep(0.2)
     finally:
         node.stop()

@@ -1,5 +1,7 @@
 """Domain exceptions of the node package."""
 
+from mr2nst.bank import errors as _bank_errors
+
 
 class NodeError(Exception):
     """Base class for node errors."""
@@ -9,12 +11,9 @@ class ConfigError(NodeError):
     """The configuration is invalid; the message names the key."""
 
 
-class PixelError(NodeError):
-    """The pixel data cannot be decoded or is not a usable image (permanent)."""
-
-
-class UnsupportedImageError(PixelError):
-    """The instance is not an image the method can process (permanent)."""
+# Pixel errors are shared with the bank, which reads DICOM images too.
+PixelError = _bank_errors.PixelError
+UnsupportedImageError = _bank_errors.UnsupportedImageError
 
 
 class LedgerError(NodeError):
