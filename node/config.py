@@ -66,7 +66,7 @@ class LedgerSection(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite", "postgresql")):
+        if value and not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("must be empty (SQLite under data_dir), sqlite:///PATH or postgresql://...")
         return value
 
@@ -148,14 +148,14 @@ class ForwardingSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     # Parallel C-STORE SCU associations across all destinations.
     concurrency: int = Field(default=4, ge=1, le=64)
-    calling_ae: str = ""  # empty = node.ae_title
+    calling_ae: str = Field(default="", max_length=16, pattern=r"^([\x20-\x5b\x5d-\x7e]*[^ ])?$")  # empty = node.ae_title
 
 
 class DerivedSection(_Section):
     series_number_offset: int = 1000
     description_suffix: str = " [UIH style, mr2NST]"
-    # DICOM UID root for generated UIDs; empty = pydicom's registered root.
-    uid_root: str = ""
+    # DICOM UID root for generated UIDs (e.g. "1.2.826.0.1.3680043.10.543"); empty = pydicom's root.
+    uid_root: str = Field(default="", max_length=54, pattern=r"^(([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.?)?$")
 
 
 class LoggingSection(_Section):

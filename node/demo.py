@@ -158,7 +158,7 @@ def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeou
                                   calling="DEMO_MODALITY", called="MR2NST")
         acked = sum(1 for o in outcomes if o.status == 0)
         print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + (timeout_s if acked else 0)
         while len(sink.received) < len(sources) and time.monotonic() < deadline:
             counts = node.ledger.counts() if node.ledger else {}
             if counts.get("failed", 0) or counts.get("delivery_dead", 0):

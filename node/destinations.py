@@ -17,7 +17,11 @@ from .scu import read_file, store_datasets
 PERMANENT_STATUS_PREFIXES = (0xA9, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9,
                              0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF)
 PERMANENT_STATUSES = frozenset({0x0122, 0x0124})  # SOP class not supported, not authorized
-SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success and warnings
+# Success, the C-STORE warnings (B000 coercion, B006 elements discarded, B007 data set does
+# not match SOP class), the general DIMSE warnings (0001, 0107 attribute list, 0116 value out
+# of range) and 0111 duplicate SOP instance: the peer already holds this very instance
+# (output UIDs are deterministic), so it counts as delivered.
+SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116, 0x0111})
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,14 @@ class Forwarder:
                                 id="cleanup", max_instances=1, coalesce=True)
         self._scheduler.start()
 
-    def stop(self, timeout: float) -> None:
-        """Stop polling, let in-flight sends finish."""
+    def stop(self) -> None:
+        """Stop polling and let in-flight sends finish (each is bounded by the network timeout).
+
+        Deliveries claimed but not yet started are handed back without using an attempt.
+        """
         self._stopping = True
         self._scheduler.shutdown(wait=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
 
     def dispatch(self) -> int:
         """Claim due deliveries up to the free send slots and submit them; returns the count."""
@@ -87,8 +90,15 @@ class Forwarder:
         try:
             with instance_context(job_id=job.instance_id, study_uid=job.study_uid, series_uid=job.series_uid,
                                   sop_uid=job.sop_instance_uid, route=job.route):
-                self.deliver(job)
-        except Exception as exc:  # edge: never lose the worker thread; the lease makes it retry
+                if self._stopping:
+                    self.ledger.release_delivery(job.id)
+                    return
+                try:
+                    self.deliver(job)
+                except Exception as exc:  # edge: an unexpected error counts as a failed attempt
+                    self._record_failure(job, SendResult(False, None, False, f"{exc.__class__.__name__}: {exc}"),
+                                         {"destination": job.destination, "attempt": job.attempts})
+        except Exception as exc:  # edge: the ledger itself failed; the lease brings the delivery back
             log.error("stage_forward", outcome="error", delivery_id=job.id, error=f"{exc.__class__.__name__}: {exc}")
         finally:
             with self._lock:
@@ -109,6 +119,10 @@ class Forwarder:
             self.ledger.mark_sent(job.id, result.status or 0)
             log.info("stage_forward", outcome="sent", **fields)
             return result
+        self._record_failure(job, result, fields)
+        return result
+
+    def _record_failure(self, job: DeliveryJob, result: SendResult, fields: dict[str, object]) -> None:
         fwd = self.config.forwarding
         retry_at = None
         if not result.permanent and job.attempts < fwd.max_attempts:
@@ -116,7 +130,6 @@ class Forwarder:
         state = self.ledger.mark_delivery_failed(job.id, result.status, result.error, retry_at)
         log.warning("stage_forward", outcome=state, error=result.error, permanent=result.permanent,
                     retry_in_s=None if retry_at is None else round(retry_at - time.time(), 1), **fields)
-        return result
 
     def cleanup(self) -> int:
         """Remove spool and outbox files of settled instances older than the retention."""

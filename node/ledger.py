@@ -74,6 +74,7 @@ class Job:
     series_uid: str
     sop_instance_uid: str
     calling_ae: str
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,20 @@ class Ledger:
         """
         if url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        shown = url.split("@")[-1]  # never print a password
         try:
             engine = create_engine(url, pool_pre_ping=True)
-            if engine.dialect.name == "sqlite":
-                event.listen(engine, "connect", _sqlite_pragmas)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise LedgerError(f"cannot use ledger URL {shown!r}: {exc.__class__.__name__}: {exc}") from None
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        try:
             with engine.begin() as conn:
                 migrate(conn, clock())
         except SQLAlchemyError as exc:
-            raise LedgerError(f"cannot open ledger {engine.url!r}: {exc.__class__.__name__}: {exc}") from exc
+            engine.dispose()
+            reason = str(exc).splitlines()[0]
+            raise LedgerError(f"cannot open ledger {shown!r}: {exc.__class__.__name__}: {reason}") from None
         return cls(engine, clock)
 
     def close(self) -> None:
@@ -182,6 +189,7 @@ class Ledger:
                         spool_path=row["spool_path"] or "", destinations=tuple(json.loads(row["destinations"])),
                         attempts=row["attempts"] + 1, study_uid=row["study_uid"], series_uid=row["series_uid"],
                         sop_instance_uid=row["sop_instance_uid"], calling_ae=row["calling_ae"],
+                        received_at=row["received_at"],
                     )
         return None
 

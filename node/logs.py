@@ -69,7 +69,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # pynetdicom is chatty at INFO (one line per PDU event); keep it at WARNING unless debugging.
-    logging.getLogger("pynetdicom").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 

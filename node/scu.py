@@ -37,8 +37,8 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 def _syntaxes(ds: Dataset) -> list[str]:
     ts = ds.file_meta.TransferSyntaxUID
-    if ts.is_compressed:
-        return [ts]
+    if ts.is_compressed or not ts.is_little_endian or ts.is_deflated:
+        return [ts]  # pynetdicom re-encodes only between the uncompressed little endian syntaxes
     return list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
 
 
@@ -46,6 +46,7 @@ def _associate(calling: str, host: str, port: int, called: str, timeout_s: float
                contexts: Sequence[tuple[str, list[str]]]) -> tuple[AE, Association]:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     return ae, ae.associate(host, port, ae_title=called)
@@ -77,12 +78,16 @@ def store_datasets(items: Sequence[tuple[str, Dataset]], host: str, port: int, *
     try:
         for label, ds in items:
             ts = ds.file_meta.TransferSyntaxUID
-            if not any(cx.abstract_syntax == ds.SOPClassUID and (not ts.is_compressed or cx.transfer_syntax == ts)
+            if not any(cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] in _syntaxes(ds)
                        for cx in assoc.accepted_contexts):
                 outcomes.append(StoreOutcome(label, None, f"{called} accepts no presentation context for "
                                                           f"{ds.SOPClassUID} in {ts.name}", True))
                 continue
-            rsp = assoc.send_c_store(ds)
+            try:
+                rsp = assoc.send_c_store(ds)
+            except (ValueError, AttributeError) as exc:  # pynetdicom cannot encode it for the context
+                outcomes.append(StoreOutcome(label, None, f"cannot send {ds.SOPClassUID}: {exc}", True))
+                continue
             status = getattr(rsp, "Status", None)
             outcomes.append(StoreOutcome(label, None if status is None else int(status),
                                          "" if status is not None else "no response (timeout or abort)"))

@@ -62,8 +62,8 @@ class Node:
                  workers=cfg.engine.workers, features=cfg.engine.features, routes=[r.name for r in cfg.routes],
                  removed_partial_files=stale, queue=self.ledger.counts())
         if cfg.engine.features == "seeded-random":
-            log.warning("seeded_random_features", reason="engine.features = seeded-random: outputs are for "
-                        "tests and demos only and say so in DerivationDescription")
+            log.warning("seeded_random_features", reason="engine.features = seeded-random: engine outputs are "
+                        "for tests and demos only and say so in DerivationDescription")
         return self
 
     def stop(self) -> None:
@@ -79,7 +79,7 @@ class Node:
         if self.workers is not None:
             self.workers.stop(timeout=max(timeout, self.config.engine.lease_s))
         if self.forwarder is not None:
-            self.forwarder.stop(timeout)
+            self.forwarder.stop()
         if self.ledger is not None:
             log.info("node_stopped", queue=self.ledger.counts())
             self.ledger.close()

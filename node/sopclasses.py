@@ -38,10 +38,11 @@ NORMALIZABLE_SOP_CLASSES: tuple[UID, ...] = (
     DigitalXRayImageStorageForProcessing,  # 1.2.840.10008.5.1.4.1.1.1.1.1
 )
 
-#: Uncompressed (native) transfer syntaxes; the first is the default DICOM one.
+#: Uncompressed (native) transfer syntaxes, in the SCP's order of preference (pynetdicom
+#: accepts the first of its own list that a requestor proposes): explicit VR first, as DCMTK does.
 NATIVE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ImplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 )

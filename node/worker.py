@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class Pipeline:
         self.methods = methods
         self.equipment = Equipment(software_version=VERSION, station_ae=config.node.ae_title)
 
-    def derive(self, source: Dataset, method_name: str) -> Dataset:
+    def derive(self, source: Dataset, method_name: str, now: datetime | None = None) -> Dataset:
+        """The derived dataset; ``now`` stamps its creation (default: the current time)."""
         method = self.methods.get(method_name)
         decoded = decode(source)
         result = method(decoded.image, decoded.info)
@@ -61,7 +63,7 @@ class Pipeline:
         stored = target.from_unit(result.image)
         fingerprint = f"{method.fingerprint()}:{self.config.fingerprint()}"
         return build_derived(source, stored, target, result.provenance, fingerprint=fingerprint,
-                             settings=self.config.derived, equipment=self.equipment)
+                             settings=self.config.derived, equipment=self.equipment, now=now)
 
     def run(self, job: Job, spool: Spool) -> Output:
         """Process a claimed job; the derived file is written durably to the outbox."""
@@ -71,7 +73,8 @@ class Pipeline:
             source = pydicom.dcmread(job.spool_path)
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             raise PixelError(f"cannot read stored instance: {exc}") from exc
-        derived = self.derive(source, job.method or "")
+        # Stamped with the receipt time, so redoing a job (a lost lease) gives identical bytes.
+        derived = self.derive(source, job.method or "", datetime.fromtimestamp(job.received_at, UTC))
         sop_uid = str(derived.SOPInstanceUID)
         path = spool.write(spool.outbox, f"{sop_uid}.dcm",
                            lambda fh: derived.save_as(fh, enforce_file_format=True))

@@ -60,6 +60,9 @@ def test_good_file_loads_frozen(tmp_path):
         ("[node]\nallowed_callers = ['A@not-an-ip']\n", "node.allowed_callers"),
         ("[[routes]]\nname='r'\ndestinations=['nowhere']\n", "routes[0].destinations"),
         ("[logging]\nlevel = 'loud'\n", "logging.level"),
+        ("[forwarding]\ncalling_ae = 'MUCH_TOO_LONG_AE_TITLE'\n", "forwarding.calling_ae"),
+        ("[derived]\nuid_root = '1.2.x'\n", "derived.uid_root"),
+        ("[ledger]\nurl = 'sqlitex:///x.db'\n", "ledger.url"),
     ],
 )
 def test_bad_value_names_key(tmp_path, text, key):

@@ -106,3 +106,40 @@ def test_cleanup_removes_only_settled_files(setup):
     time.sleep(0.01)
     assert fwd.cleanup() == 2
     assert not src1.exists() and not out1.exists() and waiting_src.exists()
+
+
+def test_duplicate_and_dimse_warnings_count_as_delivered():
+    """0x0111 (peer already has the instance) and DIMSE warnings are delivered, not retried."""
+    assert all(classify(s).ok for s in (0x0111, 0x0001, 0x0107, 0x0116))
+
+
+def test_exception_in_send_is_a_counted_attempt(setup):
+    """A destination that raises is recorded as a failed attempt, so max_attempts still applies."""
+    cfg, spool, ledger = setup
+
+    class Broken:
+        name = "cad"
+
+        def send(self, path):
+            raise ValueError("cannot encode")
+
+    fwd = Forwarder(cfg, ledger, spool, {"cad": Broken()})
+    transformed(ledger, spool)
+    for _ in range(3):
+        time.sleep(0.01)
+        for job in ledger.claim_deliveries(fwd.owner, 10, 60):
+            fwd._deliver_logged(job)
+    [delivery] = ledger.queue()[0]["deliveries"]
+    assert delivery["state"] == "dead" and delivery["attempts"] == 3 and "cannot encode" in delivery["error"]
+
+
+def test_stop_hands_back_unstarted_deliveries(setup):
+    """A delivery claimed but not started when the forwarder stops is released without using an attempt."""
+    cfg, spool, ledger = setup
+    fwd = Forwarder(cfg, ledger, spool, {"cad": FakeDestination([])})
+    transformed(ledger, spool)
+    [job] = ledger.claim_deliveries(fwd.owner, 10, 60)
+    fwd._stopping = True
+    fwd._deliver_logged(job)
+    [delivery] = ledger.queue()[0]["deliveries"]
+    assert delivery["state"] == "pending" and delivery["attempts"] == 0

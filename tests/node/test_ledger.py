@@ -177,3 +177,11 @@ def test_queue_listing_has_deliveries(ledger):
     [row] = ledger.queue()
     assert row["state"] == "transformed" and row["deliveries"][0]["destination"] == "cad"
     assert row["destinations"] == ["cad"]
+
+
+def test_unusable_url_is_a_ledger_error(tmp_path):
+    """A URL SQLAlchemy cannot use, or a database it cannot open, gives LedgerError, not a crash."""
+    with pytest.raises(LedgerError, match="cannot use ledger URL"):
+        Ledger.open("nosuchdialect://x")
+    with pytest.raises(LedgerError, match="cannot open ledger"):
+        Ledger.open(f"sqlite:///{tmp_path}/missing-dir/ledger.db")

@@ -1,0 +1,196 @@
+"""Tests of the public transfer engine on tiny images (mr2nst.core.engine)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progress
+from mr2nst.core.errors import EngineConfigError, ImageError, RefinerError, WeightsError
+from mr2nst.core.phantom import PhantomSpec, make_case
+from mr2nst.core.refiner import Refiner, save_refiner
+
+TINY = EngineConfig(
+    patch_size=32, grids=(1, 2), iterations=4, lr=0.02, features="seeded-random",
+    report_every=1,
+)
+
+
+def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A smooth random texture in [0, 1]."""
+    gen = np.random.default_rng(seed)
+    noise = gen.random((shape[0] // 4 + 1, shape[1] // 4 + 1))
+    up = np.kron(noise, np.ones((4, 4)))[: shape[0], : shape[1]]
+    return (0.2 + 0.6 * up).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Mr2nstEngine:
+    return Mr2nstEngine(TINY)
+
+
+@pytest.fixture(scope="module")
+def run(engine: Mr2nstEngine) -> tuple[EngineResult, list[Progress]]:
+    content = _image((80, 64), 0)
+    refs = [_image((90, 70), 1), _image((70, 60), 2)]
+    seen: list[Progress] = []
+    return engine.transfer(content, np.ones((80, 64), bool), refs, progress=seen.append), seen
+
+
+def test_output_shape_range_and_counts(run: tuple[EngineResult, list[Progress]]) -> None:
+    """A non-square input gives a same-shaped float32 image in [0, 1]; 1 + 4 tiles optimised."""
+    result, _ = run
+    assert result.image.shape == (80, 64) and result.image.dtype == np.float32
+    assert result.image.min() >= 0.0 and result.image.max() <= 1.0
+    assert [s.shape for s in result.scales] == [(80, 64), (80, 64)]
+    assert (result.tiles_optimised, result.tiles_skipped) == (5, 0)
+    assert [len(x) for x in result.final_losses] == [1, 4]
+
+
+def test_loss_decreases_over_iterations(run: tuple[EngineResult, list[Progress]]) -> None:
+    """Within each batch the reported loss falls from the first to the last iteration."""
+    _, seen = run
+    for scale in (0, 1):
+        losses = [p.loss for p in seen if p.scale == scale]
+        assert len(losses) == TINY.iterations  # every iteration + the end, last one shared
+        assert losses[-1] < losses[0]
+
+
+def test_progress_counts_tiles_over_the_whole_transfer(
+    run: tuple[EngineResult, list[Progress]],
+) -> None:
+    """tiles_done grows to tiles_total; the last report is the final iteration."""
+    _, seen = run
+    assert seen[-1].tiles_done == seen[-1].tiles_total == 5
+    assert seen[-1].iteration == seen[-1].iterations == TINY.iterations
+    assert {(p.scale, p.grid) for p in seen} == {(0, 1), (1, 2)}
+
+
+def test_seeded_runs_are_identical(
+    engine: Mr2nstEngine, run: tuple[EngineResult, list[Progress]]
+) -> None:
+    """The same input through a fresh engine with the same config gives the same output."""
+    again = Mr2nstEngine(TINY).transfer(
+        _image((80, 64), 0), np.ones((80, 64), bool), [_image((90, 70), 1), _image((70, 60), 2)]
+    )
+    np.testing.assert_array_equal(again.image, run[0].image)
+    assert again.final_losses == run[0].final_losses
+
+
+def test_output_changes_the_content(run: tuple[EngineResult, list[Progress]]) -> None:
+    """The optimisation moves pixels away from the content."""
+    assert np.abs(run[0].image - _image((80, 64), 0)).mean() > 1e-3
+
+
+def test_background_tiles_are_skipped_and_take_the_background_value(engine: Mr2nstEngine) -> None:
+    """With the breast on the left half only, the right tiles are skipped; background is set."""
+    content = _image((64, 64), 3)
+    mask = np.zeros((64, 64), bool)
+    mask[:, :24] = True
+    result = engine.transfer(content, mask, [_image((64, 64), 4)], background=0.125)
+    assert (result.tiles_optimised, result.tiles_skipped) == (3, 2)
+    assert np.all(result.image[~mask] == np.float32(0.125))
+    assert [len(x) for x in result.final_losses] == [1, 2]
+
+
+def test_no_iterations_at_native_patch_size_gives_back_the_content() -> None:
+    """iterations=0, one tile and patch = image size: the pipeline is the identity on the mask."""
+    engine = Mr2nstEngine(replace(TINY, grids=(1,), iterations=0))
+    content = _image((32, 32), 5)
+    mask = np.ones((32, 32), bool)
+    result = engine.transfer(content, mask, [_image((40, 40), 6)])
+    np.testing.assert_allclose(result.image, content, atol=1e-6)
+
+
+def test_batch_size_does_not_change_the_result(run: tuple[EngineResult, list[Progress]]) -> None:
+    """Tiles are independent: max_batch=1 gives the same image as batches of 4.
+
+    Not bit-identical: batched convolutions round differently, and Adam's normalised
+    steps amplify that noise where gradients are tiny, so the mean difference is checked.
+    """
+    one = Mr2nstEngine(replace(TINY, max_batch=1, grids=(2,)))
+    out = one.transfer(
+        _image((80, 64), 0), np.ones((80, 64), bool), [_image((90, 70), 1), _image((70, 60), 2)]
+    )
+    diff = np.abs(out.scales[0] - run[0].scales[1])
+    assert diff.mean() < 1e-4 and diff.max() < 0.25 * TINY.lr
+
+
+def test_phantom_crop_with_two_references() -> None:
+    """A 128x112 phantom (GE rendering) styled with two UIH-like phantoms of other sizes."""
+    case = make_case(PhantomSpec(height=128, width=112, seed=11, n_clusters=1))
+    refs = [make_case(PhantomSpec(height=h, width=w, seed=s)).uih
+            for h, w, s in ((136, 120, 12), (120, 104, 13))]
+    engine = Mr2nstEngine(replace(TINY, iterations=3))
+    result = engine.transfer(case.ge, case.mask, refs, background=0.0)
+    assert result.image.shape == case.ge.shape and np.isfinite(result.image).all()
+    assert np.all(result.image[~case.mask] == 0.0)
+    inside = result.image[case.mask]
+    assert inside.min() >= 0.0 and inside.max() <= 1.0
+    assert not np.allclose(inside, case.ge[case.mask], atol=1e-3)
+    assert result.tiles_optimised + result.tiles_skipped == 5
+
+
+def test_fingerprint_follows_what_shapes_the_output(engine: Mr2nstEngine) -> None:
+    """Stable across instances; changes with alpha, seed and the refiner, not with max_batch."""
+    fp = engine.fingerprint()
+    assert fp == Mr2nstEngine(TINY).fingerprint()
+    assert Mr2nstEngine(replace(TINY, max_batch=2, report_every=5)).fingerprint() == fp
+    assert Mr2nstEngine(replace(TINY, alpha=1.0)).fingerprint() != fp
+    assert Mr2nstEngine(replace(TINY, seed=1)).fingerprint() != fp
+    trained = Refiner(2)
+    trained.scale_weights.data.fill_(0.4)
+    assert Mr2nstEngine(TINY, refiner=trained).fingerprint() != fp
+
+
+def test_refiner_checkpoint_is_checked_against_the_engine(tmp_path: Path, engine: Mr2nstEngine) -> None:
+    """A checkpoint for this setup loads by path; one for another alpha is refused."""
+    path = tmp_path / "refiner.pt"
+    save_refiner(Refiner(2), path, engine.refiner_expectation())
+    assert Mr2nstEngine(TINY, refiner=path).refiner_trained
+    with pytest.raises(RefinerError, match="alpha"):
+        Mr2nstEngine(replace(TINY, alpha=5.0), refiner=path)
+    with pytest.raises(EngineConfigError, match="refiner"):
+        Mr2nstEngine(TINY, refiner=Refiner(3))
+
+
+def test_bad_inputs_are_refused(engine: Mr2nstEngine) -> None:
+    """Out-of-range pixels, a wrong mask, no references and a stray init raise ImageError."""
+    img, mask = _image((32, 32), 0), np.ones((32, 32), bool)
+    with pytest.raises(ImageError, match=r"\[0, 1\]"):
+        engine.transfer(img + 1.0, mask, [img])
+    with pytest.raises(ImageError, match="content_mask"):
+        engine.transfer(img, mask[:16], [img])
+    with pytest.raises(ImageError, match="reference"):
+        engine.transfer(img, mask, [])
+    with pytest.raises(ImageError, match="init"):
+        engine.transfer(img, mask, [img], init=img)
+    ehm = Mr2nstEngine(replace(TINY, init="ehm", grids=(1,), iterations=1))
+    with pytest.raises(ImageError, match="EHM"):
+        ehm.transfer(img, mask, [img])
+    assert ehm.transfer(img, mask, [img], init=img).image.shape == (32, 32)
+
+
+def test_bad_config_names_the_setting() -> None:
+    """Invalid settings raise EngineConfigError naming engine.<key>."""
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"patch_size": 40}, "patch_size"), ({"grids": ()}, "grids"), ({"overlap": 0.5}, "overlap"),
+        ({"lr": 0.0}, "lr"), ({"device": "tpu"}, "device"), ({"features": "random"}, "features"),
+    ]
+    for kw, key in cases:
+        with pytest.raises(EngineConfigError, match=f"engine.{key}"):
+            EngineConfig(**kw)
+    assert EngineConfig(grids=[1, 2]).grids == (1, 2)  # a TOML list becomes a tuple
+
+
+def test_imagenet_without_weights_never_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """features="imagenet" with no file anywhere stops with WeightsError."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="vgg19-dcbb9e9d.pth"):
+        Mr2nstEngine(replace(TINY, features="imagenet"))
