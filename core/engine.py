@@ -1,0 +1,371 @@
+"""The public entry of the transfer engine: :class:`Mr2nstEngine` (METHOD.md, mr2NST).
+
+``Mr2nstEngine(config).transfer(content, mask, references)`` runs the multi-resolution,
+multi-reference transfer on one float image:
+
+1. For each scale ``k`` (grid ``g_k``), tile the *native* content image
+   (:mod:`~mr2nst.core.tiling`); tiles with less than ``background_fraction`` breast are
+   skipped and keep the content.
+2. Each remaining tile is resized (aspect kept) to its patch shape; the same tile, in
+   relative coordinates, of *every* reference is resized to that shape too, and the
+   per-tile multi-reference Gram target is built from them (:mod:`~mr2nst.core.targets`).
+3. Tiles of the same patch shape are optimised together in batches of ``max_batch``
+   (:mod:`~mr2nst.core.optimize`), resized back and stitched with feathering.
+4. The refiner merges the scales (untrained: the plain average); the result is clipped
+   to [0, 1] and background pixels (mask False) are set to ``background``.
+
+The engine never reads DICOM or decides anything about references: the caller passes
+float images in [0, 1] (references already mirrored to the content's laterality) and,
+for ``init = "ehm"``, the EHM-matched start image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import EngineConfigError, ImageError
+from .features import FeatureSource, Pooling, build_features
+from .intensity import FloatImage
+from .optimize import BatchContext, OptimizeSettings, Progress, optimise, style_targets
+from .refiner import Refiner, load_refiner
+from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
+
+__all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress"]
+
+#: Bumped whenever the algorithm changes what a given config produces.
+ENGINE_REVISION = 1
+
+InitMode = Literal["content", "ehm"]
+#: Left out of the fingerprint: settings that change speed, memory or reporting only, plus
+#: ``weights`` and ``seed``, whose effect is the weights id (which is fingerprinted).
+_NOT_FINGERPRINTED = ("device", "amp", "max_batch", "report_every", "weights", "seed")
+#: Settings a trained refiner depends on (besides the weights id).
+_REFINER_KEYS = (
+    "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
+)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of the engine; validated on construction (errors name the setting)."""
+
+    patch_size: int = 512
+    grids: tuple[int, ...] = (1, 2, 4)
+    overlap: float = 0.125
+    iterations: int = 400
+    lr: float = 0.005
+    alpha: float = 1e3
+    pooling: Pooling = "max"
+    init: InitMode = "content"
+    background_fraction: float = 0.02
+    seed: int = 0
+    max_batch: int = 4
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    amp: bool = True  # CUDA only
+    features: FeatureSource = "imagenet"
+    weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache
+    report_every: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grids", tuple(int(g) for g in self.grids))
+
+        def bad(name: str, why: str) -> EngineConfigError:
+            return EngineConfigError(f"engine.{name}: {why}, got {getattr(self, name)!r}")
+
+        if self.patch_size < 32 or self.patch_size % 16:
+            raise bad("patch_size", "must be a multiple of 16, at least 32")
+        if not self.grids or any(g < 1 for g in self.grids):
+            raise bad("grids", "must be a non-empty list of grid sizes >= 1")
+        if not 0.0 <= self.overlap < 0.5:
+            raise bad("overlap", "must be in [0, 0.5)")
+        if self.iterations < 0:
+            raise bad("iterations", "must be >= 0")
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0")
+        if not self.alpha >= 0:
+            raise bad("alpha", "must be >= 0")
+        if self.pooling not in get_args(Pooling):
+            raise bad("pooling", f"must be one of {get_args(Pooling)}")
+        if self.init not in get_args(InitMode):
+            raise bad("init", f"must be one of {get_args(InitMode)}")
+        if not 0.0 <= self.background_fraction <= 1.0:
+            raise bad("background_fraction", "must be in [0, 1]")
+        if self.max_batch < 1:
+            raise bad("max_batch", "must be >= 1")
+        if self.report_every < 1:
+            raise bad("report_every", "must be >= 1")
+        if self.features not in get_args(FeatureSource):
+            raise bad("features", f"must be one of {get_args(FeatureSource)}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise bad("device", "must be cpu, cuda, cuda:N or auto")
+
+    def resolved_device(self) -> torch.device:
+        """``auto`` -> the first CUDA device if there is one, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """The output image and how it was made.
+
+    ``scales`` are the stitched scale images before the refiner (no background applied);
+    ``final_losses[k]`` holds the final loss of each optimised tile of scale k (row-major).
+    """
+
+    image: FloatImage
+    scales: tuple[FloatImage, ...]
+    tiles_optimised: int
+    tiles_skipped: int
+    final_losses: tuple[tuple[float, ...], ...]
+    seconds: float
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize of ``(B, 1, h, w)`` to ``size``."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _check_image(name: str, image: npt.NDArray[Any], shape: tuple[int, int] | None = None) -> None:
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageError(f"{name} must be a 2-D image, got shape {image.shape}")
+    if shape is not None and image.shape != shape:
+        raise ImageError(f"{name} has shape {image.shape}, the content {shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ImageError(f"{name} must be a float image in [0, 1], got dtype {image.dtype}")
+    if not np.all(np.isfinite(image)):
+        raise ImageError(f"{name} contains NaN or infinite values")
+    if image.min() < 0.0 or image.max() > 1.0:
+        raise ImageError(
+            f"{name} must lie in [0, 1], got [{float(image.min())}, {float(image.max())}]"
+        )
+
+
+def _batches(tiles: Sequence[Tile], patch_size: int, max_batch: int) -> list[list[Tile]]:
+    """Tiles grouped by patch shape (first-seen order), each group cut into ``max_batch``."""
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        groups.setdefault(patch_shape(tile.shape, patch_size), []).append(tile)
+    return [
+        group[start : start + max_batch]
+        for group in groups.values()
+        for start in range(0, len(group), max_batch)
+    ]
+
+
+@dataclass(frozen=True)
+class _ScalePlan:
+    tiles: list[Tile]
+    batches: list[list[Tile]]
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The transfer's images as (H, W) tensors on the engine's device."""
+
+    content: Tensor
+    references: list[Tensor]
+    init: Tensor | None
+
+
+class Mr2nstEngine:
+    """Loads the feature network once and transfers any number of images with it."""
+
+    def __init__(self, config: EngineConfig, refiner: Refiner | str | Path | None = None) -> None:
+        self._config = config
+        self._device = config.resolved_device()
+        self._features = build_features(
+            config.features, config.pooling, config.weights, config.seed
+        ).to(self._device)
+        if self._device.type == "cuda":
+            self._features = self._features.to(memory_format=torch.channels_last)
+        if isinstance(refiner, str | Path):
+            refiner = load_refiner(refiner, self.refiner_expectation())
+        self._refiner = refiner if refiner is not None else Refiner(len(config.grids))
+        self._trained = refiner is not None
+        if self._refiner.n_scales != len(config.grids):
+            raise EngineConfigError(
+                f"engine.refiner: merges {self._refiner.n_scales} scales, "
+                f"engine.grids has {len(config.grids)}"
+            )
+        self._refiner = self._refiner.to(self._device).eval()
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def weights_id(self) -> str:
+        """``imagenet:<sha256 prefix>`` or ``seeded-random:seed=N``."""
+        return self._features.weights_id
+
+    @property
+    def refiner_trained(self) -> bool:
+        """False when the scales are merged by the untrained refiner (a plain average)."""
+        return self._trained
+
+    def refiner_expectation(self) -> dict[str, Any]:
+        """What a refiner checkpoint must have been trained for (see :mod:`.refiner`)."""
+        cfg = asdict(self._config)
+        engine_config = {k: cfg[k] for k in _REFINER_KEYS}
+        engine_config["grids"] = list(self._config.grids)
+        return {"engine_config": engine_config, "weights_id": self.weights_id}
+
+    def fingerprint(self) -> str:
+        """Stable id of everything that shapes the output: settings, weights and refiner."""
+        cfg = {f.name: getattr(self._config, f.name) for f in fields(self._config)}
+        for key in _NOT_FINGERPRINTED:
+            cfg.pop(key)
+        cfg["grids"] = list(self._config.grids)
+        blob = json.dumps(
+            {
+                "revision": ENGINE_REVISION,
+                "config": cfg,
+                "weights_id": self.weights_id,
+                "refiner": self._refiner.id(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _tensor(self, image: npt.NDArray[Any]) -> Tensor:
+        array = np.ascontiguousarray(image, dtype=np.float32)
+        return torch.from_numpy(array).to(self._device)
+
+    def _validate(
+        self,
+        content: FloatImage,
+        mask: npt.NDArray[np.bool_],
+        references: Sequence[FloatImage],
+        background: float,
+        init: FloatImage | None,
+    ) -> None:
+        _check_image("content", content)
+        if mask.shape != content.shape or mask.dtype != np.bool_:
+            raise ImageError(f"content_mask must be a bool array of shape {content.shape}")
+        if not references:
+            raise ImageError("at least one reference image is required")
+        for k, ref in enumerate(references):
+            _check_image(f"references[{k}]", ref)
+        if not 0.0 <= background <= 1.0:
+            raise ImageError(f"background must be in [0, 1], got {background}")
+        if init is None and self._config.init == "ehm":
+            raise ImageError('engine.init = "ehm" needs the EHM-matched start image as init')
+        if init is not None and self._config.init == "content":
+            raise ImageError('an init image was given but engine.init = "content"')
+        if init is not None:
+            _check_image("init", init, (int(content.shape[0]), int(content.shape[1])))
+
+    def _plan(self, shape: tuple[int, int], mask: npt.NDArray[np.bool_]) -> list[_ScalePlan]:
+        """Tiles of every scale, with the non-background ones cut into batches."""
+        cfg = self._config
+        plans = []
+        for k, g in enumerate(cfg.grids):
+            try:
+                tiles = tiles_for(shape, g, cfg.overlap, scale=k)
+            except ValueError as exc:
+                raise ImageError(f"image {shape} at grid {g}: {exc}") from exc
+            active = [
+                t for t in tiles
+                if not tile_is_background(mask[t.slices], cfg.background_fraction)
+            ]
+            plans.append(_ScalePlan(tiles, _batches(active, cfg.patch_size, cfg.max_batch)))
+        return plans
+
+    def _run_batch(
+        self,
+        batch: Sequence[Tile],
+        images: _Images,
+        progress: Callable[[Progress], None] | None,
+        context: BatchContext,
+    ) -> tuple[list[Tensor], list[float]]:
+        """Optimise one batch of same-shaped tiles; returns native-size tiles and losses."""
+        cfg = self._config
+        size = patch_shape(batch[0].shape, cfg.patch_size)
+
+        def crops(image: Tensor, same_grid: bool = True) -> Tensor:
+            h, w = image.shape
+            boxes = [t.slices if same_grid else t.box_on((h, w)) for t in batch]
+            return torch.cat([_resize(image[box][None, None], size) for box in boxes])
+
+        targets = style_targets(
+            self._features, [crops(r, same_grid=False) for r in images.references], cfg.amp
+        )
+        result = optimise(
+            self._features,
+            crops(images.content),
+            targets,
+            OptimizeSettings(cfg.iterations, cfg.lr, cfg.alpha, cfg.amp, cfg.report_every),
+            init=None if images.init is None else crops(images.init),
+            progress=progress,
+            context=context,
+        )
+        outputs = [
+            _resize(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
+        ]
+        return outputs, [float(v) for v in result.losses]
+
+    def transfer(
+        self,
+        content: FloatImage,
+        content_mask: npt.NDArray[np.bool_],
+        references: Sequence[FloatImage],
+        background: float = 0.0,
+        init: FloatImage | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> EngineResult:
+        """Transfer ``content`` (H, W) to the style of ``references`` (see module doc)."""
+        started = time.perf_counter()
+        self._validate(content, content_mask, references, background, init)
+        shape = (int(content.shape[0]), int(content.shape[1]))
+        images = _Images(
+            content=self._tensor(content),
+            references=[self._tensor(r) for r in references],
+            init=None if init is None else self._tensor(init),
+        )
+        plans = self._plan(shape, content_mask)
+        total = sum(len(b) for plan in plans for b in plan.batches)
+
+        scales: list[Tensor] = []
+        losses: list[tuple[float, ...]] = []
+        done = 0
+        for k, plan in enumerate(plans):
+            outputs: dict[Tile, Tensor] = {}
+            scale_losses: dict[Tile, float] = {}
+            for b, batch in enumerate(plan.batches):
+                context = BatchContext(k, plan.tiles[0].grid, b, len(plan.batches), done, total)
+                tiles_out, tiles_loss = self._run_batch(batch, images, progress, context)
+                outputs.update(zip(batch, tiles_out, strict=True))
+                scale_losses.update(zip(batch, tiles_loss, strict=True))
+                done += len(batch)
+            originals = [outputs.get(t, images.content[t.slices]) for t in plan.tiles]
+            scales.append(stitch(plan.tiles, originals, shape))
+            losses.append(tuple(scale_losses[t] for t in plan.tiles if t in scale_losses))
+
+        with torch.no_grad():
+            merged = self._refiner(torch.stack(scales)[None])[0, 0]
+        image = merged.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+        image[~content_mask] = np.float32(background)
+        return EngineResult(
+            image=image,
+            scales=tuple(s.cpu().numpy() for s in scales),
+            tiles_optimised=total,
+            tiles_skipped=sum(len(p.tiles) for p in plans) - total,
+            final_losses=tuple(losses),
+            seconds=time.perf_counter() - started,
+        )

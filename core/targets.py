@@ -1,0 +1,71 @@
+"""Multi-reference style targets (METHOD.md, "Multi-reference style target").
+
+For one layer and n references with Gram matrices ``G_k`` (C × C):
+
+1. element-wise max: ``G'[i, j] = max_k G_k[i, j]``;
+2. exact, rank-based histogram specification (Normative): the entries of ``G'`` are
+   sorted, and the entry of rank ``r`` (0-based, of ``Q = C·C``) gets the ``r``-th
+   quantile of the ``P = n·C·C`` pooled reference entries.
+
+**Which quantile.** Nearest rank on the linear (min-to-max) scale: with the pooled
+entries sorted ascending, rank ``r`` gets ``pooled[round(r·(P−1)/(Q−1))]`` where the
+rounding is half-up and done in exact integer arithmetic, ``(2r(P−1) + Q−1) // (2(Q−1))``.
+So the smallest entry gets the pooled minimum, the largest the pooled maximum, every
+output value is one of the pooled reference values (no interpolation), and with a single
+reference (P = Q) the output is exactly that reference's Gram.
+
+**Ties.** Equal entries of ``G'`` are ranked in row-major order (a stable sort). A Gram
+matrix is symmetric, so its off-diagonal values come in tied pairs; the pair's two
+entries receive adjacent quantiles, and the target may be very slightly asymmetric. That
+does not change the optimisation: since ``G(x̂)`` is symmetric,
+``Σ (G − T)² = Σ (G − sym T)² + const``, so the gradient equals that of the
+symmetrised target.
+
+Everything is batched over leading dimensions (one target per tile).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def quantile_indices(q: int, p: int, device: torch.device | None = None) -> Tensor:
+    """Index into ``p`` sorted pooled values for each of ``q`` ranks (see module doc)."""
+    if q < 1 or p < 1:
+        raise ValueError(f"need at least one value on each side, got q={q}, p={p}")
+    ranks = torch.arange(q, dtype=torch.int64, device=device)
+    if q == 1:
+        return torch.full((1,), (p - 1) // 2, dtype=torch.int64, device=device)
+    return (2 * ranks * (p - 1) + (q - 1)) // (2 * (q - 1))
+
+
+def specify_histogram(values: Tensor, reference: Tensor) -> Tensor:
+    """Exact rank-based histogram specification of ``values`` to ``reference``'s entries.
+
+    ``values`` is ``(..., Q)`` and ``reference`` ``(..., P)`` with the same leading shape;
+    returns ``values``' shape, each row holding the chosen quantiles of its reference
+    row, placed by the (stable) rank of the corresponding entry of ``values``.
+    """
+    if values.shape[:-1] != reference.shape[:-1]:
+        raise ValueError(
+            f"leading shapes differ: {tuple(values.shape)} vs {tuple(reference.shape)}"
+        )
+    q, p = values.shape[-1], reference.shape[-1]
+    pooled = torch.sort(reference, dim=-1, stable=True).values
+    chosen = pooled.index_select(-1, quantile_indices(q, p, values.device))
+    order = torch.argsort(values, dim=-1, stable=True)
+    return torch.empty_like(chosen).scatter_(-1, order, chosen)
+
+
+def multi_reference_target(grams: Tensor) -> Tensor:
+    """The mr2NST target of ``(..., n_refs, C, C)`` reference Grams -> ``(..., C, C)``."""
+    if grams.ndim < 3 or grams.shape[-1] != grams.shape[-2]:
+        raise ValueError(f"expected (..., n_refs, C, C) Grams, got {tuple(grams.shape)}")
+    n, c = grams.shape[-3], grams.shape[-1]
+    if n < 1:
+        raise ValueError("at least one reference Gram is required")
+    lead = grams.shape[:-3]
+    stacked = grams.amax(dim=-3).reshape(*lead, c * c)
+    pooled = grams.reshape(*lead, n * c * c)
+    return specify_histogram(stacked, pooled).reshape(*lead, c, c)
