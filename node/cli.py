@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mr2nst.bank.errors import BankError
+
 from .config import Config, load_config
 from .errors import ConfigError, NodeError
 from .logs import configure_logging, get_logger
@@ -152,6 +154,54 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bank(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mr2nst.bank.bank import Bank, iter_files
+
+    root = Path(args.bank) if args.bank else load_config(args.config).bank.path
+    bank = Bank(root)
+    if args.action == "add":
+        if not args.items:
+            raise UsageError("bank add: give files or folders to add")
+        total = len(iter_files(args.items))
+        with tqdm(total=total, desc="bank add", unit="file", disable=not sys.stderr.isatty()) as bar:
+            report = bank.add(args.items, progress=lambda _p: bar.update())
+        if args.json:
+            _print_json({"added": [e.sop_instance_uid for e in report.added], "already": report.already,
+                         "rejected": [{"file": f, "reason": r} for f, r in report.rejected]})
+        else:
+            for file, reason in report.rejected:
+                print(f"rejected {file}: {reason}", file=sys.stderr)
+            print(f"added {len(report.added)}, already in the bank {len(report.already)}, "
+                  f"rejected {len(report.rejected)} ({root}: {len(bank.entries())} references)")
+        return EXIT_OK if not report.rejected else EXIT_RUNTIME
+    if args.action == "list":
+        entries = bank.entries()
+        if args.json:
+            _print_json([{k: v for k, v in e.to_json().items() if k != "histogram"} for e in entries])
+        else:
+            for e in entries:
+                print(f"{e.sop_instance_uid}  {e.view:<3} {e.laterality}  {e.breast_area_mm2:>9.0f} mm2  "
+                      f"{e.bits_stored} bit {e.photometric:<11} {e.manufacturer} {e.model}".rstrip())
+            print(f"{len(entries)} references in {root}")
+        return EXIT_OK
+    if args.action == "remove":
+        if len(args.items) != 1:
+            raise UsageError("bank remove: give exactly one SOP Instance UID")
+        entry = bank.remove(args.items[0])
+        _print_json({"removed": entry.sop_instance_uid}) if args.json else print(f"removed {entry.sop_instance_uid}")
+        return EXIT_OK
+    problems = bank.verify()
+    if args.json:
+        _print_json({"references": len(bank.entries()), "problems": problems})
+    else:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(bank.entries())} references, {len(problems)} problem(s)")
+    return EXIT_OK if not problems else EXIT_RUNTIME
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from mr2nst.core.errors import ImageError
 
@@ -243,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queue)
 
+    p = sub.add_parser("bank", help="manage the reference bank of target-domain (UIH) images")
+    p.add_argument("action", choices=["add", "list", "remove", "verify"])
+    p.add_argument("items", nargs="*", metavar="PATH|UID", help="add: files or folders; remove: a SOP Instance UID")
+    p.add_argument("--bank", help="bank directory (default: bank.path of --config)")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bank)
+
     p = sub.add_parser("phantom", help="write synthetic paired GE/UIH mammograms")
     p.add_argument("out")
     p.add_argument("--n", type=int, default=4)
@@ -273,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_RUNTIME
-    except NodeError as exc:
+    except (NodeError, BankError) as exc:
         print(f"mr2nst: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
 

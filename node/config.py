@@ -105,6 +105,8 @@ class EngineSection(_Section):
 
 class BankSection(_Section):
     path: Path = Path("./bank")
+    # Use fewer than engine.references references when the bank has fewer of the source's view.
+    allow_fewer: bool = False
 
 
 Method = Literal["mr2nst", "ehm", "passthrough"]

@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from mr2nst.bank.bank import Bank
+
 from .config import Config, parse_config
 from .logs import configure_logging
 from .phantom_io import write_phantom_set
@@ -30,7 +32,8 @@ from .scu import store_datasets
 from .service import Node
 from .sopclasses import ACCEPTED_TRANSFER_SYNTAXES
 
-DEMO_METHOD = "passthrough"
+DEMO_METHOD = "ehm"
+N_REFERENCES = 10  # phantom UIH images in the demo's bank (CC and MLO, both sides)
 
 
 class Sink:
@@ -66,11 +69,12 @@ class Sink:
             self.server.shutdown()
 
 
-def demo_config(data_dir: Path, sink_port: int) -> Config:
+def demo_config(data_dir: Path, sink_port: int, bank_dir: Path) -> Config:
     return parse_config({
         "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
                  "min_free_disk_mb": 64},
-        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 30},
+        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 30, "references": 5},
+        "bank": {"path": str(bank_dir), "allow_fewer": True},
         "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
                     "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
         "destinations": {"cad": {"ae_title": "DEMO_CAD", "host": "127.0.0.1", "port": sink_port}},
@@ -95,9 +99,11 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
     ref = derived.SourceImageSequence[0]
     if ref.ReferencedSOPInstanceUID != source.SOPInstanceUID:
         problems.append("SourceImageSequence does not reference the source")
-    if "seeded-random" in config.engine.features and DEMO_METHOD != "passthrough" \
+    if "seeded-random" in config.engine.features and DEMO_METHOD == "mr2nst" \
             and "seeded-random" not in derived.DerivationDescription:
         problems.append("DerivationDescription does not say seeded-random")
+    if f"method={DEMO_METHOD}" not in derived.DerivationDescription:
+        problems.append("DerivationDescription does not name the method")
     if derived.PhotometricInterpretation != source.PhotometricInterpretation:
         problems.append("photometric interpretation changed")
     return problems
@@ -148,8 +154,12 @@ def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeou
     os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
     sources = [pydicom.dcmread(p) for p in write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE",))]
     print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
+    write_phantom_set(out / "references", N_REFERENCES, size=size, seed=1000, vendors=("UIH",))
+    bank = Bank(out / "bank")
+    added = bank.add([out / "references" / "uih"]).added
+    print(f"demo: built a reference bank of {len(added)} phantom UIH mammograms in {out / 'bank'}")
     sink = Sink(out / "received")
-    config = demo_config(out / "node-data", sink.start())
+    config = demo_config(out / "node-data", sink.start(), out / "bank")
     node = Node(config).start()
     try:
         print(f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "

@@ -12,9 +12,18 @@ from .version import VERSION
 
 MethodFactory = Callable[[Config], Method]
 
-# ehm (issue: bank + EHM) and mr2nst (issue: engine) register here when they land.
+def _ehm(config: Config) -> Method:
+    from mr2nst.bank.bank import Bank
+
+    from .method_ehm import EhmMethod
+
+    return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
+
+
+# mr2nst (the engine issue) registers here when it lands.
 FACTORIES: dict[str, MethodFactory] = {
     "passthrough": lambda config: Passthrough(engine_version=VERSION),
+    "ehm": _ehm,
 }
 
 

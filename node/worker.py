@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,6 +23,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from mr2nst.bank.errors import BankError
+from mr2nst.core.errors import ImageError
 
 from .config import Config
 from .derived import Equipment, build_derived
@@ -37,6 +41,9 @@ from .version import VERSION
 log = get_logger("mr2nst.worker")
 
 IDLE_POLL_S = 0.5
+# Failures that retrying cannot fix: bad pixels, an image the method cannot use, a bank
+# without suitable references. The job fails at once; `mr2nst queue retry` revives it.
+PERMANENT_ERRORS = (PixelError, ImageError, BankError)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ class Worker:
         try:
             out = self.pipeline.run(job, self.spool)
         except Exception as exc:  # edge: every failure becomes a ledger state and a log event
-            permanent = isinstance(exc, PixelError)
+            permanent = isinstance(exc, PERMANENT_ERRORS)
             state = self.ledger.mark_job_error(
                 job.id, self.owner, f"{exc.__class__.__name__}: {exc}", permanent=permanent,
                 max_attempts=self.config.engine.max_attempts, retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)))
@@ -157,7 +164,14 @@ class Worker:
 
 
 def worker_main(config: Config, name: str, stop: EventType, parent_pid: int) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process.
+
+    Workers ignore SIGINT and SIGTERM: a Ctrl-C or a signal to the whole process group
+    reaches the node, which stops its workers through ``stop`` after their current job.
+    (A worker killed inside the shared Event's lock would hang the node's stop.)
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.logging.format, config.logging.level)
     ledger = Ledger.open(config.ledger_url)
     worker = Worker(config, ledger, Spool(config.node.data_dir), name)
@@ -203,6 +217,6 @@ class WorkerPool:
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("worker_terminated", worker=proc.name, reason="did not stop in time")
-                proc.terminate()
+                log.warning("worker_killed", worker=proc.name, reason="did not stop in time")
+                proc.kill()  # its job's lease expires and the job is redone
                 proc.join(5)

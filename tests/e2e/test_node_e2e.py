@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import time
 
 import numpy as np
 import psutil
@@ -214,3 +216,35 @@ def test_node_on_postgresql_ledger(tmp_path, phantoms, cleanup):
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     wait_for(lambda: len(cad.files()) == 2, 60, "2 derived instances via a PostgreSQL ledger")
     assert node.queue()["counts"]["done"] == 2
+
+
+def test_sigterm_to_the_process_group_stops_cleanly(tmp_path, cleanup):
+    """A SIGTERM to the whole process group (Ctrl-C, plain systemd) still stops the node with 0."""
+    node = Serve(tmp_path, [GE_ROUTE], {"cad": free_port()}).start()
+    cleanup(node)
+    time.sleep(1.0)  # let the worker finish importing
+    os.killpg(node.proc.pid, signal.SIGTERM)
+    assert node.proc.wait(60) == 0
+    node.log.close()
+
+
+def test_ehm_route_delivers_uih_scaled_series(tmp_path, phantoms, cleanup):
+    """An ehm route normalizes a GE image to the bank's 14-bit UIH scale, IOD-valid."""
+    from support import uih_bank_files
+
+    from mr2nst.bank.bank import Bank
+
+    bank = Bank(tmp_path / "bank")
+    assert len(bank.add([uih_bank_files(tmp_path / "uih")]).added) == 4
+    cad = StoreSCP(tmp_path, "CAD").start()
+    cleanup(cad)
+    route = {**GE_ROUTE, "method": "ehm"}
+    node = Serve(tmp_path, [route], {"cad": cad.port}, bank={"path": str(bank.layout.root), "allow_fewer": True},
+                 engine={"references": 5}).start()
+    cleanup(node)
+    assert storescu(node.port, phantoms["ge"]).returncode == 0
+    files = wait_for(lambda: len(cad.files()) == 2 and cad.files(), 60, "2 ehm-derived instances")
+    for path in files:
+        out = read(path)
+        assert out.BitsStored == 14 and "method=ehm" in out.DerivationDescription
+        assert iod_errors(path) in (None, 0)

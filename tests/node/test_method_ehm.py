@@ -1,0 +1,70 @@
+"""Tests of the `ehm` method: the node's GE image to the bank's UIH histogram."""
+
+import numpy as np
+import pydicom
+import pytest
+from support import uih_bank_files, write_phantom
+
+from mr2nst.bank.bank import Bank
+from mr2nst.bank.errors import NotEnoughReferences
+from mr2nst.core.ehm import target_quantiles
+from mr2nst.node.config import parse_config
+from mr2nst.node.method_ehm import EhmMethod
+from mr2nst.node.methods import MethodCache
+from mr2nst.node.pixels import decode, decode_stored
+from mr2nst.node.worker import Pipeline
+
+
+@pytest.fixture
+def bank(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    report = bank.add([uih_bank_files(tmp_path / "uih", per_view_side=2)])
+    assert len(report.added) == 8
+    return bank
+
+
+def test_breast_gets_the_references_histogram(tmp_path, bank):
+    """Inside the breast the output equals the pooled reference distribution exactly."""
+    src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO", laterality="R")))
+    method = EhmMethod(bank, references=3, allow_fewer=False, version="t")
+    result = method(src.image, src.info)
+    refs = result.provenance.references
+    assert len(refs) == 3
+    entries = {e.sop_instance_uid: e for e in bank.entries()}
+    assert all(entries[uid].view == "MLO" for uid in refs)
+    from mr2nst.core.segmentation import segment_breast
+
+    mask = segment_breast(src.image, "MLO").mask
+    loaded = [bank._load(entries[uid], False) for uid in refs]
+    pooled = np.concatenate([r.image[r.mask] for r in loaded])
+    assert np.array_equal(np.sort(result.image[mask]), target_quantiles(pooled, int(mask.sum())))
+    assert np.all(result.image[~mask] == np.float32(bank.stats().background))
+    assert result.target_range.bits_stored == bank.stats().bits_stored
+
+
+def test_fingerprint_follows_bank_content(tmp_path, bank):
+    """Changing the references changes the fingerprint (and so the output UIDs)."""
+    method = EhmMethod(bank, references=1, allow_fewer=False, version="t")
+    before = method.fingerprint()
+    bank.remove(bank.entries()[0].sop_instance_uid)
+    assert method.fingerprint() != before
+
+
+def test_derived_is_in_target_bit_depth_and_source_photometric(tmp_path, bank):
+    """The derived image is written with the bank's bit depth, in the source's photometric interpretation."""
+    path = write_phantom(tmp_path / "ge", "g", vendor="GE", bits=12, photometric="MONOCHROME2")
+    cfg = parse_config({"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={})
+    derived = Pipeline(cfg, MethodCache(cfg)).derive(pydicom.dcmread(path), "ehm")
+    assert derived.BitsStored == bank.stats().bits_stored == 14
+    assert derived.PhotometricInterpretation == "MONOCHROME2"
+    assert "method=ehm" in derived.DerivationDescription and "references=2" in derived.DerivationDescription
+    assert decode_stored(derived).max() <= 2**14 - 1
+
+
+def test_too_few_references_is_reported(tmp_path):
+    """An empty-of-this-view bank gives NotEnoughReferences, which the worker treats as permanent."""
+    bank = Bank(tmp_path / "bank")
+    bank.add([write_phantom(tmp_path / "uih", "only-cc", view="CC")])
+    src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO")))
+    with pytest.raises(NotEnoughReferences, match="MLO"):
+        EhmMethod(bank, references=1, allow_fewer=True, version="t")(src.image, src.info)
