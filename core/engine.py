@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,87 +35,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .engine_config import NOT_FINGERPRINTED, REFINER_KEYS, EngineConfig
 from .errors import EngineConfigError, ImageError
-from .features import FeatureSource, Pooling, build_features
+from .features import build_features
 from .intensity import FloatImage
 from .optimize import BatchContext, OptimizeSettings, Progress, optimise, style_targets
 from .refiner import Refiner, load_refiner
 from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
 
-__all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress"]
+__all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress", "resolved_device"]
 
 #: Bumped whenever the algorithm changes what a given config produces.
 ENGINE_REVISION = 1
 
-InitMode = Literal["content", "ehm"]
-#: Left out of the fingerprint: settings that change speed, memory or reporting only, plus
-#: ``weights`` and ``seed``, whose effect is the weights id (which is fingerprinted).
-_NOT_FINGERPRINTED = ("device", "amp", "max_batch", "report_every", "weights", "seed")
-#: Settings a trained refiner depends on (besides the weights id).
-_REFINER_KEYS = (
-    "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
-)
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Every setting of the engine; validated on construction (errors name the setting)."""
-
-    patch_size: int = 512
-    grids: tuple[int, ...] = (1, 2, 4)
-    overlap: float = 0.125
-    iterations: int = 400
-    lr: float = 0.005
-    alpha: float = 1e3
-    pooling: Pooling = "max"
-    init: InitMode = "content"
-    background_fraction: float = 0.02
-    seed: int = 0
-    max_batch: int = 4
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    amp: bool = True  # CUDA only
-    features: FeatureSource = "imagenet"
-    weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache
-    report_every: int = 10
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grids", tuple(int(g) for g in self.grids))
-
-        def bad(name: str, why: str) -> EngineConfigError:
-            return EngineConfigError(f"engine.{name}: {why}, got {getattr(self, name)!r}")
-
-        if self.patch_size < 32 or self.patch_size % 16:
-            raise bad("patch_size", "must be a multiple of 16, at least 32")
-        if not self.grids or any(g < 1 for g in self.grids):
-            raise bad("grids", "must be a non-empty list of grid sizes >= 1")
-        if not 0.0 <= self.overlap < 0.5:
-            raise bad("overlap", "must be in [0, 0.5)")
-        if self.iterations < 0:
-            raise bad("iterations", "must be >= 0")
-        if not self.lr > 0:
-            raise bad("lr", "must be > 0")
-        if not self.alpha >= 0:
-            raise bad("alpha", "must be >= 0")
-        if self.pooling not in get_args(Pooling):
-            raise bad("pooling", f"must be one of {get_args(Pooling)}")
-        if self.init not in get_args(InitMode):
-            raise bad("init", f"must be one of {get_args(InitMode)}")
-        if not 0.0 <= self.background_fraction <= 1.0:
-            raise bad("background_fraction", "must be in [0, 1]")
-        if self.max_batch < 1:
-            raise bad("max_batch", "must be >= 1")
-        if self.report_every < 1:
-            raise bad("report_every", "must be >= 1")
-        if self.features not in get_args(FeatureSource):
-            raise bad("features", f"must be one of {get_args(FeatureSource)}")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
-            raise bad("device", "must be cpu, cuda, cuda:N or auto")
-
-    def resolved_device(self) -> torch.device:
-        """``auto`` -> the first CUDA device if there is one, else the CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+def resolved_device(config: EngineConfig) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
 
 
 @dataclass(frozen=True)
@@ -188,7 +126,7 @@ class Mr2nstEngine:
 
     def __init__(self, config: EngineConfig, refiner: Refiner | str | Path | None = None) -> None:
         self._config = config
-        self._device = config.resolved_device()
+        self._device = resolved_device(config)
         self._features = build_features(
             config.features, config.pooling, config.weights, config.seed
         ).to(self._device)
@@ -222,14 +160,14 @@ class Mr2nstEngine:
     def refiner_expectation(self) -> dict[str, Any]:
         """What a refiner checkpoint must have been trained for (see :mod:`.refiner`)."""
         cfg = asdict(self._config)
-        engine_config = {k: cfg[k] for k in _REFINER_KEYS}
+        engine_config = {k: cfg[k] for k in REFINER_KEYS}
         engine_config["grids"] = list(self._config.grids)
         return {"engine_config": engine_config, "weights_id": self.weights_id}
 
     def fingerprint(self) -> str:
         """Stable id of everything that shapes the output: settings, weights and refiner."""
         cfg = {f.name: getattr(self._config, f.name) for f in fields(self._config)}
-        for key in _NOT_FINGERPRINTED:
+        for key in NOT_FINGERPRINTED:
             cfg.pop(key)
         cfg["grids"] = list(self._config.grids)
         blob = json.dumps(

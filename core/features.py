@@ -23,16 +23,14 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers  # type: ignore[import-untyped, unused-ignore]
 
+from .engine_config import FeatureSource, Pooling
 from .errors import WeightsError
-
-FeatureSource = Literal["imagenet", "seeded-random"]
-Pooling = Literal["max", "avg"]
 
 #: Index in ``vgg19().features`` of each named activation the method uses.
 LAYERS: Mapping[str, int] = {

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mr2nst.bank.errors import BankError
+from mr2nst.core.errors import EngineConfigError, RefinerError, WeightsError
 
 from .config import Config, load_config
 from .errors import ConfigError, NodeError
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="self-contained end-to-end run on this machine")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--n", type=int, default=4, help="number of phantom GE images to send")
+    p.add_argument("--n", type=int, default=3, help="number of phantom GE images to send")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2294, 1914))
     p.set_defaults(func=cmd_demo)
 
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, EngineConfigError, WeightsError, RefinerError) as exc:
         print(f"mr2nst: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

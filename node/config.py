@@ -14,12 +14,18 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mr2nst.core.engine_config import EngineConfig, FeatureSource, InitMode, Pooling
+from mr2nst.core.errors import EngineConfigError
+
 from .errors import ConfigError
+
+_ENGINE = EngineConfig()  # the engine's defaults, written once in core
 
 ENV_PREFIX = "MR2NST_"
 
@@ -72,14 +78,23 @@ class LedgerSection(_Section):
 
 
 class EngineSection(_Section):
+    """Deployment settings, plus the algorithm's, whose defaults come from the core engine."""
+
     device: str = "auto"
     workers: int = Field(default=1, ge=1, le=64)
-    features: Literal["imagenet", "seeded-random"] = "imagenet"
-    weights: str = ""
-    patch_size: int = Field(default=512, ge=32, le=4096)
-    grids: tuple[int, ...] = (1, 2, 4)
-    overlap: float = Field(default=0.125, ge=0.0, lt=0.5)
-    iterations: int = Field(default=400, ge=1)
+    features: FeatureSource = _ENGINE.features
+    weights: str = _ENGINE.weights
+    patch_size: int = Field(default=_ENGINE.patch_size, ge=32, le=4096)
+    grids: tuple[int, ...] = _ENGINE.grids
+    overlap: float = Field(default=_ENGINE.overlap, ge=0.0, lt=0.5)
+    iterations: int = Field(default=_ENGINE.iterations, ge=1)
+    lr: float = Field(default=_ENGINE.lr, gt=0)
+    alpha: float = Field(default=_ENGINE.alpha, ge=0)
+    pooling: Pooling = _ENGINE.pooling
+    init: InitMode = _ENGINE.init
+    background_fraction: float = Field(default=_ENGINE.background_fraction, ge=0, le=1)
+    seed: int = _ENGINE.seed
+    max_batch: int = Field(default=_ENGINE.max_batch, ge=1)
     references: int = Field(default=5, ge=1)
     refiner: str = ""
     # A worker holds a claimed job under a lease it renews; a job whose lease ran out
@@ -101,6 +116,19 @@ class EngineSection(_Section):
         if not value or any(g < 1 for g in value):
             raise ValueError("must be a non-empty list of positive grid sizes, e.g. [1, 2, 4]")
         return value
+
+    @model_validator(mode="after")
+    def _check_with_core(self) -> EngineSection:
+        try:
+            self.core()
+        except EngineConfigError as exc:
+            raise ValueError(str(exc).removeprefix("engine.")) from None
+        return self
+
+    def core(self) -> EngineConfig:
+        """The core engine's config for these settings."""
+        names = {f.name for f in fields(EngineConfig)}
+        return EngineConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
 class BankSection(_Section):
@@ -198,7 +226,8 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """A short hash of the settings that shape pixel output (engine + derived)."""
         payload = json.dumps(
-            {"engine": self.engine.model_dump(mode="json", exclude={"workers", "device", "lease_s", "max_attempts"}),
+            {"engine": self.engine.model_dump(mode="json", exclude={"workers", "device", "lease_s", "max_attempts",
+                                                                    "max_batch"}),
              "derived": self.derived.model_dump(mode="json")},
             sort_keys=True,
         )
@@ -233,6 +262,9 @@ def _describe(error: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    key, sep, rest = msg.partition(": ")
+    if sep and key.isidentifier():  # a section-level check that names its key
+        return f"{loc}.{key}: {rest}" if loc else msg
     return f"{loc}: {msg}" if loc else msg
 
 

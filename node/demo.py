@@ -32,8 +32,10 @@ from .scu import store_datasets
 from .service import Node
 from .sopclasses import ACCEPTED_TRANSFER_SYNTAXES
 
-DEMO_METHOD = "ehm"
+DEMO_METHOD = "mr2nst"
 N_REFERENCES = 10  # phantom UIH images in the demo's bank (CC and MLO, both sides)
+DEMO_PATCH = 128
+DEMO_ITERATIONS = 8
 
 
 class Sink:
@@ -73,7 +75,11 @@ def demo_config(data_dir: Path, sink_port: int, bank_dir: Path) -> Config:
     return parse_config({
         "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
                  "min_free_disk_mb": 64},
-        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 30, "references": 5},
+        # CPU-sized engine settings (the real recipe, patch 512 x 400 iterations, needs a GPU);
+        # seeded-random features because the ImageNet weights are not downloaded here.
+        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 60, "references": 5,
+                   "patch_size": DEMO_PATCH, "grids": [1, 2, 4], "iterations": DEMO_ITERATIONS,
+                   "pooling": "avg", "max_batch": 1},
         "bank": {"path": str(bank_dir), "allow_fewer": True},
         "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
                     "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
@@ -142,7 +148,7 @@ def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: in
     canvas.save(path)
 
 
-def run_demo(out: Path, n: int = 4, size: tuple[int, int] = (2294, 1914), timeout_s: float = 240.0) -> bool:
+def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0) -> bool:
     """Run the whole path once; print a summary and return True when every check passed."""
     started = time.monotonic()
     if out.exists():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from mr2nst.core.method import Method, Passthrough
 
@@ -20,10 +23,25 @@ def _ehm(config: Config) -> Method:
     return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
 
 
-# mr2nst (the engine issue) registers here when it lands.
+def _mr2nst(config: Config) -> Method:
+    from mr2nst.bank.bank import Bank
+    from mr2nst.core.engine import Mr2nstEngine
+
+    from .method_mr2nst import Mr2nstMethod
+    from .weights import ensure_weights
+
+    weights = ensure_weights(config.engine)
+    core = replace(config.engine.core(), weights=weights or "")
+    refiner = config.engine.refiner or None
+    engine = Mr2nstEngine(core, refiner=refiner)
+    return Mr2nstMethod(engine, Bank(config.bank.path), config.engine.references, config.bank.allow_fewer,
+                        VERSION, refiner_name=Path(refiner).name if refiner else "")
+
+
 FACTORIES: dict[str, MethodFactory] = {
     "passthrough": lambda config: Passthrough(engine_version=VERSION),
     "ehm": _ehm,
+    "mr2nst": _mr2nst,
 }
 
 
@@ -38,10 +56,14 @@ def check_methods(config: Config) -> None:
 
 
 class MethodCache:
-    """Builds each method once per process (an engine loads its weights once) and reuses it."""
+    """Builds each method once per process (an engine loads its weights once) and reuses it.
 
-    def __init__(self, config: Config) -> None:
+    ``progress`` is handed to methods that report progress (the mr2nst engine).
+    """
+
+    def __init__(self, config: Config, progress: Callable[[Any], None] | None = None) -> None:
         self._config = config
+        self._progress = progress
         self._methods: dict[str, Method] = {}
 
     def get(self, name: str) -> Method:
@@ -49,5 +71,8 @@ class MethodCache:
             factory = FACTORIES.get(name)
             if factory is None:
                 raise ConfigError(f"method {name!r} is not available")
-            self._methods[name] = factory(self._config)
+            method = factory(self._config)
+            if self._progress is not None and hasattr(method, "progress"):
+                method.progress = self._progress
+            self._methods[name] = method
         return self._methods[name]

@@ -24,6 +24,7 @@ from .routing import Router
 from .scp import Allowlist, StoreService, start_scp
 from .spool import Spool
 from .version import VERSION
+from .weights import ensure_weights
 from .worker import WorkerPool
 
 log = get_logger("mr2nst.node")
@@ -48,6 +49,8 @@ class Node:
 
     def start(self) -> Node:
         cfg = self.config
+        if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
+            ensure_weights(cfg.engine)  # stop now, with how-to, rather than fail every job later
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)

@@ -21,7 +21,14 @@ def run_transfer(config: Config, inputs: Sequence[str], out: Path, *, method: st
     if method not in FACTORIES:
         raise ConfigError(f"--method: {method!r} is not available (available: {', '.join(sorted(FACTORIES))})")
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(config, MethodCache(config))
+    tiles = tqdm(desc="tiles", unit="tile", disable=not progress, position=1, leave=False)
+
+    def on_progress(p: Any) -> None:
+        tiles.total = p.tiles_total
+        tiles.n = p.tiles_done
+        tiles.set_postfix(scale=p.scale, iteration=p.iteration, loss=f"{p.loss:.4g}", refresh=True)
+
+    pipeline = Pipeline(config, MethodCache(config, progress=on_progress))
     results: list[dict[str, Any]] = []
     for path in tqdm(list(iter_files(inputs)), desc="transfer", unit="image", disable=not progress):
         result: dict[str, Any] = {"input": str(path), "output": None, "error": ""}
@@ -33,4 +40,5 @@ def run_transfer(config: Config, inputs: Sequence[str], out: Path, *, method: st
         except (ValueError, NodeError, OSError) as exc:
             result["error"] = str(exc)
         results.append(result)
+    tiles.close()
     return results

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -88,6 +89,14 @@ class Pipeline:
         return Output(path=str(path), series_uid=str(derived.SeriesInstanceUID), sop_uid=sop_uid)
 
 
+def _log_progress(progress: Any) -> None:
+    """Engine progress -> one log line per finished batch of tiles."""
+    if progress.iteration == progress.iterations:
+        log.info("transfer_progress", scale=progress.scale, grid=progress.grid, batch=progress.batch + 1,
+                 batches=progress.n_batches, tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
+                 loss=round(progress.loss, 6))
+
+
 class _Heartbeat(threading.Thread):
     """Renews a job's lease every third of the lease until stopped."""
 
@@ -113,7 +122,7 @@ class Worker:
         self.ledger = ledger
         self.spool = spool
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{name}"
-        self.pipeline = Pipeline(config, MethodCache(config))
+        self.pipeline = Pipeline(config, MethodCache(config, progress=_log_progress))
 
     def run_once(self) -> bool:
         """Claim and process one job; False when there was none."""

@@ -248,3 +248,26 @@ def test_ehm_route_delivers_uih_scaled_series(tmp_path, phantoms, cleanup):
         out = read(path)
         assert out.BitsStored == 14 and "method=ehm" in out.DerivationDescription
         assert iod_errors(path) in (None, 0)
+
+
+def test_mr2nst_route_end_to_end(tmp_path, phantoms, cleanup):
+    """An mr2nst route (tiny settings, seeded-random features) delivers a valid derived series."""
+    from support import uih_bank_files
+
+    from mr2nst.bank.bank import Bank
+
+    bank = Bank(tmp_path / "bank")
+    bank.add([uih_bank_files(tmp_path / "uih")])
+    cad = StoreSCP(tmp_path, "CAD").start()
+    cleanup(cad)
+    node = Serve(tmp_path, [{**GE_ROUTE, "method": "mr2nst"}], {"cad": cad.port},
+                 bank={"path": str(bank.layout.root), "allow_fewer": True},
+                 engine={"features": "seeded-random", "patch_size": 32, "grids": [1, 2], "iterations": 2,
+                         "lease_s": 30}).start()
+    cleanup(node)
+    assert storescu(node.port, phantoms["ge"][:1]).returncode == 0
+    [path] = wait_for(lambda: cad.files(), 120, "the mr2nst-derived instance")
+    out = read(path)
+    assert "method=mr2nst" in out.DerivationDescription and "seeded-random" in out.DerivationDescription
+    assert out.BitsStored == 14 and iod_errors(path) in (None, 0)
+    assert any(e.get("event") == "transfer_progress" for e in node.events())

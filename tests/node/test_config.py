@@ -103,8 +103,8 @@ def test_config_check_cli(tmp_path, capsys):
     assert err.count("\n") == 0 and "routes[0].match.NotAKeyword" in err
 
 
-def test_unavailable_method_rejected(tmp_path, capsys):
-    """A route naming a method this build lacks is a config error."""
-    text = GOOD.replace('method = "passthrough"', 'method = "mr2nst"')
+def test_unknown_method_rejected(tmp_path, capsys):
+    """A route naming a method that does not exist is a config error naming the key."""
+    text = GOOD.replace('method = "passthrough"', 'method = "cyclegan"')
     assert main(["config", "check", str(write(tmp_path, text))]) == 2
     assert "routes[0].method" in capsys.readouterr().err

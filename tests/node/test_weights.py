@@ -1,0 +1,66 @@
+"""Tests of finding, downloading and verifying the ImageNet VGG19 weights."""
+
+from pathlib import Path
+
+import pytest
+
+from mr2nst.core.errors import WeightsError
+from mr2nst.node import weights
+from mr2nst.node.cli import main
+from mr2nst.node.config import parse_config
+
+
+@pytest.fixture(autouse=True)
+def private_hub(tmp_path, monkeypatch):
+    """Point the torch hub cache at an empty folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def engine(**values):
+    return parse_config({"engine": values}, environ={}).engine
+
+
+def test_seeded_random_needs_no_file():
+    """seeded-random features never look for weights."""
+    assert weights.ensure_weights(engine(features="seeded-random")) is None
+
+
+def test_missing_file_and_no_network_says_how_to_provide(tmp_path):
+    """With no file and a failing download, the error explains where to get and put the file."""
+    def offline(url, dest):
+        raise OSError("Name or service not known")
+
+    with pytest.raises(WeightsError) as info:
+        weights.ensure_weights(engine(), download=offline)
+    text = str(info.value)
+    assert "vgg19-dcbb9e9d.pth" in text and "engine.weights" in text and "seeded-random" in text
+
+
+def test_downloaded_file_with_wrong_hash_is_refused(tmp_path):
+    """A download that is not the expected file fails verification; no silent fallback."""
+    def bad_download(url, dest: Path):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"not the weights")
+
+    with pytest.raises(WeightsError, match="SHA-256 prefix"):
+        weights.ensure_weights(engine(), download=bad_download)
+
+
+def test_explicit_path_is_not_downloaded(tmp_path):
+    """A configured engine.weights path that is missing is an error, with no download attempt."""
+    calls = []
+    with pytest.raises(WeightsError, match="not found"):
+        weights.ensure_weights(engine(weights=str(tmp_path / "vgg19-dcbb9e9d.pth")),
+                               download=lambda url, dest: calls.append(url))
+    assert calls == []
+
+
+def test_serve_stops_with_exit_2_when_weights_are_missing(tmp_path, monkeypatch, capsys):
+    """`serve` with an mr2nst route and no weights exits 2 with the how-to, before listening."""
+    monkeypatch.setattr(weights, "torch_hub_download", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
+    conf = tmp_path / "n.toml"
+    conf.write_text(f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
+                    '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
+                    '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n')
+    assert main(["serve", "--config", str(conf)]) == 2
+    assert "VGG19 weights not found" in capsys.readouterr().err
