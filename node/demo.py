@@ -71,7 +71,7 @@ class Sink:
             self.server.shutdown()
 
 
-def demo_config(data_dir: Path, sink_port: int, bank_dir: Path) -> Config:
+def demo_config(data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None) -> Config:
     return parse_config({
         "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
                  "min_free_disk_mb": 64},
@@ -79,7 +79,7 @@ def demo_config(data_dir: Path, sink_port: int, bank_dir: Path) -> Config:
         # seeded-random features because the ImageNet weights are not downloaded here.
         "engine": {"features": "seeded-random", "workers": 1, "lease_s": 60, "references": 5,
                    "patch_size": DEMO_PATCH, "grids": [1, 2, 4], "iterations": DEMO_ITERATIONS,
-                   "pooling": "avg", "max_batch": 1},
+                   "pooling": "avg", "max_batch": 1, **(engine or {})},
         "bank": {"path": str(bank_dir), "allow_fewer": True},
         "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
                     "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
@@ -148,8 +148,12 @@ def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: in
     canvas.save(path)
 
 
-def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0) -> bool:
-    """Run the whole path once; print a summary and return True when every check passed."""
+def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0,
+             engine: dict[str, Any] | None = None, n_references: int = N_REFERENCES) -> bool:
+    """Run the whole path once; print a summary and return True when every check passed.
+
+    ``engine`` overrides engine settings (the tests use tiny ones).
+    """
     started = time.monotonic()
     if out.exists():
         shutil.rmtree(out)
@@ -160,12 +164,12 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
     sources = [pydicom.dcmread(p) for p in write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE",))]
     print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
-    write_phantom_set(out / "references", N_REFERENCES, size=size, seed=1000, vendors=("UIH",))
+    write_phantom_set(out / "references", n_references, size=size, seed=1000, vendors=("UIH",))
     bank = Bank(out / "bank")
     added = bank.add([out / "references" / "uih"]).added
     print(f"demo: built a reference bank of {len(added)} phantom UIH mammograms in {out / 'bank'}")
     sink = Sink(out / "received")
-    config = demo_config(out / "node-data", sink.start(), out / "bank")
+    config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
     node = Node(config).start()
     try:
         print(f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "

@@ -72,8 +72,11 @@ def test_phantom_cli_writes_pairs_and_rejects_bad_size(tmp_path, capsys):
 
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """`demo` at a small size exits 0 and writes the before/after picture and summary."""
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "2", "--size", "256", "208"]) == 0
+    """The demo (small images, tiny engine settings) succeeds and writes the picture and summary."""
+    from mr2nst.node.demo import run_demo
+
+    tiny = {"patch_size": 32, "grids": [1, 2], "iterations": 2}
+    assert run_demo(tmp_path / "demo", n=2, size=(256, 208), engine=tiny, n_references=4)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["derived_received"] == 2 and summary["problems"] == {}
     assert (tmp_path / "demo" / "before_after.png").stat().st_size > 1000
