@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from .logs import configure_logging, get_logger
 from .version import VERSION
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+# Commands that live in their own node modules; each module has ``add_parser(subparsers)``
+# and keeps heavy imports inside its command function.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 log = get_logger("mr2nst.cli")
 
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config_check)
+
+    for name in COMMAND_MODULES:
+        import_module(f"{__package__}.{name}").add_parser(sub)
     return parser
 
 
