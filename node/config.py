@@ -188,6 +188,12 @@ class DerivedSection(_Section):
     uid_root: str = Field(default="", max_length=54, pattern=r"^(([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.?)?$")
 
 
+class MetricsSection(_Section):
+    # Prometheus /metrics endpoint; port 0 = disabled.
+    host: str = "127.0.0.1"
+    port: Port = 0
+
+
 class LoggingSection(_Section):
     format: Literal["json", "console", "auto"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -202,6 +208,7 @@ class Config(_Section):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     forwarding: ForwardingSection = ForwardingSection()
     derived: DerivedSection = DerivedSection()
+    metrics: MetricsSection = MetricsSection()
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from .config import Config
 from .destinations import Destination, SendResult
 from .ledger import DeliveryJob, Ledger
 from .logs import get_logger, instance_context
+from .metrics import Metrics
 from .spool import Spool
 
 log = get_logger("mr2nst.forwarder")
@@ -38,8 +39,10 @@ class Forwarder:
     """Owns the scheduler, the send pool and the cleanup job."""
 
     def __init__(self, config: Config, ledger: Ledger, spool: Spool,
-                 destinations: Mapping[str, Destination], rng: random.Random | None = None) -> None:
+                 destinations: Mapping[str, Destination], rng: random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.ledger = ledger
         self.spool = spool
         self.destinations = destinations
@@ -112,11 +115,15 @@ class Forwarder:
             result = SendResult(False, None, True, f"destination {job.destination!r} is no longer configured")
         else:
             result = dest.send(job.path)
+        if self.metrics is not None:
+            self.metrics.send_seconds.labels(destination=job.destination).observe(time.perf_counter() - started)
         fields = {"destination": job.destination, "attempt": job.attempts,
                   "status": None if result.status is None else f"0x{result.status:04X}",
                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
         if result.ok:
             self.ledger.mark_sent(job.id, result.status or 0)
+            if self.metrics is not None:
+                self.metrics.sends.labels(destination=job.destination, outcome="sent").inc()
             log.info("stage_forward", outcome="sent", **fields)
             return result
         self._record_failure(job, result, fields)
@@ -128,6 +135,8 @@ class Forwarder:
         if not result.permanent and job.attempts < fwd.max_attempts:
             retry_at = time.time() + backoff_delay(job.attempts, fwd.backoff_initial_s, fwd.backoff_max_s, self.rng)
         state = self.ledger.mark_delivery_failed(job.id, result.status, result.error, retry_at)
+        if self.metrics is not None:
+            self.metrics.sends.labels(destination=job.destination, outcome=state).inc()
         log.warning("stage_forward", outcome=state, error=result.error, permanent=result.permanent,
                     retry_in_s=None if retry_at is None else round(retry_at - time.time(), 1), **fields)
 

@@ -24,6 +24,7 @@ from .errors import SpoolError
 from .ledger import Ledger, Received
 from .ledger_schema import DROPPED, RECEIVED, UNROUTED
 from .logs import get_logger, instance_context
+from .metrics import Metrics
 from .routing import Router
 from .sopclasses import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
 from .spool import Spool
@@ -80,6 +81,7 @@ class StoreService:
     router: Router
     min_free_mb: float
     allowlist: Allowlist
+    metrics: Metrics | None = None
 
 
 def handle_requested(event: Any, service: StoreService) -> None:
@@ -106,6 +108,9 @@ def handle_store(event: Any, service: StoreService) -> int:
     called_ae = str(event.assoc.acceptor.ae_title).strip()
     with instance_context(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID or "")):
         status, fields = _store(event, service, calling_ae, called_ae)
+        if service.metrics is not None:
+            service.metrics.stores.labels(status=f"0x{status:04X}").inc()
+            service.metrics.store_seconds.observe(time.perf_counter() - started)
         level = "info" if status == SUCCESS else "warning"
         getattr(log, level)("stage_receive", status=f"0x{status:04X}",
                             outcome="stored" if status == SUCCESS else "refused",

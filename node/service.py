@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -20,6 +21,7 @@ from .forwarder import Forwarder
 from .ledger import Ledger
 from .logs import get_logger
 from .methods import check_methods
+from .metrics import Metrics
 from .routing import Router
 from .scp import Allowlist, StoreService, start_scp
 from .spool import Spool
@@ -40,6 +42,8 @@ class Node:
         self.workers: WorkerPool | None = None
         self.forwarder: Forwarder | None = None
         self.server: ThreadedAssociationServer | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_server: Any = None
         self._stop = threading.Event()
 
     @property
@@ -54,12 +58,15 @@ class Node:
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)
+        self.metrics = Metrics(self.ledger)
+        if cfg.metrics.port:
+            self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self.workers = WorkerPool(cfg)
         self.workers.start()
-        self.forwarder = Forwarder(cfg, self.ledger, self.spool, build_destinations(cfg))
+        self.forwarder = Forwarder(cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics)
         self.forwarder.start()
         service = StoreService(self.spool, self.ledger, self.router, cfg.node.min_free_disk_mb,
-                               Allowlist.parse(cfg.node.allowed_callers))
+                               Allowlist.parse(cfg.node.allowed_callers), self.metrics)
         self.server = start_scp(cfg, service)
         log.info("node_started", version=VERSION, ae_title=cfg.node.ae_title, host=cfg.node.host, port=self.port,
                  workers=cfg.engine.workers, features=cfg.engine.features, routes=[r.name for r in cfg.routes],
@@ -83,6 +90,8 @@ class Node:
             self.workers.stop(timeout=max(timeout, self.config.engine.lease_s))
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self.ledger is not None:
             log.info("node_stopped", queue=self.ledger.counts())
             self.ledger.close()

@@ -172,7 +172,20 @@ class Worker:
                 stop.wait(IDLE_POLL_S)
 
 
-def worker_main(config: Config, name: str, stop: EventType, parent_pid: int) -> None:
+def pin_gpu(config: Config, index: int) -> Config:
+    """Worker ``index`` gets GPU ``index mod count`` when the device is auto/cuda and there are several."""
+    if config.engine.device not in ("auto", "cuda"):
+        return config
+    import torch
+
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return config
+    engine = config.engine.model_copy(update={"device": f"cuda:{index % count}"})
+    return config.model_copy(update={"engine": engine})
+
+
+def worker_main(config: Config, name: str, stop: EventType, parent_pid: int, index: int = 0) -> None:
     """Entry point of a worker process.
 
     Workers ignore SIGINT and SIGTERM: a Ctrl-C or a signal to the whole process group
@@ -182,9 +195,10 @@ def worker_main(config: Config, name: str, stop: EventType, parent_pid: int) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.logging.format, config.logging.level)
+    config = pin_gpu(config, index)
     ledger = Ledger.open(config.ledger_url)
     worker = Worker(config, ledger, Spool(config.node.data_dir), name)
-    log.info("worker_started", worker=worker.owner)
+    log.info("worker_started", worker=worker.owner, device=config.engine.device)
     try:
         worker.loop(stop, parent_pid)
     finally:
@@ -203,7 +217,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> mp.process.BaseProcess:
         proc = self._ctx.Process(target=worker_main, name=f"mr2nst-worker-{index}",
-                                 args=(self.config, f"w{index}", self._stop, os.getpid()))
+                                 args=(self.config, f"w{index}", self._stop, os.getpid(), index))
         proc.start()
         return proc
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import numpy as np
 import psutil
@@ -32,10 +33,13 @@ def test_normalize_route_delivers_valid_derived_series(tmp_path, phantoms, clean
     """GE images come out at the CAD as a new, valid derived series with the same pixels."""
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
-    node = Serve(tmp_path, [GE_ROUTE], {"cad": cad.port}).start()
+    metrics_port = free_port()
+    node = Serve(tmp_path, [GE_ROUTE], {"cad": cad.port}, metrics={"port": metrics_port}).start()
     cleanup(node)
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     files = wait_for(lambda: len(cad.files()) == 2 and cad.files(), 60, "2 derived instances")
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert 'mr2nst_cstore_total{status="0x0000"} 2.0' in scraped
     sources = {str(read(p).SOPInstanceUID): read(p) for p in phantoms["ge"]}
     for path in files:
         out = read(path)

@@ -98,3 +98,18 @@ def test_transfer_offline_writes_derived_files(tmp_path):
     assert len(ok) == 1 and len(bad) == 1 and "junk.dcm" in bad[0]["input"]
     out = pydicom.dcmread(ok[0]["output"])
     assert out.ImageType[0] == "DERIVED" and out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+def test_workers_spread_over_gpus(monkeypatch):
+    """With several GPUs, worker i uses GPU i mod count; an explicit device is kept."""
+    import torch
+
+    from mr2nst.node.worker import pin_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = parse_config({"engine": {"device": "auto", "workers": 3}}, environ={})
+    assert [pin_gpu(cfg, i).engine.device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    fixed = parse_config({"engine": {"device": "cuda:1"}}, environ={})
+    assert pin_gpu(fixed, 0).engine.device == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert pin_gpu(cfg, 1).engine.device == "auto"
