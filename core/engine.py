@@ -9,10 +9,31 @@ multi-reference transfer on one float image:
 2. Each remaining tile is resized (aspect kept) to its patch shape; the same tile, in
    relative coordinates, of *every* reference is resized to that shape too, and the
    per-tile multi-reference Gram target is built from them (:mod:`~mr2nst.core.targets`).
-3. Tiles of the same patch shape are optimised together in batches of ``max_batch``
-   (:mod:`~mr2nst.core.optimize`), resized back and stitched with feathering.
+3. Tiles of the same patch shape are optimised together (:mod:`~mr2nst.core.optimize`),
+   in as few, evenly sized batches as ``max_batch`` and ``memory_budget_mb`` allow,
+   resized back and stitched with feathering. With ``warm_start``, scale k > 0 starts
+   each tile from the stitched result of scale k-1 (coarse to fine) or, where that
+   tile's loss is lower there, from the content (or EHM) image; the content loss still
+   compares with the content.
 4. The refiner merges the scales (untrained: the plain average); the result is clipped
    to [0, 1] and background pixels (mask False) are set to ``background``.
+
+**Speed and memory.** Target Grams and content features are computed once per batch under
+``inference_mode``; no graph outlives an iteration; on CUDA the VGG forward runs under
+autocast (bf16, fp16 where bf16 is missing) in channels-last, and ``device = "auto"``
+picks CUDA when present. The batch size comes from an activation-memory estimate per
+patch pixel (:data:`ACTIVATION_BYTES_PER_PIXEL`, for VGG19 up to relu5_1 with the
+tensors autograd keeps, doubled for the backward pass's transients). ``transfer``'s
+``stop_at`` gives per-tile loss thresholds for an early stop (used by ``mr2nst bench`` to
+time how fast the engine reaches a given loss); it is not a setting because it depends
+on the image.
+
+**Defaults.** Adam from the content image with no warm start is METHOD.md's recipe and
+stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`) measured, on CPU, that
+``warm_start`` reaches the plain loop's loss on most tiles in a fraction of the
+iterations, but not yet on every tile, and that ``optimizer = "lbfgs"`` (no line search)
+is unstable on phantom tiles at patch 64-128: it is experimental, not a candidate
+default.
 
 The engine never reads DICOM or decides anything about references: the caller passes
 float images in [0, 1] (references already mirrored to the content's laterality) and,
@@ -24,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +68,13 @@ __all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress", "resolved
 
 #: Bumped whenever the algorithm changes what a given config produces.
 ENGINE_REVISION = 1
+#: Estimated bytes per patch pixel that one tile's optimisation keeps on the device, by
+#: element size: VGG19's activations up to relu5_1 are about 290 values per input pixel
+#: (64·2 + 128·2/4 + 256·4/16 + 512·4/64 + 512/256), kept once for backward plus as much
+#: again in transients and pooling indices.
+ACTIVATION_BYTES_PER_PIXEL = {4: 2400, 2: 1300}
+#: Loss thresholds for an early stop, keyed by tile ``(scale, i, j)``.
+StopAt = Mapping[tuple[int, int, int], float]
 
 
 def resolved_device(config: EngineConfig) -> torch.device:
@@ -61,7 +89,8 @@ class EngineResult:
     """The output image and how it was made.
 
     ``scales`` are the stitched scale images before the refiner (no background applied);
-    ``final_losses[k]`` holds the final loss of each optimised tile of scale k (row-major).
+    ``final_losses[k]`` holds the final loss of each optimised tile of scale k (row-major),
+    ``iterations_run[k]`` the iterations each ran (fewer than configured after a ``stop_at``).
     """
 
     image: FloatImage
@@ -70,9 +99,10 @@ class EngineResult:
     tiles_skipped: int
     final_losses: tuple[tuple[float, ...], ...]
     seconds: float
+    iterations_run: tuple[tuple[int, ...], ...] = ()
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_patch(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear, antialiased resize of ``(B, 1, h, w)`` to ``size``."""
     if tuple(x.shape[-2:]) == size:
         return x
@@ -94,16 +124,28 @@ def _check_image(name: str, image: npt.NDArray[Any], shape: tuple[int, int] | No
         )
 
 
-def _batches(tiles: Sequence[Tile], patch_size: int, max_batch: int) -> list[list[Tile]]:
-    """Tiles grouped by patch shape (first-seen order), each group cut into ``max_batch``."""
+def batch_limit(size: tuple[int, int], config: EngineConfig, device: torch.device) -> int:
+    """How many tiles of patch ``size`` one batch may hold (``max_batch`` and the budget)."""
+    element = 2 if device.type == "cuda" and config.amp else 4
+    per_tile = size[0] * size[1] * ACTIVATION_BYTES_PER_PIXEL[element]
+    fits = (config.memory_budget_mb << 20) // per_tile
+    return int(max(1, min(config.max_batch, fits)))
+
+
+def _batches(
+    tiles: Sequence[Tile], config: EngineConfig, device: torch.device
+) -> list[list[Tile]]:
+    """Tiles grouped by patch shape (first-seen order), each group cut into as few,
+    evenly sized batches as :func:`batch_limit` allows."""
     groups: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
-        groups.setdefault(patch_shape(tile.shape, patch_size), []).append(tile)
-    return [
-        group[start : start + max_batch]
-        for group in groups.values()
-        for start in range(0, len(group), max_batch)
-    ]
+        groups.setdefault(patch_shape(tile.shape, config.patch_size), []).append(tile)
+    out = []
+    for size, group in groups.items():
+        n_batches = -(-len(group) // batch_limit(size, config, device))
+        per = -(-len(group) // n_batches)
+        out += [group[start : start + per] for start in range(0, len(group), per)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -222,7 +264,7 @@ class Mr2nstEngine:
                 t for t in tiles
                 if not tile_is_background(mask[t.slices], cfg.background_fraction)
             ]
-            plans.append(_ScalePlan(tiles, _batches(active, cfg.patch_size, cfg.max_batch)))
+            plans.append(_ScalePlan(tiles, _batches(active, cfg, self._device)))
         return plans
 
     def _run_batch(
@@ -231,32 +273,49 @@ class Mr2nstEngine:
         images: _Images,
         progress: Callable[[Progress], None] | None,
         context: BatchContext,
-    ) -> tuple[list[Tensor], list[float]]:
-        """Optimise one batch of same-shaped tiles; returns native-size tiles and losses."""
+        start: Tensor | None,
+        stop_at: StopAt | None,
+    ) -> tuple[list[Tensor], list[float], list[int]]:
+        """Optimise one batch of same-shaped tiles from ``start`` (None: the content).
+
+        Returns the native-size tiles, their final losses and iterations run."""
         cfg = self._config
         size = patch_shape(batch[0].shape, cfg.patch_size)
 
         def crops(image: Tensor, same_grid: bool = True) -> Tensor:
             h, w = image.shape
             boxes = [t.slices if same_grid else t.box_on((h, w)) for t in batch]
-            return torch.cat([_resize(image[box][None, None], size) for box in boxes])
+            return torch.cat([resize_patch(image[box][None, None], size) for box in boxes])
 
         targets = style_targets(
             self._features, [crops(r, same_grid=False) for r in images.references], cfg.amp
         )
+        limits = None
+        if stop_at is not None:
+            limits = torch.tensor(
+                [stop_at.get((t.scale, t.i, t.j), -float("inf")) for t in batch],
+                dtype=torch.float32,
+            )
+        settings = OptimizeSettings(
+            cfg.iterations, cfg.lr, cfg.alpha, cfg.amp, cfg.report_every, cfg.optimizer
+        )
+        warm = cfg.warm_start and context.scale > 0 and start is not None
+        fallback = images.init if images.init is not None else images.content
         result = optimise(
             self._features,
             crops(images.content),
             targets,
-            OptimizeSettings(cfg.iterations, cfg.lr, cfg.alpha, cfg.amp, cfg.report_every),
-            init=None if images.init is None else crops(images.init),
+            settings,
+            init=None if start is None else crops(start),
             progress=progress,
             context=context,
+            stop_at=limits,
+            alternative=crops(fallback) if warm else None,
         )
         outputs = [
-            _resize(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
+            resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
         ]
-        return outputs, [float(v) for v in result.losses]
+        return outputs, [float(v) for v in result.losses], [int(v) for v in result.iterations]
 
     def transfer(
         self,
@@ -266,8 +325,12 @@ class Mr2nstEngine:
         background: float = 0.0,
         init: FloatImage | None = None,
         progress: Callable[[Progress], None] | None = None,
+        stop_at: StopAt | None = None,
     ) -> EngineResult:
-        """Transfer ``content`` (H, W) to the style of ``references`` (see module doc)."""
+        """Transfer ``content`` (H, W) to the style of ``references`` (see module doc).
+
+        ``stop_at`` (optional) maps tiles ``(scale, i, j)`` to a loss at which each stops
+        early (see :func:`~mr2nst.core.optimize.optimise`)."""
         started = time.perf_counter()
         self._validate(content, content_mask, references, background, init)
         shape = (int(content.shape[0]), int(content.shape[1]))
@@ -281,19 +344,28 @@ class Mr2nstEngine:
 
         scales: list[Tensor] = []
         losses: list[tuple[float, ...]] = []
+        ran: list[tuple[int, ...]] = []
         done = 0
         for k, plan in enumerate(plans):
             outputs: dict[Tile, Tensor] = {}
             scale_losses: dict[Tile, float] = {}
+            scale_ran: dict[Tile, int] = {}
+            start = images.init
+            if self._config.warm_start and scales:
+                start = scales[-1]
             for b, batch in enumerate(plan.batches):
                 context = BatchContext(k, plan.tiles[0].grid, b, len(plan.batches), done, total)
-                tiles_out, tiles_loss = self._run_batch(batch, images, progress, context)
+                tiles_out, tiles_loss, tiles_ran = self._run_batch(
+                    batch, images, progress, context, start, stop_at
+                )
                 outputs.update(zip(batch, tiles_out, strict=True))
                 scale_losses.update(zip(batch, tiles_loss, strict=True))
+                scale_ran.update(zip(batch, tiles_ran, strict=True))
                 done += len(batch)
             originals = [outputs.get(t, images.content[t.slices]) for t in plan.tiles]
             scales.append(stitch(plan.tiles, originals, shape))
             losses.append(tuple(scale_losses[t] for t in plan.tiles if t in scale_losses))
+            ran.append(tuple(scale_ran[t] for t in plan.tiles if t in scale_ran))
 
         with torch.no_grad():
             merged = self._refiner(torch.stack(scales)[None])[0, 0]
@@ -306,4 +378,5 @@ class Mr2nstEngine:
             tiles_skipped=sum(len(p.tiles) for p in plans) - total,
             final_losses=tuple(losses),
             seconds=time.perf_counter() - started,
+            iterations_run=tuple(ran),
         )

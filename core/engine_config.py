@@ -11,18 +11,30 @@ from .errors import EngineConfigError
 FeatureSource = Literal["imagenet", "seeded-random"]
 Pooling = Literal["max", "avg"]
 InitMode = Literal["content", "ehm"]
+Optimizer = Literal["adam", "lbfgs"]
 #: Left out of the fingerprint: settings that change speed, memory or reporting only, plus
 #: ``weights`` and ``seed``, whose effect is the weights id (which is fingerprinted).
-NOT_FINGERPRINTED = ("device", "amp", "max_batch", "report_every", "weights", "seed")
+NOT_FINGERPRINTED = (
+    "device", "amp", "max_batch", "memory_budget_mb", "report_every", "weights", "seed",
+)
 #: Settings a trained refiner depends on (besides the weights id).
 REFINER_KEYS = (
     "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
+    "optimizer", "warm_start",
 )
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Every setting of the engine; validated on construction (errors name the setting)."""
+    """Every setting of the engine; validated on construction (errors name the setting).
+
+    Speed settings (see :mod:`mr2nst.core.engine`): tiles of one patch shape are optimised
+    together, at most ``max_batch`` at a time and as many as fit ``memory_budget_mb`` by
+    the engine's activation-memory estimate. ``optimizer = "lbfgs"`` (per-tile L-BFGS,
+    unit steps; ``lr`` is Adam's only) and ``warm_start`` (scale k starts from the
+    stitched result of scale k-1 instead of the content or EHM image) change the output;
+    the METHOD-faithful defaults are Adam from the content image.
+    """
 
     patch_size: int = 512
     grids: tuple[int, ...] = (1, 2, 4)
@@ -34,7 +46,10 @@ class EngineConfig:
     init: InitMode = "content"
     background_fraction: float = 0.02
     seed: int = 0
-    max_batch: int = 4
+    max_batch: int = 16
+    memory_budget_mb: int = 4096
+    optimizer: Optimizer = "adam"
+    warm_start: bool = False
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     amp: bool = True  # CUDA only
     features: FeatureSource = "imagenet"
@@ -67,6 +82,10 @@ class EngineConfig:
             raise bad("background_fraction", "must be in [0, 1]")
         if self.max_batch < 1:
             raise bad("max_batch", "must be >= 1")
+        if self.memory_budget_mb < 1:
+            raise bad("memory_budget_mb", "must be >= 1")
+        if self.optimizer not in get_args(Optimizer):
+            raise bad("optimizer", f"must be one of {get_args(Optimizer)}")
         if self.report_every < 1:
             raise bad("report_every", "must be >= 1")
         if self.features not in get_args(FeatureSource):

@@ -8,8 +8,15 @@ losses, so the tiles do not interact (Adam is element-wise): batching is only fo
   features are computed once per batch under ``torch.inference_mode()`` and cloned out
   of it before they become loss buffers.
 - **Parametrisation.** Pixels are optimised directly, starting from the content image
-  (Normative) or a caller-provided ``init`` (the EHM start), and clamped to [0, 1] after
-  every Adam step. ``lr`` is therefore in grey levels of the [0, 1] image.
+  (Normative) or a caller-provided ``init`` (the EHM start, or the previous scale with
+  the engine's warm start), and clamped to [0, 1] after every step. ``lr`` is Adam's,
+  in grey levels of the [0, 1] image.
+- **Optimiser.** Adam (METHOD.md) by default; ``optimizer = "lbfgs"`` is a per-tile
+  L-BFGS (:class:`_PerTileLBFGS`) with one forward and backward pass per iteration, so
+  iterations cost the same. No graph outlives an iteration (``x.grad`` is dropped and
+  the loss is only read through ``detach``).
+- **Early stop.** ``stop_at`` freezes each tile at the first iterate whose loss is at or
+  below its threshold (the bench uses it to time how fast a loss is reached).
 - **Precision.** On CUDA with ``amp``, the VGG forward runs under autocast in bf16 (fp16
   with a gradient scaler where bf16 is unsupported) and channels-last; Grams and losses
   are computed outside autocast in float32. On CPU everything is float32 and
@@ -73,14 +80,18 @@ class OptimizeSettings:
     alpha: float = 1e3
     amp: bool = True
     report_every: int = 10
+    optimizer: str = "adam"  # "adam" | "lbfgs"
+    history: int = 10  # L-BFGS curvature pairs kept per tile
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Optimised tiles ``(B, 1, h, w)`` in [0, 1] and each tile's final loss ``(B,)``."""
+    """Optimised tiles ``(B, 1, h, w)`` in [0, 1], each tile's final loss ``(B,)`` and the
+    iterations each tile ran ``(B,)`` (fewer than asked when ``stop_at`` froze it)."""
 
     images: Tensor
     losses: Tensor
+    iterations: Tensor
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -135,6 +146,78 @@ def content_features(
     return out.clone()
 
 
+class _PerTileLBFGS:
+    """L-BFGS with one curvature history per tile, so batched tiles stay independent.
+
+    The two-loop recursion uses per-tile dot products; the step is the quasi-Newton step
+    itself (unit length, scaled by ``γ = sᵀy / yᵀy`` of the newest pair), the first one a
+    gradient step of ``min(1, 1/‖g‖₁)`` as in :class:`torch.optim.LBFGS`. Pairs with
+    ``sᵀy ≤ 0`` (possible after clamping) are ignored for that tile, and a tile whose loss
+    rose rejects that step (goes back to the previous iterate), drops its history and
+    restarts from a small gradient step: a cheap safeguard in place of a line search, so
+    every iteration costs one forward and backward pass.
+    ``s`` is the step actually taken, after clamping to [0, 1].
+    """
+
+    def __init__(self, x: Tensor, history: int = 10) -> None:
+        self.x = x
+        self.history = history
+        self.pairs: list[tuple[Tensor, Tensor, Tensor]] = []  # s, y, rho (rho 0 = unused)
+        self.gamma: Tensor | None = None
+        self.prev_x: Tensor | None = None
+        self.prev_g: Tensor | None = None
+        self.prev_loss: Tensor | None = None
+
+    def step(self, loss: Tensor) -> None:
+        """One update from ``x.grad`` and the per-tile ``loss`` of the current iterate."""
+        assert self.x.grad is not None
+        g = self.x.grad.detach().flatten(1).float()
+        xf = self.x.detach().flatten(1).float().clone()
+        loss = loss.detach().float()
+        b = g.shape[0]
+        restart = torch.zeros(b, dtype=torch.bool, device=g.device)
+        if self.prev_x is not None and self.prev_g is not None and self.prev_loss is not None:
+            s, y = xf - self.prev_x, g - self.prev_g
+            ys = (s * y).sum(1)
+            ok = ys > 1e-12 * s.square().sum(1).sqrt() * y.square().sum(1).sqrt()
+            restart = loss > self.prev_loss
+            ok &= ~restart
+            rho = torch.where(ok, 1.0 / torch.where(ok, ys, torch.ones_like(ys)), 0.0)
+            self.pairs.append((s, y, rho))
+            del self.pairs[: max(0, len(self.pairs) - self.history)]
+            gamma = ys / y.square().sum(1).clamp_min(1e-30)
+            assert self.gamma is not None
+            self.gamma = torch.where(ok, gamma, self.gamma)
+            for _, _, r in self.pairs:  # unconditionally: no host sync on CUDA
+                r.masked_fill_(restart, 0.0)
+            # A rejected step: go back to the previous iterate, which had the lower loss.
+            back = restart[:, None]
+            xf = torch.where(back, self.prev_x, xf)
+            g = torch.where(back, self.prev_g, g)
+            loss = torch.where(restart, self.prev_loss, loss)
+            with torch.no_grad():
+                self.x.copy_(xf.view_as(self.x).to(self.x.dtype))
+        first = 1.0 / g.abs().sum(1).clamp_min(1e-30)
+        if self.gamma is None:
+            self.gamma = first.clamp(max=1.0)
+        self.gamma = torch.where(restart, 0.1 * first.clamp(max=1.0), self.gamma)
+        q = g.clone()
+        alphas = []
+        for s, y, rho in reversed(self.pairs):
+            a = rho * (s * q).sum(1)
+            q -= a[:, None] * y
+            alphas.append(a)
+        r = self.gamma[:, None] * q
+        for (s, y, rho), a in zip(self.pairs, reversed(alphas), strict=True):
+            beta = rho * (y * r).sum(1)
+            r += s * (a - beta)[:, None]
+        uphill = (g * r).sum(1) <= 0
+        r = torch.where(uphill[:, None], first.clamp(max=1.0)[:, None] * g, r)
+        self.prev_x, self.prev_g, self.prev_loss = xf, g, loss
+        with torch.no_grad():
+            self.x.sub_(r.view_as(self.x).to(self.x.dtype))
+
+
 def optimise(
     features: VGGFeatures,
     content: Tensor,
@@ -143,23 +226,54 @@ def optimise(
     init: Tensor | None = None,
     progress: ProgressCallback | None = None,
     context: BatchContext | None = None,
+    stop_at: Tensor | None = None,
+    alternative: Tensor | None = None,
 ) -> BatchResult:
-    """Optimise the ``(B, 1, h, w)`` ``content`` tiles towards their style ``targets``."""
+    """Optimise the ``(B, 1, h, w)`` ``content`` tiles towards their style ``targets``.
+
+    ``alternative`` (optional, like ``init``) is a second start: each tile begins from
+    whichever of the two has the lower loss (``init`` on ties).
+
+    ``stop_at`` (``(B,)``, optional) is an early stop per tile: a tile whose loss is at or
+    below its value is frozen at that iterate, and the batch ends once all are frozen.
+    """
     if content.ndim != 4 or content.shape[1] != 1:
         raise ValueError(f"expected (B, 1, h, w) content tiles, got {tuple(content.shape)}")
     if init is not None and init.shape != content.shape:
         raise ValueError(f"init {tuple(init.shape)} != content {tuple(content.shape)}")
-    ctx = context or BatchContext(tiles_total=content.shape[0])
+    n = content.shape[0]
+    if stop_at is not None and tuple(stop_at.shape) != (n,):
+        raise ValueError(f"stop_at must have shape ({n},), got {tuple(stop_at.shape)}")
+    ctx = context or BatchContext(tiles_total=n)
     device = content.device
     dtype = _amp_dtype(device, settings.amp)
+    if settings.optimizer == "lbfgs" and dtype == torch.float16:
+        dtype = None  # no gradient scaler for the hand-written L-BFGS: run fp16 GPUs in fp32
     loss_fn = TransferLoss(content_features(features, content, settings.amp), targets, settings.alpha)
     layers = loss_fn.layers
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    start = content if init is None else init
-    x = start.detach().clone().clamp_(0.0, 1.0).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=settings.lr)
+    start = (content if init is None else init).detach().clamp(0.0, 1.0)
+    if alternative is not None:
+        if alternative.shape != content.shape:
+            raise ValueError(f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}")
+        other = alternative.detach().clamp(0.0, 1.0)
+        with torch.inference_mode():
+            losses = []
+            for candidate in (start, other):  # the loss buffers hold one row per tile
+                with _autocast(device, dtype):
+                    feats = features(candidate, layers)
+                losses.append(loss_fn(feats).float())
+        better = (losses[1] < losses[0]).view(n, 1, 1, 1)
+        start = torch.where(better, other, start)
+    x = start.clone().requires_grad_(True)
+    adam = torch.optim.Adam([x], lr=settings.lr) if settings.optimizer == "adam" else None
+    lbfgs = _PerTileLBFGS(x, settings.history) if adam is None else None
     every = max(1, settings.report_every)
+    ran = torch.full((n,), settings.iterations, dtype=torch.int64)
+    frozen = torch.zeros(n, dtype=torch.bool, device=device)
+    kept = torch.zeros_like(x.detach()) if stop_at is not None else None
+    limits = None if stop_at is None else stop_at.to(device=device, dtype=torch.float32)
 
     def report(iteration: int, loss: float, done: int) -> None:
         if progress is not None:
@@ -172,27 +286,44 @@ def optimise(
             )
 
     for it in range(settings.iterations):
-        opt.zero_grad(set_to_none=True)
+        x.grad = None
         with _autocast(device, dtype):
             feats = features(x, layers)
         per_tile = loss_fn(feats)
+        if limits is not None and kept is not None:
+            reached = (per_tile.detach() <= limits) & ~frozen
+            if bool(reached.any()):
+                kept[reached] = x.detach()[reached]
+                ran[reached.cpu()] = it
+                frozen |= reached
+            if bool(frozen.all()):
+                break
         total = per_tile.sum()
-        if scaler is not None:
+        if scaler is not None and adam is not None:
             scaler.scale(total).backward()
-            scaler.step(opt)
+            scaler.step(adam)
             scaler.update()
         else:
             total.backward()
-            opt.step()
+            if adam is not None:
+                adam.step()
+            elif lbfgs is not None:
+                lbfgs.step(per_tile)
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
+            if kept is not None and bool(frozen.any()):
+                x[frozen] = kept[frozen]
         if (it + 1) % every == 0 and it + 1 < settings.iterations:
             report(it + 1, float(per_tile.detach().mean()), 0)
+    x.grad = None
+    if kept is not None and bool(frozen.any()):
+        with torch.no_grad():
+            x[frozen] = kept[frozen]
 
     result = x.detach()
     with torch.inference_mode():
         with _autocast(device, dtype):
             feats = features(result, layers)
         final = loss_fn(feats).float().clone()
-    report(settings.iterations, float(final.mean()), content.shape[0])
-    return BatchResult(images=result, losses=final)
+    report(settings.iterations, float(final.mean()), n)
+    return BatchResult(images=result, losses=final, iterations=ran)

@@ -6,9 +6,10 @@
 scales (Normative). ``conv1``/``conv2`` are initialised from a fixed seed, so an
 untrained refiner always has the same parameters (and the same :meth:`Refiner.id`).
 
-Checkpoints are dicts ``{"state_dict", "engine_config", "weights_id"}``: a refiner is
-only valid for the engine setup it was trained on, and :func:`load_refiner` refuses any
-other, naming what differs.
+Checkpoints are dicts ``{"state_dict", "hidden", "engine_config", "weights_id"}`` plus,
+for a trained refiner, ``"training"`` (plain metadata: epochs, steps, seed, settings,
+per-epoch losses; see :func:`checkpoint_info`). A refiner is only valid for the engine
+setup it was trained on, and :func:`load_refiner` refuses any other, naming what differs.
 """
 
 from __future__ import annotations
@@ -76,18 +77,22 @@ class Refiner(nn.Module):
         return digest.hexdigest()[:16]
 
 
-def save_refiner(refiner: Refiner, path: str | Path, expected: Mapping[str, Any]) -> None:
+def save_refiner(refiner: Refiner, path: str | Path, expected: Mapping[str, Any],
+                 training: Mapping[str, Any] | None = None) -> None:
     """Write a checkpoint with the engine setup it belongs to.
 
     ``expected`` is :meth:`mr2nst.core.engine.Mr2nstEngine.refiner_expectation`'s dict,
-    ``{"engine_config": {...}, "weights_id": "..."}``.
+    ``{"engine_config": {...}, "weights_id": "..."}``; ``training`` is optional metadata
+    of plain values (str, numbers, lists, dicts) describing how it was trained.
     """
-    checkpoint = {
+    checkpoint: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu() for k, v in refiner.state_dict().items()},
         "hidden": refiner.hidden,
         "engine_config": dict(expected["engine_config"]),
         "weights_id": str(expected["weights_id"]),
     }
+    if training is not None:
+        checkpoint["training"] = dict(training)
     torch.save(checkpoint, Path(path))
 
 
@@ -102,9 +107,7 @@ def _mismatches(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[s
     return problems
 
 
-def load_refiner(path: str | Path, expected: Mapping[str, Any]) -> Refiner:
-    """Read a checkpoint and check it was trained for ``expected`` (see :func:`save_refiner`)."""
-    path = Path(path)
+def _read(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise RefinerError(f"refiner checkpoint not found: {path}")
     try:
@@ -115,6 +118,24 @@ def load_refiner(path: str | Path, expected: Mapping[str, Any]) -> Refiner:
         raise RefinerError(
             f"{path} is not a refiner checkpoint (needs state_dict, engine_config, weights_id)"
         )
+    return raw
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about itself, without its parameters:
+    ``{"engine_config", "weights_id", "training"}`` (``training`` is ``{}`` when absent)."""
+    raw = _read(Path(path))
+    return {
+        "engine_config": dict(raw["engine_config"]),
+        "weights_id": str(raw["weights_id"]),
+        "training": dict(raw.get("training") or {}),
+    }
+
+
+def load_refiner(path: str | Path, expected: Mapping[str, Any]) -> Refiner:
+    """Read a checkpoint and check it was trained for ``expected`` (see :func:`save_refiner`)."""
+    path = Path(path)
+    raw = _read(path)
     problems = []
     if raw["weights_id"] != expected["weights_id"]:
         problems.append(f"weights_id: checkpoint {raw['weights_id']!r}, engine {expected['weights_id']!r}")

@@ -26,7 +26,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 # Commands that live in their own node modules; each module has ``add_parser(subparsers)``
 # and keeps heavy imports inside its command function.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "bench", "train_refiner")
 
 log = get_logger("mr2nst.cli")
 

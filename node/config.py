@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mr2nst.core.engine_config import EngineConfig, FeatureSource, InitMode, Pooling
+from mr2nst.core.engine_config import EngineConfig, FeatureSource, InitMode, Optimizer, Pooling
 from mr2nst.core.errors import EngineConfigError
 
 from .errors import ConfigError
@@ -95,6 +95,10 @@ class EngineSection(_Section):
     background_fraction: float = Field(default=_ENGINE.background_fraction, ge=0, le=1)
     seed: int = _ENGINE.seed
     max_batch: int = Field(default=_ENGINE.max_batch, ge=1)
+    # Tiles per batch are also capped by this estimate of the activation memory (MiB).
+    memory_budget_mb: int = Field(default=_ENGINE.memory_budget_mb, ge=1)
+    optimizer: Optimizer = _ENGINE.optimizer
+    warm_start: bool = _ENGINE.warm_start
     references: int = Field(default=5, ge=1)
     refiner: str = ""
     # A worker holds a claimed job under a lease it renews; a job whose lease ran out
@@ -234,7 +238,7 @@ class Config(_Section):
         """A short hash of the settings that shape pixel output (engine + derived)."""
         payload = json.dumps(
             {"engine": self.engine.model_dump(mode="json", exclude={"workers", "device", "lease_s", "max_attempts",
-                                                                    "max_batch"}),
+                                                                    "max_batch", "memory_budget_mb"}),
              "derived": self.derived.model_dump(mode="json")},
             sort_keys=True,
         )

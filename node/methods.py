@@ -23,7 +23,7 @@ def _ehm(config: Config) -> Method:
     return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
 
 
-def _mr2nst(config: Config) -> Method:
+def _mr2nst(config: Config, device: str | None = None) -> Method:
     from mr2nst.bank.bank import Bank
     from mr2nst.core.engine import Mr2nstEngine
 
@@ -31,7 +31,7 @@ def _mr2nst(config: Config) -> Method:
     from .weights import ensure_weights
 
     weights = ensure_weights(config.engine)
-    core = replace(config.engine.core(), weights=weights or "")
+    core = replace(config.engine.core(), weights=weights or "", device=device or config.engine.device)
     refiner = config.engine.refiner or None
     engine = Mr2nstEngine(core, refiner=refiner)
     return Mr2nstMethod(engine, Bank(config.bank.path), config.engine.references, config.bank.allow_fewer,
@@ -53,6 +53,12 @@ def check_methods(config: Config) -> None:
                 f"routes[{index}].method: {route.method!r} is not available in mr2nst {VERSION} "
                 f"(available: {', '.join(sorted(FACTORIES))})"
             )
+
+
+def check_engine(config: Config) -> None:
+    """Build the mr2nst method once on the CPU, so missing weights, a refiner trained for
+    other settings or bad engine settings stop the node at start instead of failing jobs."""
+    _mr2nst(config, device="cpu")
 
 
 class MethodCache:

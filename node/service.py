@@ -20,13 +20,12 @@ from .destinations import build_destinations
 from .forwarder import Forwarder
 from .ledger import Ledger
 from .logs import get_logger
-from .methods import check_methods
+from .methods import check_engine, check_methods
 from .metrics import Metrics
 from .routing import Router
 from .scp import Allowlist, StoreService, start_scp
 from .spool import Spool
 from .version import VERSION
-from .weights import ensure_weights
 from .worker import WorkerPool
 
 log = get_logger("mr2nst.node")
@@ -54,7 +53,7 @@ class Node:
     def start(self) -> Node:
         cfg = self.config
         if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
-            ensure_weights(cfg.engine)  # stop now, with how-to, rather than fail every job later
+            check_engine(cfg)  # weights, refiner, settings: stop now with a reason, not fail every job
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)

@@ -185,6 +185,16 @@ def pin_gpu(config: Config, index: int) -> Config:
     return config.model_copy(update={"engine": engine})
 
 
+def share_cpu_threads(workers: int) -> int:
+    """Give each worker process its share of the cores (torch would take them all in each
+    process, and oversubscribed VGG passes run many times slower). Returns the thread count."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def worker_main(config: Config, name: str, stop: EventType, parent_pid: int, index: int = 0) -> None:
     """Entry point of a worker process.
 
@@ -196,6 +206,7 @@ def worker_main(config: Config, name: str, stop: EventType, parent_pid: int, ind
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.logging.format, config.logging.level)
     config = pin_gpu(config, index)
+    share_cpu_threads(config.engine.workers)
     ledger = Ledger.open(config.ledger_url)
     worker = Worker(config, ledger, Spool(config.node.data_dir), name)
     log.info("worker_started", worker=worker.owner, device=config.engine.device)

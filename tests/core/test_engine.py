@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progress
 from mr2nst.core.errors import EngineConfigError, ImageError, RefinerError, WeightsError
@@ -194,3 +195,74 @@ def test_imagenet_without_weights_never_falls_back(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="vgg19-dcbb9e9d.pth"):
         Mr2nstEngine(replace(TINY, features="imagenet"))
+
+
+def test_warm_start_begins_each_scale_from_the_previous_stitched_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With warm_start, scale 1's tiles start from crops of the stitched scale-0 result."""
+    import mr2nst.core.engine as engine_module
+
+    starts: list[Any] = []
+    real = engine_module.optimise
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        starts.append(kwargs["init"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "optimise", spy)
+    cfg = replace(TINY, grids=(1, 2), warm_start=True, max_batch=2)
+    content = _image((64, 64), 0)
+    result = Mr2nstEngine(cfg).transfer(content, np.ones((64, 64), bool), [_image((64, 64), 1)])
+    assert starts[0] is None and len(starts) == 3  # scale 0, then 2 batches of 2 tiles
+    tiles = engine_module.tiles_for((64, 64), 2, cfg.overlap, scale=1)
+    scale0 = torch.from_numpy(result.scales[0])
+    for tile, start in zip(tiles, torch.cat(starts[1:]).split(1), strict=True):
+        size = engine_module.patch_shape(tile.shape, cfg.patch_size)
+        expected = engine_module.resize_patch(scale0[tile.slices][None, None], size)
+        torch.testing.assert_close(start, expected)
+    assert not np.allclose(result.scales[0], content, atol=1e-3)
+
+
+def test_lbfgs_lowers_the_loss_more_than_adam_in_as_many_iterations() -> None:
+    """The per-tile L-BFGS option ends below the first reported loss, and below Adam's."""
+    content, refs = _image((64, 64), 7), [_image((64, 64), 8)]
+    mask = np.ones((64, 64), bool)
+    runs = {}
+    for opt in ("adam", "lbfgs"):
+        seen: list[Progress] = []
+        cfg = replace(TINY, grids=(1,), iterations=12, optimizer=opt)
+        result = Mr2nstEngine(cfg).transfer(content, mask, refs, progress=seen.append)
+        assert result.final_losses[0][0] < seen[0].loss
+        runs[opt] = result.final_losses[0][0]
+    assert runs["lbfgs"] < runs["adam"]
+
+
+def test_stop_at_freezes_a_tile_once_its_loss_is_reached() -> None:
+    """A reachable threshold stops that tile early at or below it; others run in full."""
+    content, refs = _image((64, 64), 0), [_image((64, 64), 1)]
+    mask = np.ones((64, 64), bool)
+    cfg = replace(TINY, grids=(2,), iterations=8)
+    full = Mr2nstEngine(cfg).transfer(content, mask, refs)
+    assert full.iterations_run == ((8, 8, 8, 8),)
+    goal = full.final_losses[0][1] * 1.5
+    early = Mr2nstEngine(cfg).transfer(content, mask, refs, stop_at={(0, 0, 1): goal})
+    assert early.iterations_run[0][1] < 8 and early.final_losses[0][1] <= goal
+    assert [early.iterations_run[0][i] for i in (0, 2, 3)] == [8, 8, 8]
+
+
+def test_batches_follow_the_memory_budget() -> None:
+    """The budget caps tiles per batch; a scale's tiles are split into even batches."""
+    from mr2nst.core.engine import batch_limit
+
+    cpu = torch.device("cpu")
+    cfg = replace(TINY, patch_size=512, max_batch=16)
+    per_tile_mb = 512 * 512 * 2400 / 2**20
+    assert batch_limit((512, 512), replace(cfg, memory_budget_mb=4096), cpu) == int(4096 // per_tile_mb)
+    assert batch_limit((512, 512), replace(cfg, memory_budget_mb=1), cpu) == 1
+    assert batch_limit((32, 32), replace(cfg, memory_budget_mb=4096), cpu) == 16
+    engine = Mr2nstEngine(replace(TINY, max_batch=3))
+    seen: list[Progress] = []
+    engine.transfer(_image((64, 64), 0), np.ones((64, 64), bool), [_image((64, 64), 1)],
+                    progress=seen.append)
+    assert {p.n_batches for p in seen if p.scale == 1} == {2}

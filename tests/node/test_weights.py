@@ -64,3 +64,20 @@ def test_serve_stops_with_exit_2_when_weights_are_missing(tmp_path, monkeypatch,
                     '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n')
     assert main(["serve", "--config", str(conf)]) == 2
     assert "VGG19 weights not found" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_refiner_trained_for_other_settings(tmp_path, capsys):
+    """`serve` exits 2 at start when engine.refiner was trained with other engine settings."""
+    from mr2nst.core.engine import Mr2nstEngine
+    from mr2nst.core.refiner import Refiner, save_refiner
+
+    other = parse_config({"engine": {"features": "seeded-random", "iterations": 7, "device": "cpu"}},
+                         environ={}).engine.core()
+    save_refiner(Refiner(len(other.grids)), tmp_path / "refiner.pt", Mr2nstEngine(other).refiner_expectation())
+    conf = tmp_path / "n.toml"
+    conf.write_text(f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
+                    f'[engine]\nfeatures = "seeded-random"\nrefiner = "{tmp_path / "refiner.pt"}"\n'
+                    '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
+                    '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n')
+    assert main(["serve", "--config", str(conf)]) == 2
+    assert "iterations" in capsys.readouterr().err

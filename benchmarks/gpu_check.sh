@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-shot GPU check for issue #4 (run on a machine with one CUDA GPU; installs nothing).
+#   1. the CUDA smoke tests (autocast + channels-last transfer, Adam and L-BFGS);
+#   2. `mr2nst bench` on CUDA at the paper's settings: the plain loop (patch 512, Adam 400,
+#      fp32, every tile) against the engine (time to reach the plain loss), plus the
+#      default-config full transfer that the targets are about (<= 15 s, <= 6 GB peak).
+# Results land in ${OUT:-.}/gpu-bench.json and ${OUT:-.}/gpu-pytest.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-.}"
+PY="${PY:-.venv/bin/python}"
+MR2NST="${MR2NST:-.venv/bin/mr2nst}"
+"$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print(torch.cuda.get_device_name(0))'
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
+"$PY" -m pytest -q tests/core/test_engine_cuda.py 2>&1 | tee "$OUT/gpu-pytest.txt"
+# Whole bench: plain loop ~8400 fp32 passes at 512^2 (minutes), then the engine runs.
+timeout "${BENCH_TIMEOUT:-540}" "$MR2NST" bench --device cuda --patch-size 512 --iterations 400 \
+    --default-run --json --out "$OUT/gpu-bench.json" > /dev/null
+"$PY" - "$OUT/gpu-bench.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print("speedup", d["speedup"], "reached", d["comparison"]["reached"])
+print("plain s", round(d["plain"]["seconds"], 1), "engine s", round(d["engine"]["seconds"], 1))
+dft = d.get("default", {})
+print("default config s", dft.get("seconds"), "cuda MiB", dft.get("cuda_max_allocated_mb"))
+PYEOF

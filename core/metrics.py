@@ -1,0 +1,291 @@
+"""Image metrics of the evaluation harness (``mr2nst evaluate``): pure arrays in, floats out.
+
+Every image is a float array in one common intensity scale chosen by the caller (the
+harness uses [0, 1] over the full stored range of the image's DICOM, brighter = denser),
+and every metric is taken *inside a breast mask*. A metric that cannot be computed for
+its inputs returns ``None``; nothing here invents a value.
+
+- :func:`gram_distance`: style distance. Per style layer (relu1_1..relu5_1) the Gram
+  matrix of the features *inside the mask* (mask downsampled to each layer's grid),
+  compared with a target Gram (e.g. the mean over held-out target images) by the
+  relative Frobenius distance ``||G - G_t||_F / ||G_t||_F``, averaged over the layers.
+  The relative form keeps layers of very different magnitude comparable.
+- :func:`hist_w1`: the 1-D Wasserstein distance (scipy) between the masked pixels of an
+  image and a pool of target-domain pixels.
+- :func:`masked_ssim` / :func:`masked_psnr`: fidelity to a reference; SSIM is computed as
+  a full map (skimage) and averaged inside the mask, PSNR from the masked pixels only.
+- :func:`uc_cnr`, :func:`uc_cnr_ratio`: contrast-to-noise ratio of each known µC (a disk
+  of its diameter, at least one pixel in radius) against an annulus 2..5 px outside it,
+  with other µCs excluded from the annulus; the ratio compares an output with the true
+  target rendering (ratio of the mean CNRs, so one faint µC cannot blow it up).
+- :func:`detect_spots`, :func:`uc_detected`: a fixed, simple spot detector (white top-hat
+  with a disk of radius 4 px, threshold ``k`` robust sigmas (MAD) of the top-hat inside
+  the mask) and the fraction of known µCs with a detection within ``r`` px.
+- :func:`summary`, :func:`paired_p`: mean/sd/n of per-image values (None dropped) and the
+  paired two-sided t-test (scipy.stats.ttest_rel) of two methods on the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi  # type: ignore[import-untyped, unused-ignore]
+from scipy import stats as sstats  # type: ignore[import-untyped, unused-ignore]
+from skimage.metrics import (  # type: ignore[import-untyped, unused-ignore]
+    peak_signal_noise_ratio,
+    structural_similarity,
+)
+
+from .errors import ImageError
+from .features import STYLE_LAYERS, VGGFeatures
+
+BoolImage = npt.NDArray[np.bool_]
+Array = npt.NDArray[np.floating]
+
+#: Spot detector: top-hat disk radius (µCs are 1-4 px across), threshold in robust sigmas,
+#: and the match radius between a detection and a known µC position.
+TOPHAT_RADIUS = 4
+DETECT_K = 4.0
+MATCH_RADIUS = 2.0
+#: µC CNR: annulus from ``r + ANNULUS[0]`` to ``r + ANNULUS[1]`` px around the disk.
+ANNULUS = (2.0, 5.0)
+#: A true-target mean CNR below this cannot anchor a ratio (the µCs are not visible there).
+MIN_TRUE_CNR = 0.5
+#: Gram distances are taken on images whose long side is at most this (downsampled above).
+GRAM_MAX_SIDE = 1024
+
+
+def _check_pair(a: Array, b: Array, mask: BoolImage) -> None:
+    if a.ndim != 2 or a.shape != b.shape or mask.shape != a.shape:
+        raise ImageError(f"images {a.shape}, {b.shape} and mask {mask.shape} must be equal 2-D shapes")
+
+
+# -- style: Gram matrices inside the mask ---------------------------------------------------
+
+
+def masked_grams(
+    features: VGGFeatures,
+    image: Array,
+    mask: BoolImage,
+    layers: Sequence[str] = STYLE_LAYERS,
+    max_side: int = GRAM_MAX_SIDE,
+) -> dict[str, npt.NDArray[np.float64]] | None:
+    """Per-layer Gram matrices ``F_m F_mᵀ / M`` over the feature positions inside ``mask``.
+
+    None when the mask is empty at some layer's resolution.
+    """
+    if image.ndim != 2 or mask.shape != image.shape:
+        raise ImageError(f"image {image.shape} and mask {mask.shape} must be equal 2-D shapes")
+    device = next(features.buffers()).device
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
+    scale = max_side / max(image.shape)
+    if scale < 1.0:
+        size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+        x = F.interpolate(x, size=size, mode="area")
+        m = F.interpolate(m, size=size, mode="area")
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    with torch.inference_mode():
+        feats = features(x, layers)
+        for name in layers:
+            f = feats[name].float()
+            weight = F.interpolate(m, size=tuple(f.shape[-2:]), mode="area")[0, 0] > 0.5
+            if not bool(weight.any()):
+                return None
+            flat = f[0][:, weight]  # (C, M)
+            out[name] = (flat @ flat.T / float(flat.shape[1])).double().cpu().numpy()
+    return out
+
+
+def mean_grams(grams: Sequence[Mapping[str, npt.NDArray[np.float64]]]) -> dict[str, npt.NDArray[np.float64]]:
+    """Element-wise mean of several images' Grams (the target domain's Gram)."""
+    if not grams:
+        raise ImageError("no Gram matrices to average")
+    return {k: np.mean([g[k] for g in grams], axis=0) for k in grams[0]}
+
+
+def gram_distance(
+    grams: Mapping[str, npt.NDArray[np.float64]], target: Mapping[str, npt.NDArray[np.float64]]
+) -> float:
+    """Mean over layers of ``||G - G_t||_F / ||G_t||_F`` (0 when equal)."""
+    terms = []
+    for name, g_t in target.items():
+        norm = float(np.linalg.norm(g_t))
+        diff = float(np.linalg.norm(grams[name] - g_t))
+        terms.append(diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf))
+    return float(np.mean(terms))
+
+
+# -- intensity histogram ----------------------------------------------------------------------
+
+
+def hist_w1(image: Array, mask: BoolImage, target_values: Array) -> float | None:
+    """Wasserstein-1 distance between the masked pixels and ``target_values`` (None if empty)."""
+    values = np.asarray(image, dtype=np.float64)[mask]
+    target = np.asarray(target_values, dtype=np.float64).ravel()
+    if values.size == 0 or target.size == 0:
+        return None
+    return float(sstats.wasserstein_distance(values, target))
+
+
+# -- fidelity to the true target ---------------------------------------------------------------
+
+
+def masked_ssim(image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0) -> float | None:
+    """Mean of skimage's SSIM map inside ``mask`` (None for an empty mask)."""
+    _check_pair(image, reference, mask)
+    if not mask.any():
+        return None
+    _, smap = structural_similarity(  # type: ignore[no-untyped-call, unused-ignore]
+        np.asarray(reference, dtype=np.float64), np.asarray(image, dtype=np.float64),
+        data_range=data_range, full=True,
+    )
+    return float(np.mean(smap[mask]))
+
+
+def masked_psnr(image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0) -> float | None:
+    """PSNR (dB) of the masked pixels; ``inf`` when identical, None for an empty mask."""
+    _check_pair(image, reference, mask)
+    if not mask.any():
+        return None
+    ref = np.asarray(reference, dtype=np.float64)[mask]
+    img = np.asarray(image, dtype=np.float64)[mask]
+    if np.array_equal(ref, img):
+        return math.inf
+    psnr = peak_signal_noise_ratio(ref, img, data_range=data_range)  # type: ignore[no-untyped-call, unused-ignore]
+    return float(psnr)
+
+
+# -- microcalcifications -----------------------------------------------------------------------
+
+
+def _disk_and_annulus(
+    shape: tuple[int, int], calcs: npt.NDArray[np.float64], index: int
+) -> tuple[tuple[slice, slice], BoolImage, BoolImage]:
+    """Window around µC ``index`` and, inside it, its disk and its annulus (others excluded)."""
+    row, col, diam = (float(v) for v in calcs[index])
+    radius = max(diam / 2.0, 1.0)
+    outer = radius + ANNULUS[1]
+    r0, r1 = max(0, int(row - outer) - 1), min(shape[0], int(row + outer) + 2)
+    c0, c1 = max(0, int(col - outer) - 1), min(shape[1], int(col + outer) + 2)
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    dist = np.hypot(rr - row, cc - col)
+    disk = dist <= radius
+    annulus = (dist >= radius + ANNULUS[0]) & (dist <= outer)
+    for j, (orow, ocol, odiam) in enumerate(calcs):
+        if j != index:
+            annulus &= np.hypot(rr - orow, cc - ocol) > max(odiam / 2.0, 1.0) + 1.5
+    return (slice(r0, r1), slice(c0, c1)), disk, annulus
+
+
+def uc_cnr(image: Array, calcs: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """CNR ``(mean disk - mean annulus) / std annulus`` of every µC (NaN where undefined)."""
+    img = np.asarray(image, dtype=np.float64)
+    pts = np.asarray(calcs, dtype=np.float64).reshape(-1, 3)
+    out = np.full(len(pts), np.nan)
+    for i in range(len(pts)):
+        window, disk, annulus = _disk_and_annulus((img.shape[0], img.shape[1]), pts, i)
+        patch = img[window]
+        if not disk.any() or annulus.sum() < 8:
+            continue
+        noise = float(patch[annulus].std())
+        if noise > 0:
+            out[i] = (float(patch[disk].mean()) - float(patch[annulus].mean())) / noise
+    return out
+
+
+def uc_cnr_ratio(image: Array, true_target: Array, calcs: npt.NDArray[np.float64]) -> float | None:
+    """Mean µC CNR of ``image`` over that of the true target rendering (None if undefined)."""
+    out, ref = uc_cnr(image, calcs), uc_cnr(true_target, calcs)
+    ok = np.isfinite(out) & np.isfinite(ref)
+    if not ok.any():
+        return None
+    ref_mean = float(ref[ok].mean())
+    if ref_mean < MIN_TRUE_CNR:
+        return None
+    return float(out[ok].mean()) / ref_mean
+
+
+def detect_spots(image: Array, mask: BoolImage, k: float = DETECT_K) -> BoolImage:
+    """Bright spots: white top-hat (disk radius ``TOPHAT_RADIUS``) above ``k`` robust sigmas."""
+    if image.ndim != 2 or mask.shape != image.shape:
+        raise ImageError(f"image {image.shape} and mask {mask.shape} must be equal 2-D shapes")
+    yy, xx = np.mgrid[-TOPHAT_RADIUS : TOPHAT_RADIUS + 1, -TOPHAT_RADIUS : TOPHAT_RADIUS + 1]
+    footprint = (yy * yy + xx * xx) <= TOPHAT_RADIUS * TOPHAT_RADIUS
+    hat = ndi.white_tophat(np.asarray(image, dtype=np.float64), footprint=footprint)
+    inside = mask & ndi.binary_erosion(mask, iterations=TOPHAT_RADIUS)
+    values = hat[inside] if inside.any() else hat[mask]
+    if values.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    median = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - median)))
+    if sigma <= 0:
+        sigma = float(values.std()) or 1e-12
+    return np.asarray((hat > median + k * sigma) & mask)
+
+
+def uc_detected(
+    image: Array, mask: BoolImage, calcs: npt.NDArray[np.float64], r: float = MATCH_RADIUS
+) -> float | None:
+    """Fraction of known µCs with a detected spot within ``r`` px (None without µCs)."""
+    pts = np.asarray(calcs, dtype=np.float64).reshape(-1, 3)
+    if len(pts) == 0:
+        return None
+    spots = detect_spots(image, mask)
+    found = 0
+    for row, col, _ in pts:
+        r0, r1 = max(0, int(row - r)), min(spots.shape[0], int(row + r) + 2)
+        c0, c1 = max(0, int(col - r)), min(spots.shape[1], int(col + r) + 2)
+        rr, cc = np.nonzero(spots[r0:r1, c0:c1])
+        if rr.size and float(np.min(np.hypot(rr + r0 - row, cc + c0 - col))) <= r:
+            found += 1
+    return found / len(pts)
+
+
+# -- aggregation and tests ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean, sample standard deviation (ddof 1; 0 for one value) and count."""
+
+    mean: float
+    sd: float
+    n: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "sd": self.sd, "n": self.n}
+
+
+def summary(values: Sequence[float | None]) -> Summary | None:
+    """Mean/sd/n over the finite values; None when there are none."""
+    ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not ok:
+        return None
+    sd = float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+    return Summary(float(np.mean(ok)), sd, len(ok))
+
+
+def paired_p(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Two-sided paired t-test p-value over the images where both are finite.
+
+    None with fewer than 2 pairs, or when every difference is identical (t undefined).
+    """
+    pairs = [
+        (float(x), float(y)) for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))
+    ]
+    if len(pairs) < 2:
+        return None
+    diff = np.array([x - y for x, y in pairs])
+    if np.allclose(diff, diff[0]):
+        return None
+    result = sstats.ttest_rel([p[0] for p in pairs], [p[1] for p in pairs])
+    p = float(result.pvalue)
+    return p if math.isfinite(p) else None

@@ -1,0 +1,100 @@
+"""Tests of the evaluation metrics on constructed cases whose answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from mr2nst.core import metrics as m
+from mr2nst.core.features import build_features
+from mr2nst.core.phantom import PhantomSpec, make_case
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(PhantomSpec(height=160, width=128, view="CC", laterality="L", seed=3, n_clusters=3))
+
+
+@pytest.fixture(scope="module")
+def features():
+    return build_features("seeded-random", "max", seed=1)
+
+
+def test_identical_images_score_perfectly(case):
+    """An image compared with itself: SSIM 1, PSNR infinite, CNR ratio 1, W1 0."""
+    img, mask = case.uih, case.mask
+    assert m.masked_ssim(img, img, mask) == pytest.approx(1.0)
+    assert m.masked_psnr(img, img, mask) == math.inf
+    assert m.uc_cnr_ratio(img, img, case.calcs) == pytest.approx(1.0)
+    assert m.hist_w1(img, mask, img[mask]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_identical_grams_have_zero_distance(case, features):
+    """The Gram distance of an image to its own Grams is 0, to another style's it is positive."""
+    own = m.masked_grams(features, case.uih, case.mask)
+    other = m.masked_grams(features, case.ge, case.mask)
+    assert m.gram_distance(own, own) == 0.0
+    assert m.gram_distance(other, own) > 0.01
+    assert set(own) == {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
+
+
+def test_empty_mask_cannot_be_scored(case, features):
+    """An empty mask gives None, not a made-up number."""
+    empty = np.zeros_like(case.mask)
+    assert m.masked_grams(features, case.uih, empty) is None
+    assert m.masked_ssim(case.uih, case.ge, empty) is None
+    assert m.masked_psnr(case.uih, case.ge, empty) is None
+    assert m.hist_w1(case.uih, empty, case.uih.ravel()) is None
+
+
+def test_pure_histogram_shift_is_the_w1_distance(case):
+    """Adding a constant c inside the mask moves W1 by exactly c and lowers PSNR to -20log10(c)."""
+    img, mask = case.uih, case.mask
+    shifted = img.astype(np.float64) + 0.05 * mask
+    assert m.hist_w1(shifted, mask, img[mask]) == pytest.approx(0.05, rel=1e-6)
+    assert m.masked_psnr(shifted, img, mask) == pytest.approx(-20 * np.log10(0.05), rel=1e-6)
+
+
+def test_monotone_remap_keeps_uc_cnr_direction_but_changes_histogram(case):
+    """A gamma remap changes the histogram distance but keeps µCs brighter than their surround."""
+    img, mask = case.uih, case.mask
+    remapped = np.power(img, 0.6)
+    assert m.hist_w1(remapped, mask, img[mask]) > 0.05
+    assert m.uc_cnr_ratio(remapped, img, case.calcs) > 0.5
+
+
+def test_blurred_image_loses_uc_cnr_and_detections(case):
+    """Blurring the true rendering lowers the µC CNR ratio and the fraction of detected µCs."""
+    img, mask = case.uih, case.mask
+    blurred = ndi.gaussian_filter(img, 1.5)
+    assert m.uc_cnr_ratio(blurred, img, case.calcs) < 0.7
+    heavily = ndi.gaussian_filter(img, 3.0)
+    assert m.uc_detected(img, mask, case.calcs) >= 0.7
+    assert m.uc_detected(heavily, mask, case.calcs) < 0.5 * m.uc_detected(img, mask, case.calcs)
+
+
+def test_spot_detector_is_quiet_on_noise_only():
+    """On white noise the fixed detector fires on very few pixels."""
+    gen = np.random.default_rng(0)
+    noise = 0.5 + 0.01 * gen.standard_normal((128, 128))
+    mask = np.ones_like(noise, dtype=bool)
+    assert m.detect_spots(noise, mask).mean() < 0.01
+
+
+def test_no_calcs_gives_none(case):
+    """Without known µCs the µC metrics are None."""
+    none = np.zeros((0, 3))
+    assert m.uc_detected(case.uih, case.mask, none) is None
+    assert m.uc_cnr_ratio(case.uih, case.uih, none) is None
+
+
+def test_summary_and_paired_test():
+    """Summary drops None and non-finite values; the paired test needs two varying pairs."""
+    s = m.summary([1.0, None, 3.0, math.inf])
+    assert s is not None and (s.mean, s.n) == (2.0, 2) and s.sd == pytest.approx(math.sqrt(2))
+    assert m.summary([None]) is None
+    assert m.paired_p([1.0, 2.0], [1.0, None]) is None
+    assert m.paired_p([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) is None  # constant difference: t undefined
+    p = m.paired_p([1.0, 2.1, 2.9, 4.2], [2.0, 3.0, 4.1, 5.0])
+    assert p is not None and 0.0 < p < 0.01

@@ -1,0 +1,75 @@
+"""Tests of `mr2nst evaluate`: target split, report structure and a tiny end-to-end run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mr2nst.node.cli import main
+from mr2nst.node.evaluate import METHODS, METRICS, split_target
+from mr2nst.node.phantom_io import write_phantom_set
+
+TINY = """[engine]
+features = "seeded-random"
+device = "cpu"
+patch_size = 32
+grids = [1, 2]
+iterations = 2
+references = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    write_phantom_set(root / "src", 2, size=(160, 128), seed=7)
+    write_phantom_set(root / "tgt", 8, size=(160, 128), seed=907)
+    (root / "tiny.toml").write_text(TINY, encoding="utf-8")
+    out = root / "out"
+    code = main(["evaluate", "--source", str(root / "src" / "ge"), "--target", str(root / "tgt" / "uih"),
+                 "--truth", str(root / "src"), "--out", str(out), "--config", str(root / "tiny.toml"),
+                 "--domain-source", str(root / "tgt" / "ge"), "--classifier-steps", "2"])
+    return code, out
+
+
+def test_split_holds_out_every_fourth_file():
+    """Sorted by name, files 3, 7, ... are held out and the rest form the bank."""
+    files = [Path(f"case{i:04d}.dcm") for i in range(9)][::-1]
+    bank, held = split_target(files)
+    assert [p.name for p in held] == ["case0003.dcm", "case0007.dcm"]
+    assert len(bank) == 7 and not set(bank) & set(held)
+
+
+def test_metrics_json_has_every_method_and_metric(run):
+    """metrics.json: every method, every metric as {mean, sd, n} or null."""
+    code, out = run
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == list(METHODS)
+    for values in metrics.values():
+        assert list(values) == list(METRICS)
+        for summary in values.values():
+            assert summary is None or (set(summary) == {"mean", "sd", "n"} and summary["n"] >= 1)
+    assert all(v is None for v in metrics["mr2nst_s2"].values())  # grids [1, 2]: no scale 2
+    assert metrics["passthrough"]["ssim"]["n"] == 2 and metrics["mr2nst"]["seconds"] is not None
+    assert metrics["mr2nst_s0"]["seconds"] is None  # taken from the mr2nst run: no cost of its own
+
+
+def test_report_and_figures_exist(run):
+    """report.md has a table row per method plus the reference row; the PNGs are written."""
+    _, out = run
+    report = (out / "report.md").read_text()
+    for name in (*METHODS, "true_target"):
+        assert f"| {name} |" in report
+    assert "NIMA" in report and "seeded-random" in report
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "montage.png").stat().st_size > 0
+    details = json.loads((out / "run.json").read_text())
+    assert details["held_out_targets"] == 2 and details["bank_references"] == 6
+    assert set(details["paired_tests"]) == {"mr2nst", "passthrough"}
+
+
+def test_unknown_method_is_a_usage_error(tmp_path, capsys):
+    """An unknown --methods entry exits 2 with a one-line reason."""
+    code = main(["evaluate", "--source", str(tmp_path), "--target", str(tmp_path), "--out",
+                 str(tmp_path / "o"), "--methods", "passthrough,cyclegan"])
+    assert code == 2 and "cyclegan" in capsys.readouterr().err
