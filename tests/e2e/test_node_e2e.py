@@ -169,8 +169,8 @@ def test_caller_not_on_allowlist_is_rejected(tmp_path, phantoms, cleanup):
     assert bad.returncode != 0 and "Rejected" in (bad.stdout + bad.stderr)
     assert storescu(node.port, phantoms["ge"][:1], aet="INTRUDER").returncode != 0
     assert storescu(node.port, phantoms["ge"][:1], aet="MODALITY").returncode == 0
-    assert node.queue()["counts"].get("received", 0) + node.queue()["counts"].get("transformed", 0) \
-        + node.queue()["counts"].get("processing", 0) == 1
+    counts = node.queue()["counts"]  # one snapshot: the instance moves on while we look
+    assert sum(n for state, n in counts.items() if not state.startswith("delivery_")) == 1
 
 
 def test_jpeg2000_input_is_decoded_and_normalized(tmp_path, phantoms, cleanup):
