@@ -73,8 +73,9 @@ def test_drop_route_and_forward_original(tmp_path, phantoms, cleanup):
         out = read(path)
         src = originals[str(out.SOPInstanceUID)]
         assert out.SeriesInstanceUID == src.SeriesInstanceUID and out.PixelData == src.PixelData
-    counts = node.queue()["counts"]
-    assert counts.get("dropped", 0) == 2 - expected and counts.get("done") == expected
+    # The peer has the file a moment before the ledger records the delivery.
+    counts = wait_for(lambda: (c := node.queue()["counts"]).get("done") == expected and c, 30, "done")
+    assert counts.get("dropped", 0) == 2 - expected
 
 
 def test_two_destinations(tmp_path, phantoms, cleanup):
@@ -157,7 +158,7 @@ def test_kill_9_between_receive_and_forward_loses_nothing(tmp_path, phantoms, cl
     cleanup(cad.start())
     cleanup(node.start())
     wait_for(lambda: len(cad.files()) == 2, 90, "both instances after restart")
-    assert node.queue()["counts"].get("done") == 2
+    wait_for(lambda: node.queue()["counts"].get("done") == 2, 30, "both done")
 
 
 def test_caller_not_on_allowlist_is_rejected(tmp_path, phantoms, cleanup):
@@ -219,7 +220,7 @@ def test_node_on_postgresql_ledger(tmp_path, phantoms, cleanup):
     cleanup(node)
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     wait_for(lambda: len(cad.files()) == 2, 60, "2 derived instances via a PostgreSQL ledger")
-    assert node.queue()["counts"]["done"] == 2
+    wait_for(lambda: node.queue()["counts"].get("done") == 2, 30, "both done")
 
 
 def test_sigterm_to_the_process_group_stops_cleanly(tmp_path, cleanup):
