@@ -115,9 +115,10 @@ def _require_uids(source: Dataset) -> None:
             raise UnsupportedImageError(f"source instance has no {keyword}")
 
 
-def _code(value: tuple[str, str, str]) -> Dataset:
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """One coded-entry item (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
 
 
@@ -236,7 +237,7 @@ def _source_reference(source: Dataset, same_geometry: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    item.PurposeOfReferenceCodeSequence = Sequence([_code(SOURCE_PURPOSE_CODE)])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(*SOURCE_PURPOSE_CODE)])
     item.SpatialLocationsPreserved = "YES" if same_geometry else "NO"
     return item
 
@@ -251,7 +252,7 @@ def _equipment_item(equipment: Equipment, description: str, moment: datetime) ->
     item.SoftwareVersions = _text(equipment.software_version, LO_MAX)
     item.ContributionDateTime = _dt(moment)
     item.ContributionDescription = _text(description, ST_MAX, multi_line=True)
-    item.PurposeOfReferenceCodeSequence = Sequence([_code(EQUIPMENT_PURPOSE_CODE)])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(*EQUIPMENT_PURPOSE_CODE)])
     return item
 
 
@@ -286,7 +287,7 @@ def build_derived(
     out.InstanceCreationDate = moment.strftime("%Y%m%d")
     out.InstanceCreationTime = moment.strftime("%H%M%S.%f")
     out.DerivationDescription = description
-    out.DerivationCodeSequence = Sequence([_code(DERIVATION_CODE)])
+    out.DerivationCodeSequence = Sequence([code_item(*DERIVATION_CODE)])
     same_geometry = tuple(np.shape(stored)) == (
         int(source.get("Rows", 0)),
         int(source.get("Columns", 0)),

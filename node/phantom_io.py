@@ -47,6 +47,8 @@ from pydicom.uid import (
 from mr2nst.core.intensity import StoredRange
 from mr2nst.core.phantom import PhantomCase, PhantomSpec, make_case
 
+from .derived import code_item
+
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 DEFAULT_UID_SEED = "mr2nst-phantom"
 PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
@@ -146,14 +148,6 @@ def case_spec(index: int, *, seed: int = 0, size: tuple[int, int] = (2294, 1914)
 
 def _uid(uid_seed: str, case: PhantomCase, vendor: str, index: int, kind: str) -> str:
     return str(generate_uid(entropy_srcs=[uid_seed, str(case.spec.seed), vendor, str(index), kind]))
-
-
-def _code(scheme: str, value: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
 
 
 def _patient_orientation(view: str, laterality: str) -> list[str]:
@@ -309,8 +303,9 @@ def phantom_dataset(
     ds.OrganExposed = "BREAST"
     ds.AcquisitionContextSequence = DicomSequence([])
     scheme = prof.coding_scheme
-    ds.AnatomicRegionSequence = DicomSequence([_code(scheme, *_CODES[scheme]["BREAST"])])
-    view_item = _code(scheme, *_CODES[scheme][spec.view])
+    breast, view = _CODES[scheme]["BREAST"], _CODES[scheme][spec.view]
+    ds.AnatomicRegionSequence = DicomSequence([code_item(breast[0], scheme, breast[1])])
+    view_item = code_item(view[0], scheme, view[1])
     view_item.ViewModifierCodeSequence = DicomSequence([])
     ds.ViewCodeSequence = DicomSequence([view_item])
     ds.PixelData = stored.tobytes()

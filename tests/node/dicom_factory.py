@@ -39,6 +39,7 @@ from pydicom.uid import (
 )
 
 from mr2nst.core.intensity import StoredRange
+from mr2nst.node.derived import code_item
 
 TEST_ROOT = "1.2.826.0.1.3680043.10.543."  # an example root for test UIDs
 
@@ -57,15 +58,6 @@ PYDICOM_ENCODERS: dict[str, dict[str, Any]] = {
     JPEG2000Lossless: {"encoding_plugin": "pylibjpeg"},
     JPEG2000: {"encoding_plugin": "pylibjpeg", "j2k_cr": [4]},
 }
-
-
-def code(value: str, scheme: str, meaning: str) -> Dataset:
-    """One code sequence item."""
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
 
 
 def phantom_unit(rows: int, cols: int, seed: int = 0) -> npt.NDArray[np.float64]:
@@ -159,8 +151,8 @@ def make_mg(
     ds.ImagerPixelSpacing = [0.1, 0.1]
     ds.DetectorType = "DIRECT"
     ds.QualityControlImage = "NO"
-    ds.AnatomicRegionSequence = Sequence([code("76752008", "SCT", "Breast")])
-    view = code("399162004", "SCT", "cranio-caudal")
+    ds.AnatomicRegionSequence = Sequence([code_item("76752008", "SCT", "Breast")])
+    view = code_item("399162004", "SCT", "cranio-caudal")
     view.ViewModifierCodeSequence = Sequence()
     ds.ViewCodeSequence = Sequence([view])
     ds.AcquisitionContextSequence = Sequence()

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from dicom_factory import can_encode, code, make_mg, phantom_stored
+from dicom_factory import can_encode, make_mg, phantom_stored
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 
 from mr2nst.core.intensity import StoredRange
+from mr2nst.node.derived import code_item
 from mr2nst.node.errors import PixelError, UnsupportedImageError
 from mr2nst.node.pixels import (
     decode,
@@ -310,11 +311,11 @@ def test_source_info_reads_view_laterality_spacing_manufacturer() -> None:
     assert (info.view, info.laterality, info.pixel_spacing_mm) == ("CC", "L", (0.1, 0.1))
     assert info.manufacturer == "GE MEDICAL SYSTEMS"
     ds = make_mg(ImageLaterality=None, Laterality="R", PixelSpacing=[0.07, 0.08])
-    ds.ViewCodeSequence = Sequence([code("399368009", "SCT", "medio-lateral oblique")])
+    ds.ViewCodeSequence = Sequence([code_item("399368009", "SCT", "medio-lateral oblique")])
     info = source_info(ds)
     assert (info.view, info.laterality, info.pixel_spacing_mm) == ("MLO", "R", (0.07, 0.08))
     ds.ViewPosition = "ML"
-    ds.ViewCodeSequence = Sequence([code("X", "99LOCAL", "latero-medial")])
+    ds.ViewCodeSequence = Sequence([code_item("X", "99LOCAL", "latero-medial")])
     assert source_info(ds).view == "ML"
     del ds.ViewPosition
     assert source_info(ds).view == "LM"
