@@ -24,9 +24,9 @@ autocast (bf16, fp16 where bf16 is missing) in channels-last, and ``device = "au
 picks CUDA when present. The batch size comes from an activation-memory estimate per
 patch pixel (:data:`ACTIVATION_BYTES_PER_PIXEL`, for VGG19 up to relu5_1 with the
 tensors autograd keeps, doubled for the backward pass's transients). ``transfer``'s
-``stop_at`` gives per-tile loss thresholds for an early stop (used by ``mr2nst bench`` to
-time how fast the engine reaches a given loss); it is not a setting because it depends
-on the image.
+``stop_at`` gives per-tile loss thresholds for an early stop per scale (used by
+``mr2nst bench`` to time how fast the engine reaches a given loss); it is not a setting
+because it depends on the image.
 
 **Defaults.** Adam from the content image with no warm start is METHOD.md's recipe and
 stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`) measured, on CPU, that
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -60,7 +61,14 @@ from .engine_config import NOT_FINGERPRINTED, REFINER_KEYS, EngineConfig
 from .errors import EngineConfigError, ImageError
 from .features import build_features
 from .intensity import FloatImage
-from .optimize import BatchContext, OptimizeSettings, Progress, optimise, style_targets
+from .optimize import (
+    BatchContext,
+    OptimizeSettings,
+    Progress,
+    amp_dtype,
+    optimise,
+    style_targets,
+)
 from .refiner import Refiner, load_refiner
 from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
 
@@ -126,7 +134,8 @@ def _check_image(name: str, image: npt.NDArray[Any], shape: tuple[int, int] | No
 
 def batch_limit(size: tuple[int, int], config: EngineConfig, device: torch.device) -> int:
     """How many tiles of patch ``size`` one batch may hold (``max_batch`` and the budget)."""
-    element = 2 if device.type == "cuda" and config.amp else 4
+    reduced = config.optimizer == "adam" and amp_dtype(device, config.amp) is not None
+    element = 2 if reduced else 4
     per_tile = size[0] * size[1] * ACTIVATION_BYTES_PER_PIXEL[element]
     fits = (config.memory_budget_mb << 20) // per_tile
     return int(max(1, min(config.max_batch, fits)))
@@ -161,6 +170,14 @@ class _Images:
     content: Tensor
     references: list[Tensor]
     init: Tensor | None
+
+
+def _scale_goal(plan: _ScalePlan, stop_at: StopAt | None) -> float | None:
+    """0.0 (no margin yet) when every optimised tile of the scale has a threshold, else None."""
+    if stop_at is None:
+        return None
+    keys = [(t.scale, t.i, t.j) for batch in plan.batches for t in batch]
+    return 0.0 if keys and all(key in stop_at for key in keys) else None
 
 
 class Mr2nstEngine:
@@ -274,9 +291,10 @@ class Mr2nstEngine:
         progress: Callable[[Progress], None] | None,
         context: BatchContext,
         start: Tensor | None,
-        stop_at: StopAt | None,
+        goal: float | None,
     ) -> tuple[list[Tensor], list[float], list[int]]:
-        """Optimise one batch of same-shaped tiles from ``start`` (None: the content).
+        """Optimise one batch of same-shaped tiles from ``start`` (None: the content),
+        stopping early once its summed loss is at or below ``goal``.
 
         Returns the native-size tiles, their final losses and iterations run."""
         cfg = self._config
@@ -288,14 +306,8 @@ class Mr2nstEngine:
             return torch.cat([resize_patch(image[box][None, None], size) for box in boxes])
 
         targets = style_targets(
-            self._features, [crops(r, same_grid=False) for r in images.references], cfg.amp
+            self._features, [crops(r, same_grid=False) for r in images.references]
         )
-        limits = None
-        if stop_at is not None:
-            limits = torch.tensor(
-                [stop_at.get((t.scale, t.i, t.j), -float("inf")) for t in batch],
-                dtype=torch.float32,
-            )
         settings = OptimizeSettings(
             cfg.iterations, cfg.lr, cfg.alpha, cfg.amp, cfg.report_every, cfg.optimizer
         )
@@ -309,7 +321,7 @@ class Mr2nstEngine:
             init=None if start is None else crops(start),
             progress=progress,
             context=context,
-            stop_at=limits,
+            stop_at=goal,
             alternative=crops(fallback) if warm else None,
         )
         outputs = [
@@ -329,8 +341,12 @@ class Mr2nstEngine:
     ) -> EngineResult:
         """Transfer ``content`` (H, W) to the style of ``references`` (see module doc).
 
-        ``stop_at`` (optional) maps tiles ``(scale, i, j)`` to a loss at which each stops
-        early (see :func:`~mr2nst.core.optimize.optimise`)."""
+        ``stop_at`` (optional) maps tiles ``(scale, i, j)`` to loss thresholds: each scale
+        stops early once the summed loss of its optimised tiles is at or below the sum of
+        their thresholds. Batch by batch: a batch stops as soon as the scale's loss so
+        far (earlier batches' final losses plus this batch's) is at or below the
+        thresholds of the tiles so far. A tile without a threshold disables the stop for
+        its scale."""
         started = time.perf_counter()
         self._validate(content, content_mask, references, background, init)
         shape = (int(content.shape[0]), int(content.shape[1]))
@@ -353,11 +369,17 @@ class Mr2nstEngine:
             start = images.init
             if self._config.warm_start and scales:
                 start = scales[-1]
+            slack = _scale_goal(plan, stop_at)  # the goal's margin left to this scale's batches
             for b, batch in enumerate(plan.batches):
                 context = BatchContext(k, plan.tiles[0].grid, b, len(plan.batches), done, total)
+                goal = None
+                if slack is not None and stop_at is not None:
+                    goal = slack + math.fsum(stop_at[(t.scale, t.i, t.j)] for t in batch)
                 tiles_out, tiles_loss, tiles_ran = self._run_batch(
-                    batch, images, progress, context, start, stop_at
+                    batch, images, progress, context, start, goal
                 )
+                if goal is not None:
+                    slack = goal - math.fsum(tiles_loss)
                 outputs.update(zip(batch, tiles_out, strict=True))
                 scale_losses.update(zip(batch, tiles_loss, strict=True))
                 scale_ran.update(zip(batch, tiles_ran, strict=True))

@@ -5,8 +5,8 @@ own buffered content features and style targets, and the loss is a sum of per-ti
 losses, so the tiles do not interact (Adam is element-wise): batching is only for speed.
 
 - **Targets once.** Reference Grams, their multi-reference target and the content
-  features are computed once per batch under ``torch.inference_mode()`` and cloned out
-  of it before they become loss buffers.
+  features are computed once per batch, in float32 under ``torch.inference_mode()``, and
+  cloned out of it before they become loss buffers.
 - **Parametrisation.** Pixels are optimised directly, starting from the content image
   (Normative) or a caller-provided ``init`` (the EHM start, or the previous scale with
   the engine's warm start), and clamped to [0, 1] after every step. ``lr`` is Adam's,
@@ -15,15 +15,18 @@ losses, so the tiles do not interact (Adam is element-wise): batching is only fo
   L-BFGS (:class:`_PerTileLBFGS`) with one forward and backward pass per iteration, so
   iterations cost the same. No graph outlives an iteration (``x.grad`` is dropped and
   the loss is only read through ``detach``).
-- **Early stop.** ``stop_at`` freezes each tile at the first iterate whose loss is at or
-  below its threshold (the bench uses it to time how fast a loss is reached).
-- **Precision.** On CUDA with ``amp``, the VGG forward runs under autocast in bf16 (fp16
-  with a gradient scaler where bf16 is unsupported) and channels-last; Grams and losses
-  are computed outside autocast in float32. On CPU everything is float32 and
-  deterministic: nothing in the optimisation draws random numbers.
+- **Early stop.** ``stop_at`` ends the batch at the first iterate whose summed loss is
+  at or below it (the bench uses it to time how fast the engine reaches the plain
+  loop's loss on each scale).
+- **Precision.** With ``amp``, the VGG forward runs under autocast: on CUDA in bf16 (fp16
+  with a gradient scaler where bf16 is unsupported) and channels-last, on a CPU with
+  native bf16 (AVX512-BF16 or AMX; :func:`cpu_has_bf16`) in bf16, elsewhere in float32.
+  Grams and losses are computed outside autocast in float32, and the final loss of each
+  tile is always a float32 evaluation. Nothing in the optimisation draws random numbers,
+  so a run is deterministic on a given machine.
 - **Progress.** ``progress`` receives a :class:`Progress` every ``report_every``
   iterations (the mean per-tile loss of the iterate that step started from) and once at
-  the end (the mean loss of the final, clamped result).
+  the end (the mean float32 loss of the final, clamped result).
 """
 
 from __future__ import annotations
@@ -87,17 +90,32 @@ class OptimizeSettings:
 @dataclass(frozen=True)
 class BatchResult:
     """Optimised tiles ``(B, 1, h, w)`` in [0, 1], each tile's final loss ``(B,)`` and the
-    iterations each tile ran ``(B,)`` (fewer than asked when ``stop_at`` froze it)."""
+    iterations each tile ran ``(B,)`` (fewer than asked when ``stop_at`` ended the batch)."""
 
     images: Tensor
     losses: Tensor
     iterations: Tensor
 
 
-def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp or device.type != "cuda":
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so that autocast
+    to bf16 makes oneDNN's convolutions faster instead of emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype of the VGG forward, or None for float32.
+
+    CUDA: bf16, or fp16 where bf16 is unsupported. CPU: bf16 where the CPU has it
+    natively (:func:`cpu_has_bf16`), else float32."""
+    if not amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -109,23 +127,21 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def style_targets(
     features: VGGFeatures,
     references: Sequence[Tensor],
-    amp: bool = True,
     layers: Sequence[str] = STYLE_LAYERS,
 ) -> dict[str, Tensor]:
-    """Per-tile multi-reference target Grams ``{layer: (B, C, C)}``.
+    """Per-tile multi-reference target Grams ``{layer: (B, C, C)}``, in float32.
 
     ``references[k]`` is ``(B, 1, h, w)``: tile b of reference k for every tile b of the
-    batch. One reference at a time goes through the network to bound memory.
+    batch. One reference at a time goes through the network to bound memory. Targets
+    are computed once, so they are never autocast: with ``amp`` only the optimisation's
+    passes are reduced-precision, and the loss is the float32 one.
     """
     if not references:
         raise ValueError("at least one reference is required")
-    device = references[0].device
-    dtype = _amp_dtype(device, amp)
     per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
     with torch.inference_mode():
         for ref in references:
-            with _autocast(device, dtype):
-                feats = features(ref, layers)
+            feats = features(ref, layers)
             for name in layers:
                 per_layer[name].append(gram(feats[name]))
         targets = {
@@ -135,12 +151,10 @@ def style_targets(
     return {name: t.clone() for name, t in targets.items()}
 
 
-def content_features(
-    features: VGGFeatures, content: Tensor, amp: bool = True, layer: str = CONTENT_LAYER
-) -> Tensor:
-    """Content-layer features of the content tiles, computed once (float32, autograd-ready)."""
-    dtype = _amp_dtype(content.device, amp)
-    with torch.inference_mode(), _autocast(content.device, dtype):
+def content_features(features: VGGFeatures, content: Tensor, layer: str = CONTENT_LAYER) -> Tensor:
+    """Content-layer features of the content tiles, computed once in float32 (see
+    :func:`style_targets`), autograd-ready."""
+    with torch.inference_mode():
         feats: dict[str, Tensor] = features(content, (layer,))
         out = feats[layer].float()
     return out.clone()
@@ -226,7 +240,7 @@ def optimise(
     init: Tensor | None = None,
     progress: ProgressCallback | None = None,
     context: BatchContext | None = None,
-    stop_at: Tensor | None = None,
+    stop_at: float | None = None,
     alternative: Tensor | None = None,
 ) -> BatchResult:
     """Optimise the ``(B, 1, h, w)`` ``content`` tiles towards their style ``targets``.
@@ -234,22 +248,21 @@ def optimise(
     ``alternative`` (optional, like ``init``) is a second start: each tile begins from
     whichever of the two has the lower loss (``init`` on ties).
 
-    ``stop_at`` (``(B,)``, optional) is an early stop per tile: a tile whose loss is at or
-    below its value is frozen at that iterate, and the batch ends once all are frozen.
+    ``stop_at`` (optional) is an early stop: the batch ends at the first iterate whose
+    summed loss is at or below it (under autocast, confirmed in float32 at most every
+    ``report_every`` iterations).
     """
     if content.ndim != 4 or content.shape[1] != 1:
         raise ValueError(f"expected (B, 1, h, w) content tiles, got {tuple(content.shape)}")
     if init is not None and init.shape != content.shape:
         raise ValueError(f"init {tuple(init.shape)} != content {tuple(content.shape)}")
     n = content.shape[0]
-    if stop_at is not None and tuple(stop_at.shape) != (n,):
-        raise ValueError(f"stop_at must have shape ({n},), got {tuple(stop_at.shape)}")
     ctx = context or BatchContext(tiles_total=n)
     device = content.device
-    dtype = _amp_dtype(device, settings.amp)
-    if settings.optimizer == "lbfgs" and dtype == torch.float16:
-        dtype = None  # no gradient scaler for the hand-written L-BFGS: run fp16 GPUs in fp32
-    loss_fn = TransferLoss(content_features(features, content, settings.amp), targets, settings.alpha)
+    dtype = amp_dtype(device, settings.amp)
+    if settings.optimizer == "lbfgs":
+        dtype = None  # its curvature pairs need float32 gradients (and it has no grad scaler)
+    loss_fn = TransferLoss(content_features(features, content), targets, settings.alpha)
     layers = loss_fn.layers
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
@@ -270,10 +283,9 @@ def optimise(
     adam = torch.optim.Adam([x], lr=settings.lr) if settings.optimizer == "adam" else None
     lbfgs = _PerTileLBFGS(x, settings.history) if adam is None else None
     every = max(1, settings.report_every)
-    ran = torch.full((n,), settings.iterations, dtype=torch.int64)
-    frozen = torch.zeros(n, dtype=torch.bool, device=device)
-    kept = torch.zeros_like(x.detach()) if stop_at is not None else None
-    limits = None if stop_at is None else stop_at.to(device=device, dtype=torch.float32)
+    ran = settings.iterations
+    goal = stop_at
+    checked = -every  # the last iteration whose iterate got a float32 check of the goal
 
     def report(iteration: int, loss: float, done: int) -> None:
         if progress is not None:
@@ -285,20 +297,26 @@ def optimise(
                 )
             )
 
+    def exact_loss(image: Tensor) -> Tensor:
+        """The float32 loss per tile (no autocast): what the result is judged by."""
+        with torch.inference_mode():
+            return loss_fn(features(image, layers)).float().clone()
+
     for it in range(settings.iterations):
         x.grad = None
         with _autocast(device, dtype):
             feats = features(x, layers)
         per_tile = loss_fn(feats)
-        if limits is not None and kept is not None:
-            reached = (per_tile.detach() <= limits) & ~frozen
-            if bool(reached.any()):
-                kept[reached] = x.detach()[reached]
-                ran[reached.cpu()] = it
-                frozen |= reached
-            if bool(frozen.all()):
-                break
         total = per_tile.sum()
+        if goal is not None and float(total.detach()) <= goal:
+            if dtype is None:
+                ran = it
+                break
+            if it - checked >= every:  # a reduced-precision loss: confirm it in float32
+                checked = it
+                if float(exact_loss(x.detach()).double().sum()) <= goal:
+                    ran = it
+                    break
         if scaler is not None and adam is not None:
             scaler.scale(total).backward()
             scaler.step(adam)
@@ -311,19 +329,12 @@ def optimise(
                 lbfgs.step(per_tile)
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
-            if kept is not None and bool(frozen.any()):
-                x[frozen] = kept[frozen]
         if (it + 1) % every == 0 and it + 1 < settings.iterations:
             report(it + 1, float(per_tile.detach().mean()), 0)
     x.grad = None
-    if kept is not None and bool(frozen.any()):
-        with torch.no_grad():
-            x[frozen] = kept[frozen]
 
     result = x.detach()
-    with torch.inference_mode():
-        with _autocast(device, dtype):
-            feats = features(result, layers)
-        final = loss_fn(feats).float().clone()
+    final = exact_loss(result)
     report(settings.iterations, float(final.mean()), n)
-    return BatchResult(images=result, losses=final, iterations=ran)
+    iterations = torch.full((n,), ran, dtype=torch.int64)
+    return BatchResult(images=result, losses=final, iterations=iterations)

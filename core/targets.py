@@ -26,6 +26,7 @@ Everything is batched over leading dimensions (one target per tile).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +41,16 @@ def quantile_indices(q: int, p: int, device: torch.device | None = None) -> Tens
     return (2 * ranks * (p - 1) + (q - 1)) // (2 * (q - 1))
 
 
+def _sorted(values: Tensor) -> Tensor:
+    """``values`` sorted along the last axis. On the CPU through NumPy, whose vectorised
+    (AVX-512) sort is several times faster than torch's on the millions of pooled Gram
+    entries of a batch of tiles; order among equal values does not matter here."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = np.sort(values.detach().numpy(), axis=-1)
+        return torch.from_numpy(array)
+    return torch.sort(values, dim=-1).values
+
+
 def specify_histogram(values: Tensor, reference: Tensor) -> Tensor:
     """Exact rank-based histogram specification of ``values`` to ``reference``'s entries.
 
@@ -52,7 +63,7 @@ def specify_histogram(values: Tensor, reference: Tensor) -> Tensor:
             f"leading shapes differ: {tuple(values.shape)} vs {tuple(reference.shape)}"
         )
     q, p = values.shape[-1], reference.shape[-1]
-    pooled = torch.sort(reference, dim=-1, stable=True).values
+    pooled = _sorted(reference)
     chosen = pooled.index_select(-1, quantile_indices(q, p, values.device))
     order = torch.argsort(values, dim=-1, stable=True)
     return torch.empty_like(chosen).scatter_(-1, order, chosen)

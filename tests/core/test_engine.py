@@ -107,17 +107,20 @@ def test_no_iterations_at_native_patch_size_gives_back_the_content() -> None:
     np.testing.assert_allclose(result.image, content, atol=1e-6)
 
 
-def test_batch_size_does_not_change_the_result(run: tuple[EngineResult, list[Progress]]) -> None:
+def test_batch_size_does_not_change_the_result() -> None:
     """Tiles are independent: max_batch=1 gives the same image as batches of 4.
 
-    Not bit-identical: batched convolutions round differently, and Adam's normalised
-    steps amplify that noise where gradients are tiny, so the mean difference is checked.
+    In float32 (bf16 rounding differs between batch sizes far more). Not bit-identical:
+    batched convolutions round differently, and Adam's normalised steps amplify that
+    noise where gradients are tiny, so the mean difference is checked.
     """
-    one = Mr2nstEngine(replace(TINY, max_batch=1, grids=(2,)))
-    out = one.transfer(
-        _image((80, 64), 0), np.ones((80, 64), bool), [_image((90, 70), 1), _image((70, 60), 2)]
-    )
-    diff = np.abs(out.scales[0] - run[0].scales[1])
+    content = _image((80, 64), 0)
+    refs = [_image((90, 70), 1), _image((70, 60), 2)]
+    out = {}
+    for batch in (1, 4):
+        engine = Mr2nstEngine(replace(TINY, max_batch=batch, grids=(2,), amp=False))
+        out[batch] = engine.transfer(content, np.ones((80, 64), bool), refs).scales[0]
+    diff = np.abs(out[1] - out[4])
     assert diff.mean() < 1e-4 and diff.max() < 0.25 * TINY.lr
 
 
@@ -238,29 +241,36 @@ def test_lbfgs_lowers_the_loss_more_than_adam_in_as_many_iterations() -> None:
     assert runs["lbfgs"] < runs["adam"]
 
 
-def test_stop_at_freezes_a_tile_once_its_loss_is_reached() -> None:
-    """A reachable threshold stops that tile early at or below it; others run in full."""
+def test_stop_at_ends_a_scale_once_its_summed_loss_is_reached() -> None:
+    """Reachable thresholds stop the scale early, at or below their sum; a scale with a
+    tile lacking a threshold runs in full."""
     content, refs = _image((64, 64), 0), [_image((64, 64), 1)]
     mask = np.ones((64, 64), bool)
-    cfg = replace(TINY, grids=(2,), iterations=8)
+    cfg = replace(TINY, grids=(2,), iterations=8, max_batch=2)
     full = Mr2nstEngine(cfg).transfer(content, mask, refs)
     assert full.iterations_run == ((8, 8, 8, 8),)
-    goal = full.final_losses[0][1] * 1.5
-    early = Mr2nstEngine(cfg).transfer(content, mask, refs, stop_at={(0, 0, 1): goal})
-    assert early.iterations_run[0][1] < 8 and early.final_losses[0][1] <= goal
-    assert [early.iterations_run[0][i] for i in (0, 2, 3)] == [8, 8, 8]
+    goals = {(0, i, j): 1.5 * loss for (i, j), loss in zip(
+        ((0, 0), (0, 1), (1, 0), (1, 1)), full.final_losses[0], strict=True)}
+    early = Mr2nstEngine(cfg).transfer(content, mask, refs, stop_at=goals)
+    assert max(early.iterations_run[0]) < 8
+    assert sum(early.final_losses[0]) <= sum(goals.values())
+    partial = Mr2nstEngine(cfg).transfer(content, mask, refs, stop_at={(0, 0, 0): 1.0})
+    assert partial.iterations_run == ((8, 8, 8, 8),)
 
 
 def test_batches_follow_the_memory_budget() -> None:
     """The budget caps tiles per batch; a scale's tiles are split into even batches."""
     from mr2nst.core.engine import batch_limit
+    from mr2nst.core.optimize import cpu_has_bf16
 
     cpu = torch.device("cpu")
-    cfg = replace(TINY, patch_size=512, max_batch=16)
+    cfg = replace(TINY, patch_size=512, max_batch=16, amp=False)
     per_tile_mb = 512 * 512 * 2400 / 2**20
     assert batch_limit((512, 512), replace(cfg, memory_budget_mb=4096), cpu) == int(4096 // per_tile_mb)
     assert batch_limit((512, 512), replace(cfg, memory_budget_mb=1), cpu) == 1
     assert batch_limit((32, 32), replace(cfg, memory_budget_mb=4096), cpu) == 16
+    bf16 = batch_limit((512, 512), replace(cfg, amp=True), cpu)  # bf16 halves the estimate
+    assert bf16 == int(4096 // (512 * 512 * (1300 if cpu_has_bf16() else 2400) / 2**20))
     engine = Mr2nstEngine(replace(TINY, max_batch=3))
     seen: list[Progress] = []
     engine.transfer(_image((64, 64), 0), np.ones((64, 64), bool), [_image((64, 64), 1)],
