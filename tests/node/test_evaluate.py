@@ -73,3 +73,38 @@ def test_unknown_method_is_a_usage_error(tmp_path, capsys):
     code = main(["evaluate", "--source", str(tmp_path), "--target", str(tmp_path), "--out",
                  str(tmp_path / "o"), "--methods", "passthrough,cyclegan"])
     assert code == 2 and "cyclegan" in capsys.readouterr().err
+
+
+def test_refiner_adds_a_trained_row_from_the_same_scales(tmp_path):
+    """--refiner adds mr2nst_trained: the same run's scales merged by the checkpoint.
+
+    A checkpoint that keeps only scale 0 gives scores other than the plain average's, and
+    equal to mr2nst_s0's where the mapping to the target range is the same."""
+    import torch
+
+    from mr2nst.core.engine import Mr2nstEngine
+    from mr2nst.core.refiner import Refiner, save_refiner
+    from mr2nst.node.config import load_config
+
+    write_phantom_set(tmp_path / "src", 2, size=(160, 128), seed=11)
+    write_phantom_set(tmp_path / "tgt", 8, size=(160, 128), seed=911)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY, encoding="utf-8")
+    refiner = Refiner(2)
+    with torch.no_grad():
+        refiner.scale_weights.copy_(torch.tensor([1.0, 0.0]))
+    expected = Mr2nstEngine(load_config(str(config)).engine.core()).refiner_expectation()
+    save_refiner(refiner, tmp_path / "refiner.pt", expected)
+    out = tmp_path / "out"
+    code = main(["evaluate", "--source", str(tmp_path / "src" / "ge"), "--target",
+                 str(tmp_path / "tgt" / "uih"), "--truth", str(tmp_path / "src"), "--out", str(out),
+                 "--config", str(config), "--methods", "mr2nst,mr2nst_s0",
+                 "--refiner", str(tmp_path / "refiner.pt")])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["mr2nst", "mr2nst_s0", "mr2nst_trained"]
+    trained, merged, s0 = (metrics[m]["ssim"]["mean"] for m in ("mr2nst_trained", "mr2nst", "mr2nst_s0"))
+    assert trained != merged
+    assert trained == pytest.approx(s0, abs=1e-6)
+    assert metrics["mr2nst_trained"]["seconds"]["mean"] >= metrics["mr2nst"]["seconds"]["mean"]
+    assert "| mr2nst_trained |" in (out / "report.md").read_text()
