@@ -33,7 +33,8 @@ stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`, results in
 ``benchmarks/README.md``) measured on this project's 2-core CPU that the engine with
 ``warm_start`` reaches the plain loop's loss on every scale about 7× faster at the same
 lr (bf16 autocast, batching, targets once, background skipped, fewer iterations from the
-warm start). ``optimizer = "lbfgs"`` (no line search, always float32) is unstable on
+warm start). The warm start stays off: ``mr2nst evaluate`` found it lowers SSIM and µC
+detection (``docs/evaluation.md``), since the fine scales start from a blurred image. ``optimizer = "lbfgs"`` (no line search, always float32) is unstable on
 phantom tiles at patch 64-128: it is experimental, not a candidate default.
 
 The engine never reads DICOM or decides anything about references: the caller passes
