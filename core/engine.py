@@ -32,8 +32,8 @@ because it depends on the image.
 stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`, results in
 ``benchmarks/README.md``) measured on this project's 2-core CPU that the engine with
 ``warm_start`` reaches the plain loop's loss on every scale about 7× faster at the same
-lr (bf16 autocast, batching, targets once, background skipped, fewer iterations from the
-warm start). The warm start stays off: ``mr2nst evaluate`` found it lowers SSIM and µC
+lr, and so does the engine without it at lr 0.02 (bf16 autocast, batching, targets once,
+background skipped, fewer iterations from the warm start or the larger step). The warm start stays off: ``mr2nst evaluate`` found it lowers SSIM and µC
 detection (``docs/evaluation.md``), since the fine scales start from a blurred image. ``optimizer = "lbfgs"`` (no line search, always float32) is unstable on
 phantom tiles at patch 64-128: it is experimental, not a candidate default.
 
