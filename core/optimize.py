@@ -300,7 +300,8 @@ def optimise(
     def exact_loss(image: Tensor) -> Tensor:
         """The float32 loss per tile (no autocast): what the result is judged by."""
         with torch.inference_mode():
-            return loss_fn(features(image, layers)).float().clone()
+            losses: Tensor = loss_fn(features(image, layers)).float().clone()
+        return losses
 
     for it in range(settings.iterations):
         x.grad = None
