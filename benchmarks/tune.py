@@ -9,7 +9,8 @@ section) is written into a copy of ``--config`` and evaluated with ``--methods``
 exists is not rerun, so an interrupted sweep continues where it stopped. The table of
 every point (mean ± sd of each metric of the first method) goes to ``OUT/tune.md`` and
 ``OUT/tune.json`` (also printed), ranked by ``--rank`` (default: SSIM to the true target
-rendering, higher first).
+rendering, higher first). A point whose evaluation fails is reported on stderr and
+left out of the table, and the script then exits 1.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", default="ssim", choices=COLUMNS)
     args = p.parse_args(argv)
 
-    base = tomllib.loads(args.config.read_text())
+    try:
+        base = tomllib.loads(args.config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        p.error(f"--config {args.config}: {exc}")
     axes: list[tuple[str, list[Any]]] = []
     for item in args.set:
         key, sep, values = item.partition("=")
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     method = args.methods.split(",")[0]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    failed = 0
     for combo in itertools.product(*(values for _, values in axes)):
         engine = {key: value for (key, _), value in zip(axes, combo, strict=True)}
         name = "_".join(f"{k}-{v}" for k, v in engine.items()) or "base"
@@ -105,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.truth:
                 cmd += ["--truth", args.truth]
             print(f"tune: {name}", file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            if done.returncode != 0:  # evaluate printed why on stderr; later points still run
+                print(f"tune: {name}: mr2nst evaluate exited {done.returncode}", file=sys.stderr)
+                failed += 1
+                continue
         metrics = json.loads(metrics_file.read_text())[method]
         rows.append({"point": engine, "metrics": {c: metrics.get(c) for c in COLUMNS}})
     rows.sort(key=lambda r: _score(args.rank, r["metrics"].get(args.rank)), reverse=True)
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"method": method, "rank": args.rank, "base_config": str(args.config), "rows": rows}
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

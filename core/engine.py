@@ -30,12 +30,14 @@ because it depends on the image.
 
 **Defaults.** Adam from the content image with no warm start is METHOD.md's recipe and
 stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`, results in
-``benchmarks/README.md``) measured on this project's 2-core CPU that the engine with
-``warm_start`` reaches the plain loop's loss on every scale about 7× faster at the same
-lr, and so does the engine without it at lr 0.02 (bf16 autocast, batching, targets once,
-background skipped, fewer iterations from the warm start or the larger step). The warm start stays off: ``mr2nst evaluate`` found it lowers SSIM and µC
-detection (``docs/evaluation.md``), since the fine scales start from a blurred image. ``optimizer = "lbfgs"`` (no line search, always float32) is unstable on
-phantom tiles at patch 64-128: it is experimental, not a candidate default.
+``benchmarks/README.md``) measured on this project's 2-core CPU that the engine reaches
+the plain loop's loss on every scale about 7× faster, with ``warm_start`` at the same lr
+or without it at lr 0.02 (bf16 autocast, batching, targets once, background skipped,
+fewer iterations from the warm start or the larger step). The warm start stays off:
+``mr2nst evaluate`` found it lowers SSIM and µC detection (``docs/evaluation.md``), since
+the fine scales start from a blurred image. ``optimizer = "lbfgs"`` (no line search,
+always float32) is unstable on phantom tiles at patch 64-128: it is experimental, not a
+candidate default.
 
 The engine never reads DICOM or decides anything about references: the caller passes
 float images in [0, 1] (references already mirrored to the content's laterality) and,

@@ -284,8 +284,7 @@ def optimise(
     lbfgs = _PerTileLBFGS(x, settings.history) if adam is None else None
     every = max(1, settings.report_every)
     ran = settings.iterations
-    goal = stop_at
-    checked = -every  # the last iteration whose iterate got a float32 check of the goal
+    checked = -every  # the last iteration whose iterate got a float32 check of stop_at
 
     def report(iteration: int, loss: float, done: int) -> None:
         if progress is not None:
@@ -309,13 +308,13 @@ def optimise(
             feats = features(x, layers)
         per_tile = loss_fn(feats)
         total = per_tile.sum()
-        if goal is not None and float(total.detach()) <= goal:
+        if stop_at is not None and float(total.detach()) <= stop_at:
             if dtype is None:
                 ran = it
                 break
             if it - checked >= every:  # a reduced-precision loss: confirm it in float32
                 checked = it
-                if float(exact_loss(x.detach()).double().sum()) <= goal:
+                if float(exact_loss(x.detach()).double().sum()) <= stop_at:
                     ran = it
                     break
         if scaler is not None and adam is not None:

@@ -13,7 +13,7 @@ Runs, each in its own spawned child process so that its peak memory is its own
    tile, every tile, one at a time, fp32, from the content.
 2. ``engine``: :class:`~mr2nst.core.engine.Mr2nstEngine` with the bench's engine options
    (``--optimizer``, ``--warm-start``, ``--init``, ``--lr``), capped at ``--iterations``,
-   and with ``stop_at`` set to each breast tile's plain final loss: each batch stops as
+   and with ``stop_at`` set to each breast tile's plain final loss: each scale stops as
    soon as its summed loss is at or below the plain loop's on the same tiles. Its wall
    time is the time to reach the plain loop's loss, and ``speedup = plain seconds /
    engine seconds`` is reported only when the engine's loss is equal or lower on every
@@ -210,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              iterations=args.iterations, grids=grids)
     engine_cfg = EngineConfig(**{**asdict(plain_cfg), "optimizer": args.optimizer,
                                  "warm_start": args.warm_start, "init": args.init,
-                                 "lr": args.lr or plain_cfg.lr, "amp": args.amp})
+                                 "lr": plain_cfg.lr if args.lr is None else args.lr, "amp": args.amp})
     device = resolved_device(plain_cfg)
     say = (lambda *_: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say(f"bench: {size[0]}x{size[1]}, patch {args.patch_size}, {args.iterations} it, on {device}")

@@ -346,4 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package's module, not this __main__ copy: the command modules import
+    # UsageError & co. from mr2nst.node.cli, and main() must catch those same classes.
+    from mr2nst.node.cli import main as package_main
+
+    sys.exit(package_main())

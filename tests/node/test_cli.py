@@ -80,3 +80,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["derived_received"] == 2 and summary["problems"] == {}
     assert (tmp_path / "demo" / "before_after.png").stat().st_size > 1000
+
+
+def test_python_dash_m_reports_usage_errors_in_one_line(tmp_path):
+    """`python -m mr2nst.node.cli` exits 2 with one line on a usage error raised inside a
+    command module (the same exception classes main() catches), not a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mr2nst.node.cli", "evaluate", "--source", str(tmp_path / "none"),
+         "--target", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"mr2nst: evaluate: --source {tmp_path / 'none'}: not a directory"]
