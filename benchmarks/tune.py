@@ -24,9 +24,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-#: Metrics where lower is better; the others rank higher first (µC CNR ratio: closest to 1).
-LOWER_IS_BETTER = ("style_gram", "hist_w1", "seconds", "peak_mb")
-COLUMNS = ("style_gram", "hist_w1", "ssim", "psnr", "uc_cnr_ratio", "uc_detected", "seconds")
+#: Metrics where lower is better; those in CLOSEST_TO_ONE rank by |mean - 1|; the others
+#: rank higher first.
+LOWER_IS_BETTER = ("style_gram", "hist_w1", "spectrum_dist", "seconds", "peak_mb")
+CLOSEST_TO_ONE = ("uc_cnr_ratio", "sharpness_ratio")
+COLUMNS = ("style_gram", "hist_w1", "ssim", "psnr", "uc_cnr_ratio", "uc_detected",
+           "spectrum_dist", "sharpness_ratio", "structure_ssim", "seconds")
 
 
 def _value(text: str) -> Any:
@@ -63,7 +66,7 @@ def _score(metric: str, stats: dict[str, Any] | None) -> float:
     if not stats or stats.get("mean") is None:
         return float("-inf")
     mean = float(stats["mean"])
-    if metric == "uc_cnr_ratio":
+    if metric in CLOSEST_TO_ONE:
         return -abs(mean - 1.0)
     return -mean if metric in LOWER_IS_BETTER else mean
 

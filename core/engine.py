@@ -15,8 +15,11 @@ multi-reference transfer on one float image:
    each tile from the stitched result of scale k-1 (coarse to fine) or, where that
    tile's loss is lower there, from the content (or EHM) image; the content loss still
    compares with the content.
-4. The refiner merges the scales (untrained: the plain average); the result is clipped
-   to [0, 1] and background pixels (mask False) are set to ``background``.
+4. The refiner merges the scales (``merge = "average"``) or their frequency bands
+   (``"bands"``; :mod:`~mr2nst.core.merge`); untrained, it is the plain average or the
+   plain sum of the bands. With ``detail_sigma`` the low band comes from the start image
+   (detail mode). The result is clipped to [0, 1] and background pixels (mask False) are
+   set to ``background``.
 
 **Speed and memory.** Target Grams and content features are computed once per batch under
 ``inference_mode``; no graph outlives an iteration; on CUDA the VGG forward runs under
@@ -28,16 +31,9 @@ tensors autograd keeps, doubled for the backward pass's transients). ``transfer`
 ``mr2nst bench`` to time how fast the engine reaches a given loss); it is not a setting
 because it depends on the image.
 
-**Defaults.** Adam from the content image with no warm start is METHOD.md's recipe and
-stays the default. ``mr2nst bench`` (:mod:`mr2nst.node.bench`, results in
-``benchmarks/README.md``) measured on this project's 2-core CPU that the engine reaches
-the plain loop's loss on every scale about 7× faster, with ``warm_start`` at the same lr
-or without it at lr 0.02 (bf16 autocast, batching, targets once, background skipped,
-fewer iterations from the warm start or the larger step). The warm start stays off:
-``mr2nst evaluate`` found it lowers SSIM and µC detection (``docs/evaluation.md``), since
-the fine scales start from a blurred image. ``optimizer = "lbfgs"`` (no line search,
-always float32) is unstable on phantom tiles at patch 64-128: it is experimental, not a
-candidate default.
+**Defaults.** Chosen by the evaluation harness; the reasons are in ``docs/evaluation.md``
+and beside each default in :mod:`.engine_config`. The warm start and L-BFGS change the
+output; ``mr2nst bench`` measures speed (``benchmarks/README.md``).
 
 The engine never reads DICOM or decides anything about references: the caller passes
 float images in [0, 1] (references already mirrored to the content's laterality) and,
@@ -65,11 +61,13 @@ from .engine_config import NOT_FINGERPRINTED, REFINER_KEYS, EngineConfig
 from .errors import EngineConfigError, ImageError
 from .features import build_features
 from .intensity import FloatImage
+from .merge import band_sigmas, merge_inputs, with_detail_of
 from .optimize import (
     BatchContext,
     OptimizeSettings,
     Progress,
     amp_dtype,
+    histogram_targets,
     optimise,
     style_targets,
 )
@@ -79,7 +77,7 @@ from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
 __all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress", "resolved_device"]
 
 #: Bumped whenever the algorithm changes what a given config produces.
-ENGINE_REVISION = 1
+ENGINE_REVISION = 2  # 2: L-BFGS with line search; content layers, bands, detail, histogram loss
 #: Estimated bytes per patch pixel that one tile's optimisation keeps on the device, by
 #: element size: VGG19's activations up to relu5_1 are about 290 values per input pixel
 #: (64·2 + 128·2/4 + 256·4/16 + 512·4/64 + 512/256), kept once for backward plus as much
@@ -87,6 +85,17 @@ ENGINE_REVISION = 1
 ACTIVATION_BYTES_PER_PIXEL = {4: 2400, 2: 1300}
 #: Loss thresholds for an early stop, keyed by tile ``(scale, i, j)``.
 StopAt = Mapping[tuple[int, int, int], float]
+
+
+def optimize_settings(config: EngineConfig) -> OptimizeSettings:
+    """The optimiser's settings taken from the engine's config."""
+    return OptimizeSettings(
+        iterations=config.iterations, lr=config.lr, alpha=config.alpha, amp=config.amp,
+        report_every=config.report_every, optimizer=config.optimizer,
+        content_layers=config.content_layers, style_weights=config.style_weights,
+        pixel_weight=config.pixel_weight, histogram_weight=config.histogram_weight,
+        lr_schedule=config.lr_schedule,
+    )
 
 
 def resolved_device(config: EngineConfig) -> torch.device:
@@ -101,6 +110,7 @@ class EngineResult:
     """The output image and how it was made.
 
     ``scales`` are the stitched scale images before the refiner (no background applied);
+    ``merge_inputs`` what the refiner mixed (the scales, or their bands: :mod:`.merge`);
     ``final_losses[k]`` holds the final loss of each optimised tile of scale k (row-major),
     ``iterations_run[k]`` the iterations each ran (fewer than configured after a ``stop_at``).
     """
@@ -112,6 +122,7 @@ class EngineResult:
     final_losses: tuple[tuple[float, ...], ...]
     seconds: float
     iterations_run: tuple[tuple[int, ...], ...] = ()
+    merge_inputs: tuple[FloatImage, ...] = ()
 
 
 def resize_patch(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -312,9 +323,12 @@ class Mr2nstEngine:
         targets = style_targets(
             self._features, [crops(r, same_grid=False) for r in images.references]
         )
-        settings = OptimizeSettings(
-            cfg.iterations, cfg.lr, cfg.alpha, cfg.amp, cfg.report_every, cfg.optimizer
-        )
+        settings = optimize_settings(cfg)
+        hist = None
+        if cfg.histogram_weight > 0:
+            hist = histogram_targets(
+                self._features, [crops(r, same_grid=False) for r in images.references]
+            )
         warm = cfg.warm_start and context.scale > 0 and start is not None
         fallback = images.init if images.init is not None else images.content
         result = optimise(
@@ -327,11 +341,33 @@ class Mr2nstEngine:
             context=context,
             stop_at=goal,
             alternative=crops(fallback) if warm else None,
+            hist_targets=hist,
         )
         outputs = [
             resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
         ]
         return outputs, [float(v) for v in result.losses], [int(v) for v in result.iterations]
+
+    def merge(
+        self,
+        inputs: Tensor | Sequence[FloatImage],
+        start: Tensor | FloatImage,
+        mask: npt.NDArray[np.bool_],
+        background: float = 0.0,
+        refiner: Refiner | None = None,
+    ) -> FloatImage:
+        """The output image from what the refiner mixes (``EngineResult.merge_inputs``):
+        the refiner (this engine's, or ``refiner``), detail mode toward ``start`` (the
+        content, or the EHM start), clipping to [0, 1] and ``background`` outside ``mask``."""
+        stack = inputs if isinstance(inputs, Tensor) else torch.stack([self._tensor(a) for a in inputs])
+        first = start if isinstance(start, Tensor) else self._tensor(start)
+        merger = self._refiner if refiner is None else refiner.to(self._device).eval()
+        with torch.no_grad():
+            merged = merger(stack.to(self._device)[None])[0, 0]
+            merged = with_detail_of(merged, first.to(self._device), self._config.detail_sigma)
+        image = merged.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+        image[~mask] = np.float32(background)
+        return image
 
     def transfer(
         self,
@@ -393,10 +429,12 @@ class Mr2nstEngine:
             losses.append(tuple(scale_losses[t] for t in plan.tiles if t in scale_losses))
             ran.append(tuple(scale_ran[t] for t in plan.tiles if t in scale_ran))
 
+        cfg = self._config
+        sides = [max(max(t.shape) for t in plan.tiles) for plan in plans]
         with torch.no_grad():
-            merged = self._refiner(torch.stack(scales)[None])[0, 0]
-        image = merged.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
-        image[~content_mask] = np.float32(background)
+            inputs = merge_inputs(torch.stack(scales), cfg.merge, band_sigmas(sides, cfg.patch_size))
+        start = images.init if images.init is not None else images.content
+        image = self.merge(inputs, start, content_mask, background)
         return EngineResult(
             image=image,
             scales=tuple(s.cpu().numpy() for s in scales),
@@ -405,4 +443,5 @@ class Mr2nstEngine:
             final_losses=tuple(losses),
             seconds=time.perf_counter() - started,
             iterations_run=tuple(ran),
+            merge_inputs=tuple(m.cpu().numpy() for m in inputs),
         )

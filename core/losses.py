@@ -9,6 +9,16 @@ own. All arithmetic is float32, also when the features come from a bf16/fp16 for
 - Content: ``1/(N·M) Σ (F(x̂) − F(x_C))²``, the mean squared error at relu4_2.
 - Style, per layer: ``E_l = 1/(4 N_l²) Σ (G(x̂) − G_target)²``.
 - Total: ``content + α · mean_l E_l`` over relu1_1..relu5_1 (equal weights w_l = 1/5).
+
+Optional terms (engine levers; all off by default except one content layer):
+
+- Content at several layers (shallow ones pin pixel-level structure): the sum of the
+  per-layer content losses.
+- Per-layer style weights: ``α · Σ_l w_l E_l / L`` (equal weights of 1 give the mean).
+- Pixel term: ``λ_p · mean (x − x_0)²`` toward the start image ``x_0``.
+- Feature-histogram term (Risser, Wilmot & Barnes 2017): ``λ_h · mean (F − H(F))²`` per
+  histogram layer, where ``H(F)`` is ``F`` with each channel's values replaced, rank by
+  rank, by the target's sorted values (exact specification, treated as a constant).
 """
 
 from __future__ import annotations
@@ -64,37 +74,111 @@ class StyleLoss(nn.Module):
         return (g - self.target).square().sum(dim=(1, 2)) / (4.0 * c * c)
 
 
+class PixelLoss(nn.Module):
+    """Per-sample mean squared pixel difference to a buffered image (the start image)."""
+
+    target: Tensor
+
+    def __init__(self, target: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", target.detach().float())
+
+    def forward(self, image: Tensor) -> Tensor:
+        return (image.float() - self.target).square().flatten(1).mean(dim=1)
+
+
+def specify_rows(values: Tensor, sorted_target: Tensor) -> Tensor:
+    """``values`` (..., M) with each row's entries replaced rank by rank by the row of
+    ``sorted_target`` (..., M, ascending): exact histogram specification, no gradient."""
+    order = torch.argsort(values.detach(), dim=-1)
+    return torch.empty_like(sorted_target).scatter_(-1, order, sorted_target)
+
+
+class HistogramLoss(nn.Module):
+    """Risser et al.'s feature-histogram loss, per sample: ``mean (F − H(F))²`` where H
+    gives every channel the target's sorted activations ``(N, C, M)`` (buffered)."""
+
+    target: Tensor
+
+    def __init__(self, target: Tensor) -> None:
+        super().__init__()
+        if target.ndim != 3:
+            raise ValueError(f"expected (N, C, M) sorted activations, got {tuple(target.shape)}")
+        self.register_buffer("target", target.detach().float())
+
+    def forward(self, features: Tensor) -> Tensor:
+        flat = features.float().flatten(2)
+        if flat.shape[-1] != self.target.shape[-1]:
+            raise ValueError(f"features have {flat.shape[-1]} positions, target {self.target.shape[-1]}")
+        matched = specify_rows(flat, self.target)
+        return (flat - matched).square().mean(dim=(1, 2))
+
+
 class TransferLoss(nn.Module):
-    """``content + α · mean over style layers``, per sample, from a dict of named features."""
+    """``content + α · weighted mean over style layers`` (+ the optional pixel and
+    histogram terms), per sample, from a dict of named features."""
 
     def __init__(
         self,
-        content_target: Tensor,
+        content_target: Tensor | Mapping[str, Tensor],
         style_targets: Mapping[str, Tensor],
         alpha: float,
         content_layer: str = CONTENT_LAYER,
+        style_weights: Mapping[str, float] | None = None,
+        pixel_target: Tensor | None = None,
+        pixel_weight: float = 0.0,
+        histogram_targets: Mapping[str, Tensor] | None = None,
+        histogram_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not style_targets:
             raise ValueError("at least one style layer is required")
-        self.content_layer = content_layer
+        targets = (
+            {content_layer: content_target} if isinstance(content_target, Tensor)
+            else dict(content_target)
+        )
+        if not targets:
+            raise ValueError("at least one content layer is required")
         self.alpha = float(alpha)
-        self.content = ContentLoss(content_target)
+        self.content = nn.ModuleDict({k: ContentLoss(v) for k, v in targets.items()})
         self.style = nn.ModuleDict({k: StyleLoss(v) for k, v in style_targets.items()})
+        weights = dict(style_weights or {})
+        self.style_weights = {k: float(weights.get(k, 1.0)) for k in style_targets}
+        self.pixel_weight = float(pixel_weight)
+        self.pixel = PixelLoss(pixel_target) if pixel_target is not None and pixel_weight > 0 else None
+        self.histogram_weight = float(histogram_weight)
+        self.histogram = nn.ModuleDict(
+            {k: HistogramLoss(v) for k, v in (histogram_targets or {}).items()}
+            if histogram_weight > 0 else {}
+        )
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """Every layer the loss reads (style layers then the content layer)."""
-        return (*self.style.keys(), self.content_layer)
+        """Every layer the loss reads (style layers, then content, then histogram layers)."""
+        return tuple(dict.fromkeys([*self.style.keys(), *self.content.keys(), *self.histogram.keys()]))
+
+    @property
+    def content_layer(self) -> str:
+        """The first content layer (METHOD.md's relu4_2 by default)."""
+        return next(iter(self.content.keys()))
 
     def parts(self, features: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-sample (content, style) losses; style is the mean over its layers."""
-        content = self.content(features[self.content_layer])
-        terms = [module(features[name]) for name, module in self.style.items()]
+        """Per-sample (content, style) losses: content summed over its layers, style the
+        weighted mean over its layers."""
+        content = torch.stack([m(features[n]) for n, m in self.content.items()]).sum(dim=0)
+        terms = [self.style_weights[n] * m(features[n]) for n, m in self.style.items()]
         style = torch.stack(terms).mean(dim=0)
         return content, style
 
-    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, features: Mapping[str, Tensor], image: Tensor | None = None) -> Tensor:
+        """The per-sample total; ``image`` (the iterate) is needed when the pixel term is on."""
         content, style = self.parts(features)
-        return content + self.alpha * style
+        total = content + self.alpha * style
+        if self.pixel is not None:
+            if image is None:
+                raise ValueError("the pixel term needs the image")
+            total = total + self.pixel_weight * self.pixel(image)
+        for name, module in self.histogram.items():
+            total = total + self.histogram_weight * module(features[name])
+        return total
 

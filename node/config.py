@@ -20,12 +20,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mr2nst.core.engine_config import EngineConfig, FeatureSource, InitMode, Optimizer, Pooling
+from mr2nst.core.engine_config import (
+    EngineConfig,
+    FeatureSource,
+    InitMode,
+    LrSchedule,
+    Merge,
+    Optimizer,
+    Pooling,
+    Tone,
+)
 from mr2nst.core.errors import EngineConfigError
+from mr2nst.core.spectral import SpectralConfig
 
 from .errors import ConfigError
 
 _ENGINE = EngineConfig()  # the engine's defaults, written once in core
+_SPECTRAL = SpectralConfig()  # the spectral method's defaults, written once in core
 
 ENV_PREFIX = "MR2NST_"
 
@@ -99,6 +110,14 @@ class EngineSection(_Section):
     memory_budget_mb: int = Field(default=_ENGINE.memory_budget_mb, ge=1)
     optimizer: Optimizer = _ENGINE.optimizer
     warm_start: bool = _ENGINE.warm_start
+    content_layers: tuple[str, ...] = _ENGINE.content_layers
+    pixel_weight: float = Field(default=_ENGINE.pixel_weight, ge=0)
+    style_weights: tuple[float, ...] = _ENGINE.style_weights
+    histogram_weight: float = Field(default=_ENGINE.histogram_weight, ge=0)
+    lr_schedule: LrSchedule = _ENGINE.lr_schedule
+    merge: Merge = _ENGINE.merge
+    tone: Tone = _ENGINE.tone
+    detail_sigma: float = Field(default=_ENGINE.detail_sigma, ge=0)
     references: int = Field(default=5, ge=1)
     refiner: str = ""
     # A worker holds a claimed job under a lease it renews; a job whose lease ran out
@@ -135,13 +154,37 @@ class EngineSection(_Section):
         return EngineConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
+class SpectralSection(_Section):
+    """Settings of the ``spectral`` method; defaults and checks come from the core's SpectralConfig."""
+
+    bins: int = Field(default=_SPECTRAL.bins, ge=4)
+    min_gain: float = Field(default=_SPECTRAL.min_gain, gt=0, le=1)
+    max_gain: float = Field(default=_SPECTRAL.max_gain, ge=1)
+    low_cutoff: float = Field(default=_SPECTRAL.low_cutoff, ge=0, lt=0.5)
+    smooth_bins: float = Field(default=_SPECTRAL.smooth_bins, ge=0)
+    fill_sigma: float = Field(default=_SPECTRAL.fill_sigma, gt=0)
+    iterations: int = Field(default=_SPECTRAL.iterations, ge=1)
+
+    @model_validator(mode="after")
+    def _check_with_core(self) -> SpectralSection:
+        try:
+            self.core()
+        except EngineConfigError as exc:
+            raise ValueError(str(exc).removeprefix("spectral.")) from None
+        return self
+
+    def core(self) -> SpectralConfig:
+        """The core's config for these settings."""
+        return SpectralConfig(**self.model_dump())
+
+
 class BankSection(_Section):
     path: Path = Path("./bank")
     # Use fewer than engine.references references when the bank has fewer of the source's view.
     allow_fewer: bool = False
 
 
-Method = Literal["mr2nst", "ehm", "passthrough"]
+Method = Literal["mr2nst", "ehm", "spectral", "passthrough"]
 Action = Literal["normalize", "forward", "drop"]
 
 
@@ -208,6 +251,7 @@ class Config(_Section):
     ledger: LedgerSection = LedgerSection()
     engine: EngineSection = EngineSection()
     bank: BankSection = BankSection()
+    spectral: SpectralSection = SpectralSection()
     routes: tuple[Route, ...] = ()
     destinations: dict[str, Destination] = Field(default_factory=dict)
     forwarding: ForwardingSection = ForwardingSection()

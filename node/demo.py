@@ -3,6 +3,11 @@
 It writes phantom GE mammograms, starts a downstream sink SCP and a node on free local
 ports, sends the images with C-STORE, waits for the derived series to arrive at the sink,
 checks every derived instance, and writes a before/after PNG and a summary.
+
+The phantom is written in both renderings (``phantom/ge`` is sent, ``phantom/uih`` is the
+true UIH rendering of each source), so ``before_after.png`` shows, per image,
+source | mr2NST output | true UIH with native-resolution zooms on a µC cluster and on an
+edge: the evaluation's montage (:func:`~mr2nst.node.evaluate_report.montage_png`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw
+from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -124,28 +129,40 @@ def iod_errors(path: Path) -> int | None:
     return sum(1 for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error"))
 
 
-def _display(ds: Dataset, width: int) -> Image.Image:
-    image = decode(ds).image
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-    pic = Image.fromarray((gray * 255).astype(np.uint8))
-    return pic.resize((width, round(pic.height * width / pic.width)))
+def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path,
+                     files: dict[str, Path] | None = None) -> None:
+    """Per image: source | derived output (| true UIH) with µC-cluster and edge zooms.
 
+    ``files`` maps a source SOPInstanceUID to its phantom file ``DIR/ge/NAME.dcm``; the
+    ground truth then comes from ``DIR/uih/NAME.dcm`` (true UIH), ``DIR/truth/NAME.json``
+    (µCs) and ``DIR/truth/NAME_mask.png``. Without it the mask is segmented and there are
+    no truth panel and no µC zoom.
+    """
+    from mr2nst.core.segmentation import segment_breast
 
-def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path, width: int = 360) -> None:
-    """One row per image: the source (before) beside the derived image (after)."""
-    rows = [(_display(s, width), _display(d, width)) for s, d in pairs]
-    heights = [max(a.height, b.height) + 24 for a, b in rows]
-    canvas = Image.new("L", (2 * width + 8, sum(heights)), 0)
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for (before, after), height in zip(rows, heights, strict=True):
-        canvas.paste(before, (0, y + 24))
-        canvas.paste(after, (width + 8, y + 24))
-        draw.text((4, y + 6), "before (GE)", fill=255)
-        draw.text((width + 12, y + 6), f"after ({DEMO_METHOD})", fill=255)
-        y += height
-    canvas.save(path)
+    from .evaluate_report import MontageCase, montage_png
+
+    cases = []
+    for source, derived in pairs:
+        before = decode(source)
+        panels = [("before (GE)", before.image), (f"after ({DEMO_METHOD})", decode(derived).image)]
+        file = (files or {}).get(str(source.SOPInstanceUID))
+        root, name = (file.parent.parent, file.stem) if file else (None, "image")
+        mask_png = root / "truth" / f"{name}_mask.png" if root else None
+        if mask_png is not None and mask_png.exists():
+            mask = np.asarray(Image.open(mask_png)) > 127
+        else:
+            mask = segment_breast(before.image, before.info.view).mask
+        calcs = None
+        if root is not None and (root / "truth" / f"{name}.json").exists():
+            data = json.loads((root / "truth" / f"{name}.json").read_text(encoding="utf-8"))
+            calcs = np.asarray(data.get("calcs", []), dtype=np.float64).reshape(-1, 3)
+        reference = before.image
+        if root is not None and (root / "uih" / f"{name}.dcm").exists():
+            reference = decode(pydicom.dcmread(root / "uih" / f"{name}.dcm")).image
+            panels.append(("true UIH", reference))
+        cases.append(MontageCase(name, panels, np.asarray(mask, dtype=bool), calcs, reference))
+    montage_png(cases, path)
 
 
 def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0,
@@ -162,7 +179,10 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     configure_logging("json", "info", stream=log_file)
     saved_stderr = os.dup(2)
     os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
-    sources = [pydicom.dcmread(p) for p in write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE",))]
+    written = write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE", "UIH"))
+    files = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+             for p in written if p.parent.name == "ge"}
+    sources = [pydicom.dcmread(p) for p in files.values()]
     print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
     write_phantom_set(out / "references", n_references, size=size, seed=1000, vendors=("UIH",))
     bank = Bank(out / "bank")
@@ -197,7 +217,7 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     problems = {str(s.SOPInstanceUID): check_derived(s, d, config) for s, d in pairs}
     errors = {p.name: iod_errors(p) for p in sorted((out / "received").glob("*.dcm"))}
     if pairs:
-        before_after_png(pairs, out / "before_after.png")
+        before_after_png(pairs, out / "before_after.png", files)
     summary = {
         "sent": len(sources), "acknowledged": acked, "derived_received": len(sink.received),
         "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),

@@ -45,10 +45,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-METHODS = ("passthrough", "ehm", "nst_single", "mr2nst_1ref", "mr2nst",
+METHODS = ("passthrough", "ehm", "spectral", "nst_single", "mr2nst_1ref", "mr2nst",
            "mr2nst_s0", "mr2nst_s1", "mr2nst_s2")
 TRAINED = "mr2nst_trained"
 METRICS = ("style_gram", "hist_w1", "ssim", "psnr", "uc_cnr_ratio", "uc_detected",
+           "spectrum_dist", "sharpness_ratio", "structure_ssim",
            "domain_target_fraction", "seconds", "peak_mb")
 HELD_OUT_EVERY = 4  # every 4th target file (by name) is held out: 25 %
 W1_POOL = 200_000  # held-out target pixels pooled for the histogram distance (seeded subsample)
@@ -275,6 +276,7 @@ class Runner:
 
         from .method_ehm import EhmMethod
         from .method_mr2nst import Mr2nstMethod
+        from .method_spectral import SpectralMethod
         from .version import VERSION
         from .weights import ensure_weights
 
@@ -284,7 +286,8 @@ class Runner:
         k = self.config.engine.references
         want = set(self.methods)
         self.ehm = EhmMethod(self.bank, k, True, VERSION)
-        full = _Recorder(Mr2nstEngine(core)) if want - {"passthrough", "ehm", "nst_single"} else None
+        self.spectral = SpectralMethod(self.bank, k, True, VERSION, self.config.spectral.core())
+        full = _Recorder(Mr2nstEngine(core)) if want - {"passthrough", "ehm", "spectral", "nst_single"} else None
         single = _Recorder(Mr2nstEngine(replace(core, grids=(1,)))) if "nst_single" in want else None
         self.full, self.single = full, single
         self.mr2nst = Mr2nstMethod(full, self.bank, k, True, VERSION) if full else None
@@ -314,6 +317,7 @@ class Runner:
         out: dict[str, tuple[npt.NDArray[np.float32] | None, float | None, float | None]] = {}
         calls: list[tuple[str, Any]] = [("passthrough", lambda: item.image.copy())]
         calls.append(("ehm", lambda: self.ehm(item.image, item.info).image))
+        calls.append(("spectral", lambda: self.spectral(item.image, item.info).image))
         if self.nst_single is not None:
             calls.append(("nst_single", lambda: self.nst_single(item.image, item.info).image))
         if self.one_ref is not None and "mr2nst_1ref" in want:
@@ -329,14 +333,12 @@ class Runner:
                 image = self._to_target(result.scales[k], mask) if k < len(result.scales) else None
                 out[f"mr2nst_s{k}"] = (image, None, None)
             if self.refiner is not None:
-                import torch
 
                 def trained() -> npt.NDArray[np.float32]:
-                    with torch.no_grad():
-                        stack = torch.stack([torch.from_numpy(s) for s in result.scales])[None]
-                        merged = self.refiner(stack)[0, 0].clamp(0.0, 1.0).numpy()
-                    merged[~mask] = 0.0
-                    return self._to_target(merged, mask)
+                    assert self.mr2nst is not None and self.mr2nst.last is not None
+                    prepared, _ = self.mr2nst.last
+                    unit = self.full.engine.merge(result.merge_inputs, prepared.start, mask, 0.0, self.refiner)
+                    return self.mr2nst.finish(unit, prepared, result).image
 
                 image, seconds, mb = self._timed(trained)
                 base = out["mr2nst"]
@@ -355,6 +357,7 @@ class Context:
     features: Any
     target_gram: dict[str, Any]
     target_pool: npt.NDArray[np.float32]
+    target_spectrum: npt.NDArray[np.float64] | None = None
     classifier: Any = None
 
 
@@ -368,9 +371,13 @@ def score(image: npt.NDArray[np.float32] | None, item: Item, ctx: Context) -> di
     grams = m.masked_grams(ctx.features, image, item.mask)
     values["style_gram"] = None if grams is None else m.gram_distance(grams, ctx.target_gram)
     values["hist_w1"] = m.hist_w1(image, item.mask, ctx.target_pool)
+    if ctx.target_spectrum is not None:
+        values["spectrum_dist"] = m.spectrum_dist(image, item.mask, ctx.target_spectrum)
     if item.truth is not None:
         values["ssim"] = m.masked_ssim(image, item.truth, item.mask)
         values["psnr"] = m.masked_psnr(image, item.truth, item.mask)
+        values["sharpness_ratio"] = m.sharpness_ratio(image, item.truth, item.mask)
+        values["structure_ssim"] = m.structure_ssim(image, item.truth, item.mask)
         if item.calcs is not None:
             values["uc_cnr_ratio"] = m.uc_cnr_ratio(image, item.truth, item.calcs)
     if item.calcs is not None:
@@ -386,14 +393,13 @@ def _context(config: Any, held: list[Item], domain_source: list[Item], steps: in
     from mr2nst.core.domain_classifier import ClassifierSettings, DomainClassifier
     from mr2nst.core.features import build_features
 
-    # An independently seeded network for seeded-random features (seed + 1): the engine
-    # optimises against seed; the metric should not share its exact filters.
-    engine = config.engine
-    seed = engine.seed + 1 if engine.features == "seeded-random" else engine.seed
-    from .weights import ensure_weights
-
-    features = build_features(engine.features, "max", ensure_weights(engine) or "", seed).to(device)
+    # Never score an engine with the network it optimised (core.metrics.metric_network).
+    # The metric's hed-vgg16 is always the installed package's file: engine.weights names
+    # the engine's own network.
+    source, seed = m.metric_network(config.engine.features, config.engine.seed)
+    features = build_features(source, "max", "", seed).to(device)
     grams = [g for g in (m.masked_grams(features, h.image, h.mask) for h in held) if g is not None]
+    spectra = [s for s in (m.radial_spectrum(h.image, h.mask) for h in held) if s is not None]
     pool = np.concatenate([h.image[h.mask] for h in held])
     if pool.size > W1_POOL:
         pool = np.random.default_rng(0).choice(pool, W1_POOL, replace=False)
@@ -405,7 +411,8 @@ def _context(config: Any, held: list[Item], domain_source: list[Item], steps: in
                                             [(h.image, h.mask) for h in held], settings)
         info["classifier"] = {**asdict(settings), "train_accuracy_last_10_batches": classifier.train_accuracy,
                               "source_images": len(domain_source), "target_images": len(held)}
-    return Context(features, m.mean_grams(grams), pool.astype(np.float32), classifier), info
+    return Context(features, m.mean_grams(grams), pool.astype(np.float32),
+                   m.mean_spectrum(spectra) if spectra else None, classifier), info
 
 
 # -- the run -------------------------------------------------------------------------------------

@@ -1,9 +1,31 @@
 """The evaluation's report: ``report.md`` (tables), ``metrics.png`` (distributions) and
-``montage.png`` (before/after with zoomed µC regions). matplotlib with the Agg backend."""
+``montage.png`` (before/after with native-resolution zooms). matplotlib with the Agg backend.
+
+The montage (:func:`montage_png`, also the demo's ``before_after.png``) has, per case, three
+rows with one column per panel ``source | each method | true UIH``:
+
+1. the whole images, with the two zoom windows outlined (red: µC cluster, cyan: edge);
+2. a ``ZOOM`` x ``ZOOM`` px crop on a µC cluster, each pixel repeated ``ZOOM_FACTOR`` times
+   (nearest neighbour: no resampling blur). The cluster is the known µC with the most
+   other µCs within ``ZOOM / 2`` px; the crop is centred on the mean position of that group;
+3. the same kind of crop on an edge (a vessel or a glandular border): the maximum of the
+   Gaussian gradient magnitude (σ ``EDGE_SIGMA`` = 1.5 px) of the reference image (the true
+   UIH, else the source) inside the breast mask eroded by ``ZOOM / 2`` px (the whole crop
+   lies in the breast, so the skin line is not chosen), excluding every pixel within
+   ``ZOOM * 0.75`` px of a known µC (the crop shows no µC). When that leaves nothing (small
+   images), the µC exclusion shrinks to ``EDGE_MARGIN`` = 8 px (the edge is not a µC's rim,
+   though the crop may show µCs), then the erosion too, and last the whole mask is used.
+
+Every panel of a row shares one grey window: the 0.5-99.5 percentiles of the row's last
+panel (the true UIH when present), over the breast for row 1 and over the crop for rows 2-3,
+so brightness and contrast differences between the panels stay visible.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +43,16 @@ LABELS = {
                      "of the output over that of the true target rendering"),
     "uc_detected": ("µC detected ↑", "fraction of known µCs found by a fixed white top-hat spot "
                     "detector (disk r=4 px, 4 robust sigmas, match within 2 px)"),
+    "spectrum_dist": ("spectrum dist ↓", "RMS difference of log10 power over 9 radial frequency bins "
+                      "(0.05-0.5 cycles/px) between the high-passed (minus Gaussian σ 3 px), "
+                      "windowed breast (mask eroded 8 px, 2 px taper) and the mean of the held-out "
+                      "target images; needs no truth"),
+    "sharpness_ratio": ("sharpness →1", "RMS of image minus its Gaussian low-pass (σ 2 px) inside "
+                        "the mask eroded 6 px, over the same for the true target rendering "
+                        "(sqrt of the high-frequency energy ratio); below 1 = softer than UIH"),
+    "structure_ssim": ("low-pass SSIM ↑", "SSIM of both images low-passed with a Gaussian of σ 1.5 px, "
+                       "averaged inside the mask, against the true target rendering: structure "
+                       "without scoring independent noise grain"),
     "domain_target_fraction": ("called target ↑", "fraction of outputs the ResNet18 domain classifier "
                                "calls target-domain (stands in for the paper's NIMA score)"),
     "seconds": ("s/image", "wall time per image of the method call"),
@@ -30,6 +62,8 @@ LABELS = {
 DESCRIPTIONS = {
     "passthrough": "source image unchanged (the GE rendering)",
     "ehm": "exact histogram matching to the selected references",
+    "spectral": "EHM, then the breast's radial power spectrum matched to the references' mean by a "
+                "clipped frequency-domain gain, then EHM again (no GPU)",
     "nst_single": "single-reference, single-scale NST (grid 1 only)",
     "mr2nst_1ref": "mr2NST, all scales, 1 reference",
     "mr2nst": "mr2NST, all scales, engine.references references, untrained refiner (average)",
@@ -114,10 +148,11 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], run: dict[str, A
         f"iterations {engine['iterations']}, lr {engine['lr']:g}, alpha {engine['alpha']:g}, pooling "
         f"{engine['pooling']}, init {engine['init']}, features {engine['features']}, device {engine['device']}; "
         f"references {run['references']}; refiner {run['refiner'] or 'untrained (average of the scales)'}.",
-        f"- Style metric network: {run['metric_features']}."
-        + (" With seeded-random features these are random VGG19 filters, not ImageNet ones; the metric "
-           "uses a different seed than the engine so it does not score the exact filters being optimised."
-           if engine["features"] == "seeded-random" else ""),
+        f"- Style metric network: {run['metric_features']}. It is never the network the engine optimised: "
+        "an engine on hed-vgg16 is scored by VGG19 with seeded-random weights (seed 7919, or 7920 when "
+        "that is the engine's), any other engine by the learned hed-vgg16."
+        + (" These are random filters, not learned ones." if run["metric_features"].startswith("seeded-random")
+           else ""),
         "- Domain realism takes the role NIMA had in the paper (no NIMA weights here): a ResNet18 "
         "(torchvision, no pretrained weights, 1 input channel) trained on random native-resolution crops "
         "of held-apart source images vs the held-out target images; an output counts as target when the "
@@ -155,46 +190,132 @@ def _distributions(out: Path, run: dict[str, Any]) -> str | None:
     return "metrics.png"
 
 
-def _montage(out: Path, cases: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]]) -> str | None:
+#: Montage zooms: crop side (px), pixel repetition, edge-finder σ and skin-line margin (px).
+ZOOM = 48
+ZOOM_FACTOR = 4
+EDGE_SIGMA = 1.5
+EDGE_MARGIN = 8
+
+
+@dataclass(frozen=True)
+class MontageCase:
+    """One montage case: labelled panels (source first, true UIH last when known) and its truth."""
+
+    name: str
+    panels: list[tuple[str, npt.NDArray[np.floating]]]
+    mask: npt.NDArray[np.bool_]
+    calcs: npt.NDArray[np.float64] | None
+    reference: npt.NDArray[np.floating]  # where the edge zoom is looked for
+
+
+def uc_cluster_centre(calcs: npt.NDArray[np.float64] | None, half: int = ZOOM // 2) -> tuple[float, float] | None:
+    """Mean (row, col) of the known µC with the most others within ``half`` px, and those others."""
+    if calcs is None or len(calcs) == 0:
+        return None
+    pts = np.asarray(calcs, dtype=np.float64).reshape(-1, 3)[:, :2]
+    near = np.linalg.norm(pts[:, None, :] - pts[None, :, :], axis=-1) <= half
+    best = int(np.argmax(near.sum(axis=1)))
+    centre = pts[near[best]].mean(axis=0)
+    return float(centre[0]), float(centre[1])
+
+
+def edge_centre(reference: npt.NDArray[np.floating], mask: npt.NDArray[np.bool_],
+                calcs: npt.NDArray[np.float64] | None) -> tuple[float, float] | None:
+    """(row, col) of the strongest Gaussian gradient (σ ``EDGE_SIGMA``) deep inside the breast,
+    away from known µCs (rule in the module docstring); None for an empty mask."""
+    from scipy import ndimage as ndi  # type: ignore[import-untyped, unused-ignore]
+
+    if not mask.any():
+        return None
+    grad = ndi.gaussian_gradient_magnitude(np.asarray(reference, dtype=np.float64), EDGE_SIGMA)
+    deep = ndi.binary_erosion(mask, iterations=ZOOM // 2)
+    inner = ndi.binary_erosion(mask, iterations=EDGE_MARGIN)
+    distance = np.full(mask.shape, np.inf)  # to the nearest known µC
+    if calcs is not None and len(calcs):
+        seeds = np.ones(mask.shape, dtype=bool)
+        rows = np.clip(np.rint(calcs[:, 0]).astype(int), 0, mask.shape[0] - 1)
+        cols = np.clip(np.rint(calcs[:, 1]).astype(int), 0, mask.shape[1] - 1)
+        seeds[rows, cols] = False
+        distance = ndi.distance_transform_edt(seeds)
+    far, off = distance > ZOOM * 0.75, distance > EDGE_MARGIN
+    for allowed in (deep & far, deep & off, inner & off, mask):
+        if allowed.any():
+            flat = int(np.argmax(np.where(allowed, grad, -np.inf)))
+            row, col = np.unravel_index(flat, mask.shape)
+            return float(row), float(col)
+    return None
+
+
+def _crop_origin(centre: tuple[float, float], shape: tuple[int, ...]) -> tuple[int, int]:
+    r0 = int(np.clip(round(centre[0]) - ZOOM // 2, 0, max(shape[0] - ZOOM, 0)))
+    c0 = int(np.clip(round(centre[1]) - ZOOM // 2, 0, max(shape[1] - ZOOM, 0)))
+    return r0, c0
+
+
+def _window(values: npt.NDArray[np.floating]) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def montage_png(cases: Sequence[MontageCase], path: Path, dpi: int = 100) -> None:
+    """Write the montage of ``cases`` to ``path``: per case the whole images, a µC-cluster zoom
+    and an edge zoom, each zoom at native resolution repeated ``ZOOM_FACTOR`` times."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ncols = max(len(c.panels) for c in cases)
+    side = ZOOM * ZOOM_FACTOR / dpi  # inches: a zoom panel shows each repeated pixel 1:1
+    aspect = max(c.panels[0][1].shape[0] / c.panels[0][1].shape[1] for c in cases)
+    heights = [v for _ in cases for v in (side * aspect, side, side)]
+    fig, axes = plt.subplots(3 * len(cases), ncols, squeeze=False,
+                             figsize=(side * ncols * 1.08, sum(heights) * 1.25),
+                             gridspec_kw={"height_ratios": heights})
+    for k, case in enumerate(cases):
+        ref = case.panels[-1][1]
+        zooms = [("µC cluster", uc_cluster_centre(case.calcs), "red"),
+                 ("edge", edge_centre(case.reference, case.mask, case.calcs), "cyan")]
+        origins = [(label, _crop_origin(c, ref.shape) if c else None, colour) for label, c, colour in zooms]
+        lo, hi = _window(np.asarray(ref)[case.mask] if case.mask.any() else np.asarray(ref).ravel())
+        windows = [_window(np.asarray(ref)[o[0]:o[0] + ZOOM, o[1]:o[1] + ZOOM]) if o else (0.0, 1.0)
+                   for _, o, _ in origins]
+        for c in range(ncols):
+            column = [axes[3 * k + j, c] for j in range(3)]
+            for ax in column:
+                ax.axis("off")
+            if c >= len(case.panels):
+                continue
+            name, image = case.panels[c]
+            column[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
+            column[0].set_title(f"{case.name}: {name}" if c == 0 else name, fontsize=7)
+            for j, ((label, origin, colour), (wlo, whi)) in enumerate(zip(origins, windows, strict=True)):
+                if origin is None:
+                    column[j + 1].set_title(f"{label}: none", fontsize=6)
+                    continue
+                r0, c0 = origin
+                column[0].add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), ZOOM, ZOOM, fill=False,
+                                                  color=colour, lw=0.8))
+                crop = np.asarray(image)[r0:r0 + ZOOM, c0:c0 + ZOOM]
+                big = np.repeat(np.repeat(crop, ZOOM_FACTOR, axis=0), ZOOM_FACTOR, axis=1)
+                column[j + 1].imshow(big, cmap="gray", vmin=wlo, vmax=whi, interpolation="nearest")
+                column[j + 1].set_title(f"{label} ({r0},{c0}) x{ZOOM_FACTOR}", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _montage(out: Path, cases: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]]) -> str | None:
+    """montage.png: source | every method but passthrough (the source itself) | true UIH."""
     if not cases:
         return None
-    wanted = ["passthrough", "ehm", "nst_single", "mr2nst", "mr2nst_trained"]
-    half = 24
-    fig_rows = []
+    rows = []
     for item, outputs in cases:
-        panels = [(n, outputs[n]) for n in wanted if outputs.get(n) is not None]
+        panels: list[tuple[str, npt.NDArray[np.floating]]] = [("source (GE)", item.image)]
+        panels += [(n, image) for n, image in outputs.items() if n != "passthrough" and image is not None]
         if item.truth is not None:
-            panels.append(("true target", item.truth))
-        centre = np.median(item.calcs[:, :2], axis=0) if item.calcs is not None and len(item.calcs) else None
-        fig_rows.append((item, panels, centre))
-    ncols = max(len(p) for _, p, _ in fig_rows)
-    fig, axes = plt.subplots(2 * len(fig_rows), ncols, figsize=(2.6 * ncols, 5.6 * len(fig_rows)),
-                             squeeze=False)
-    for r, (item, panels, centre) in enumerate(fig_rows):
-        for c in range(ncols):
-            top, zoom = axes[2 * r, c], axes[2 * r + 1, c]
-            top.axis("off")
-            zoom.axis("off")
-            if c >= len(panels):
-                continue
-            name, image = panels[c]
-            top.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
-            top.set_title(f"{item.name}: {name}", fontsize=7)
-            if centre is None:
-                continue
-            r0 = int(np.clip(centre[0] - half, 0, image.shape[0] - 2 * half))
-            c0 = int(np.clip(centre[1] - half, 0, image.shape[1] - 2 * half))
-            top.add_patch(plt.Rectangle((c0, r0), 2 * half, 2 * half, fill=False, color="red", lw=0.8))
-            crop = image[r0:r0 + 2 * half, c0:c0 + 2 * half]
-            lo, hi = np.percentile(crop, [1, 99.5])
-            zoom.imshow(crop, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
-            zoom.set_title("µC zoom (own window)", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "montage.png", dpi=110)
-    plt.close(fig)
+            panels.append(("true UIH", item.truth))
+        reference = item.truth if item.truth is not None else item.image
+        rows.append(MontageCase(item.name, panels, item.mask, item.calcs, reference))
+    montage_png(rows, out / "montage.png")
     return "montage.png"

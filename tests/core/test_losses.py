@@ -83,3 +83,34 @@ def test_style_loss_gradient_matches_autograd_free_formula() -> None:
     flat = F1[0].reshape(2, 4)
     expected = (4 * g @ flat / (4 * 4 * 4)).reshape(1, 2, 2, 2)
     assert f.grad is not None and torch.allclose(f.grad, expected)
+
+
+def test_histogram_loss_by_hand() -> None:
+    """Risser's loss: each channel's values are replaced rank by rank by the sorted target."""
+    from mr2nst.core.losses import HistogramLoss
+
+    feats = torch.tensor([[[[3.0, 1.0], [2.0, 0.0]]]])  # one channel: 3, 1, 2, 0
+    target = torch.tensor([[[10.0, 20.0, 30.0, 40.0]]])  # sorted target activations
+    # ranks: 0 -> 10, 1 -> 20, 2 -> 30, 3 -> 40: matched [40, 20, 30, 10]
+    expected = ((3 - 40) ** 2 + (1 - 20) ** 2 + (2 - 30) ** 2 + (0 - 10) ** 2) / 4
+    assert HistogramLoss(target)(feats).item() == pytest.approx(expected)
+    assert HistogramLoss(torch.tensor([[[0.0, 1.0, 2.0, 3.0]]]))(feats).item() == 0.0
+
+
+def test_transfer_loss_levers_by_hand() -> None:
+    """Two content layers add, style weights weight the mean, the pixel term pulls to x0."""
+    feats = {"relu1_1": F1, "relu2_1": 2 * F1, "relu4_2": F1}
+    image = torch.ones(1, 1, 2, 2)
+    loss = TransferLoss(
+        content_target={"relu1_1": torch.zeros_like(F1), "relu4_2": torch.zeros_like(F1)},
+        style_targets={"relu1_1": torch.zeros(2, 2), "relu2_1": torch.zeros(2, 2)},
+        alpha=10.0, style_weights={"relu1_1": 2.0, "relu2_1": 0.0},
+        pixel_target=torch.zeros(1, 1, 2, 2), pixel_weight=3.0,
+    )
+    style1 = 59.625 / 16
+    content, style = loss.parts(feats)
+    assert content.item() == pytest.approx(8.0)
+    assert style.item() == pytest.approx(2.0 * style1 / 2)
+    assert loss(feats, image).item() == pytest.approx(8.0 + 10.0 * style1 + 3.0)
+    with pytest.raises(ValueError, match="pixel"):
+        loss(feats)

@@ -98,3 +98,57 @@ def test_summary_and_paired_test():
     assert m.paired_p([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) is None  # constant difference: t undefined
     p = m.paired_p([1.0, 2.1, 2.9, 4.2], [2.0, 3.0, 4.1, 5.0])
     assert p is not None and 0.0 < p < 0.01
+
+
+def test_sharpness_ratio_orders_blurred_original_and_sharpened(case):
+    """Against the original: itself scores 1, a blurred copy below 1, an unsharp-masked one above 1."""
+    img, mask = case.uih.astype(np.float64), case.mask
+    blurred = ndi.gaussian_filter(img, 1.0)
+    sharpened = img + 1.0 * (img - ndi.gaussian_filter(img, 1.0))
+    assert m.sharpness_ratio(img, img, mask) == pytest.approx(1.0)
+    assert m.sharpness_ratio(blurred, img, mask) < 0.8
+    assert m.sharpness_ratio(sharpened, img, mask) > 1.3
+
+
+def test_identical_images_have_perfect_texture_scores(case):
+    """An image against itself: structure SSIM 1, spectrum distance 0 to its own spectrum."""
+    img, mask = case.uih, case.mask
+    own = m.radial_spectrum(img, mask)
+    assert own is not None and own.shape == (len(m.SPECTRUM_BINS) - 1,)
+    assert m.structure_ssim(img, img, mask) == pytest.approx(1.0)
+    assert m.spectrum_dist(img, mask, own) == pytest.approx(0.0, abs=1e-12)
+    assert m.spectrum_dist(img, mask, m.mean_spectrum([own, own])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_structure_ssim_ignores_independent_noise_grain(case):
+    """White noise (sd 0.05) lowers plain SSIM clearly but leaves the low-passed SSIM near 1."""
+    img, mask = case.uih.astype(np.float64), case.mask
+    noisy = img + 0.05 * np.random.default_rng(0).standard_normal(img.shape)
+    plain, structure = m.masked_ssim(noisy, img, mask), m.structure_ssim(noisy, img, mask)
+    assert plain < 0.85
+    assert structure > 0.95 and structure > plain + 0.1
+
+
+def test_blurred_texture_is_far_from_the_sharp_spectrum(case):
+    """Against the sharp image's spectrum, a blurred copy is further away than the image itself."""
+    img, mask = case.uih.astype(np.float64), case.mask
+    target = m.radial_spectrum(img, mask)
+    blurred = ndi.gaussian_filter(img, 1.0)
+    assert m.spectrum_dist(blurred, mask, target) > 0.3 > m.spectrum_dist(img, mask, target)
+
+
+def test_empty_mask_gives_no_texture_scores(case):
+    """An empty mask gives None for the spectrum, sharpness and structure SSIM."""
+    empty = np.zeros_like(case.mask)
+    assert m.radial_spectrum(case.uih, empty) is None
+    assert m.spectrum_dist(case.uih, empty, np.zeros(len(m.SPECTRUM_BINS) - 1)) is None
+    assert m.sharpness_ratio(case.ge, case.uih, empty) is None
+    assert m.structure_ssim(case.ge, case.uih, empty) is None
+
+
+def test_metric_network_is_never_the_engines():
+    """hed-vgg16 engines are scored by seeded-random VGG19 (seed 7919, or 7920), others by hed-vgg16."""
+    assert m.metric_network("hed-vgg16", 0) == ("seeded-random", 7919)
+    assert m.metric_network("hed-vgg16", 7919) == ("seeded-random", 7920)
+    assert m.metric_network("imagenet", 0)[0] == "hed-vgg16"
+    assert m.metric_network("seeded-random", 7919)[0] == "hed-vgg16"

