@@ -1,10 +1,11 @@
 """Tune engine settings with the evaluation harness: one ``mr2nst evaluate`` per grid point.
 
     python benchmarks/tune.py --source s8/ge --target t40/uih --truth s8 --out tune \\
-        --config base.toml --set alpha=1e2,1e3,1e4 --set lr=0.005,0.01,0.02
+        --config base.toml --set alpha=1e2,1e3,1e4 --set lr=0.005,0.01,0.02 \\
+        --set 'content_layers=["relu4_2"];["relu1_1","relu4_2"]'
 
 Every combination of the ``--set KEY=V1,V2,...`` values (keys of the ``[engine]``
-section) is written into a copy of ``--config`` and evaluated with ``--methods``
+section; values that are lists themselves are separated by ``;``) is written into a copy of ``--config`` and evaluated with ``--methods``
 (default ``mr2nst``) into ``OUT/<point>/``. A point whose ``metrics.json`` already
 exists is not rerun, so an interrupted sweep continues where it stopped. The table of
 every point (mean ± sd of each metric of the first method) goes to ``OUT/tune.md`` and
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -48,6 +50,12 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+def _slug(value: Any) -> str:
+    """A value as a folder-name part: lists joined by '+', nothing but [A-Za-z0-9_.+-]."""
+    text = "+".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "", text)
 
 
 def _config_text(base: dict[str, Any], engine: dict[str, Any]) -> str:
@@ -93,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, values = item.partition("=")
         if not sep or not values:
             p.error(f"--set {item!r}: expected KEY=V1,V2,...")
-        axes.append((key.strip(), [_value(v.strip()) for v in values.split(",")]))
+        sep = ";" if ";" in values else ","  # ";" separates values that are lists themselves
+        axes.append((key.strip(), [_value(v.strip()) for v in values.split(sep)]))
     method = args.methods.split(",")[0]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     failed = 0
     for combo in itertools.product(*(values for _, values in axes)):
         engine = {key: value for (key, _), value in zip(axes, combo, strict=True)}
-        name = "_".join(f"{k}-{v}" for k, v in engine.items()) or "base"
+        name = "_".join(f"{k}-{_slug(v)}" for k, v in engine.items()) or "base"
         point = args.out / name
         metrics_file = point / "metrics.json"
         if not metrics_file.exists():

@@ -61,7 +61,7 @@ from .engine_config import NOT_FINGERPRINTED, REFINER_KEYS, EngineConfig
 from .errors import EngineConfigError, ImageError
 from .features import build_features
 from .intensity import FloatImage
-from .merge import band_sigmas, merge_inputs, with_detail_of
+from .merge import HighPassView, band_sigmas, merge_inputs, with_detail_of
 from .optimize import (
     BatchContext,
     OptimizeSettings,
@@ -320,19 +320,18 @@ class Mr2nstEngine:
             boxes = [t.slices if same_grid else t.box_on((h, w)) for t in batch]
             return torch.cat([resize_patch(image[box][None, None], size) for box in boxes])
 
-        targets = style_targets(
-            self._features, [crops(r, same_grid=False) for r in images.references]
-        )
+        network: Any = self._features
+        if cfg.detail_sigma > 0:  # detail mode: the NST works on the high-pass layer
+            network = HighPassView(self._features, cfg.detail_sigma)
+        targets = style_targets(network, [crops(r, same_grid=False) for r in images.references])
         settings = optimize_settings(cfg)
         hist = None
         if cfg.histogram_weight > 0:
-            hist = histogram_targets(
-                self._features, [crops(r, same_grid=False) for r in images.references]
-            )
+            hist = histogram_targets(network, [crops(r, same_grid=False) for r in images.references])
         warm = cfg.warm_start and context.scale > 0 and start is not None
         fallback = images.init if images.init is not None else images.content
         result = optimise(
-            self._features,
+            network,
             crops(images.content),
             targets,
             settings,
@@ -343,9 +342,21 @@ class Mr2nstEngine:
             alternative=crops(fallback) if warm else None,
             hist_targets=hist,
         )
-        outputs = [
-            resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
-        ]
+        if cfg.resample == "image":
+            outputs = [
+                resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
+            ]
+        else:  # "residual": the native start keeps its detail; only the change is resampled
+            assert result.start is not None
+            change = result.images - result.start
+            native = start if start is not None else images.content
+            outputs = []
+            for n, t in enumerate(batch):
+                base = native
+                if result.from_alternative is not None and bool(result.from_alternative[n]):
+                    base = fallback
+                delta = resize_patch(change[n : n + 1], t.shape)[0, 0]
+                outputs.append((base[t.slices] + delta).clamp(0.0, 1.0))
         return outputs, [float(v) for v in result.losses], [int(v) for v in result.iterations]
 
     def merge(

@@ -15,6 +15,7 @@ Optimizer = Literal["adam", "lbfgs"]
 LrSchedule = Literal["constant", "step"]
 Merge = Literal["average", "bands"]
 Tone = Literal["linear", "ehm"]
+Resample = Literal["image", "residual"]
 #: Layer names a loss may read (every feature network has them; see :mod:`.features`).
 KNOWN_LAYERS = (
     "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu4_1", "relu4_2",
@@ -31,7 +32,7 @@ NOT_FINGERPRINTED = (
 REFINER_KEYS = (
     "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
     "optimizer", "warm_start", "content_layers", "pixel_weight", "style_weights",
-    "histogram_weight", "lr_schedule", "merge",
+    "histogram_weight", "lr_schedule", "merge", "resample",
 )
 
 
@@ -75,6 +76,7 @@ class EngineConfig:
     merge: Merge = "average"  # how the scales are combined before the refiner
     tone: Tone = "linear"  # applied by the method: "ehm" = exact histogram of the references
     detail_sigma: float = 0.0  # > 0: low band (Gaussian sigma, px) from the start image
+    resample: Resample = "image"  # "residual": tiles keep the start's native detail plus the resized change
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grids", tuple(int(g) for g in self.grids))
@@ -122,7 +124,8 @@ class EngineConfig:
         for name in ("pixel_weight", "histogram_weight", "detail_sigma"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
-        for name, kind in (("lr_schedule", LrSchedule), ("merge", Merge), ("tone", Tone)):
+        for name, kind in (("lr_schedule", LrSchedule), ("merge", Merge), ("tone", Tone),
+                           ("resample", Resample)):
             if getattr(self, name) not in get_args(kind):
                 raise bad(name, f"must be one of {get_args(kind)}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):

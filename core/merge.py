@@ -14,10 +14,13 @@
 resolves frequencies up to about ``r/2`` cycles per pixel; ``σ_k = BAND_SIGMA / r`` puts
 the Gaussian's half-power point near ``r/4``, below the resize filter's roll-off.
 
-``detail_sigma > 0`` (detail mode): the low band ``L_d`` of the *start* image (the EHM
-start when ``init = "ehm"``) replaces that of the merged result, so the tone and the
-anatomy come from the start and only the detail above σ_d from the transfer:
-``out = L_d(start) + (merged − L_d(merged))``.
+``detail_sigma > 0`` (detail mode): the NST works on the high-pass layer, and the low
+band comes from the start. During the optimisation the feature network sees
+``x − L_d(x) + 1/2`` (:class:`HighPassView`, σ_d in patch pixels), for the iterate, the
+content and the references alike, so the Gram and histogram targets describe texture
+and grain rather than tone; afterwards the low band ``L_d`` of the *start* image (the
+EHM start when ``init = "ehm"``) replaces that of the merged result (σ_d in native
+pixels): ``out = L_d(start) + (merged − L_d(merged))``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 #: σ (native px) of the band boundary of a scale optimised at full resolution.
 BAND_SIGMA = 0.75
@@ -79,3 +82,18 @@ def with_detail_of(merged: Tensor, start: Tensor, sigma: float) -> Tensor:
     if sigma <= 0:
         return merged
     return gaussian_blur(start, sigma) + merged - gaussian_blur(merged, sigma)
+
+
+class HighPassView(nn.Module):
+    """A feature network that sees the detail layer ``x − L_σ(x) + 1/2`` of its input
+    (detail mode); otherwise it is called like :class:`~mr2nst.core.features.VGGFeatures`."""
+
+    def __init__(self, features: nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.features = features
+        self.sigma = float(sigma)
+
+    def forward(self, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        detail = image - gaussian_blur(image, self.sigma) + 0.5
+        out: dict[str, Tensor] = self.features(detail, layers)
+        return out

@@ -117,6 +117,8 @@ class BatchResult:
     images: Tensor
     losses: Tensor
     iterations: Tensor
+    start: Tensor | None = None  # the start each tile was optimised from (B, 1, h, w)
+    from_alternative: Tensor | None = None  # (B,) bool: that start was ``alternative``
 
 
 def cpu_has_bf16() -> bool:
@@ -259,9 +261,10 @@ def _choose_start(
     alternative: Tensor,
     hist_targets: dict[str, Tensor] | None,
     dtype: torch.dtype | None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Per tile, whichever of ``start`` and ``alternative`` has the lower loss (``start`` on
-    ties). The pixel term is 0 at either candidate itself, so it is left out here."""
+    ties), and which tiles took ``alternative``. The pixel term is 0 at either candidate
+    itself, so it is left out here."""
     if alternative.shape != content.shape:
         raise ValueError(f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}")
     other = alternative.detach().clamp(0.0, 1.0)
@@ -274,8 +277,8 @@ def _choose_start(
             with _autocast(content.device, dtype):
                 feats = features(candidate, loss_fn.layers)
             losses.append(loss_fn(feats, candidate).float())
-    better = (losses[1] < losses[0]).view(-1, 1, 1, 1)
-    return torch.where(better, other, start)
+    better = losses[1] < losses[0]
+    return torch.where(better.view(-1, 1, 1, 1), other, start), better
 
 
 def optimise(
@@ -313,8 +316,9 @@ def optimise(
     dtype = None if settings.optimizer == "lbfgs" else amp_dtype(device, settings.amp)
 
     start = (content if init is None else init).detach().clamp(0.0, 1.0)
+    chosen = None
     if alternative is not None:
-        start = _choose_start(
+        start, chosen = _choose_start(
             features, content, targets, settings, start, alternative, hist_targets, dtype
         )
     loss_fn = transfer_loss(features, content, targets, settings, start, hist_targets)
@@ -352,7 +356,9 @@ def optimise(
     final = exact_loss(result)
     report(settings.iterations, float(final.mean()), n)
     iterations = torch.full((n,), ran, dtype=torch.int64)
-    return BatchResult(images=result, losses=final, iterations=iterations)
+    return BatchResult(
+        images=result, losses=final, iterations=iterations, start=start, from_alternative=chosen
+    )
 
 
 def _adam(

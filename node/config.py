@@ -28,6 +28,7 @@ from mr2nst.core.engine_config import (
     Merge,
     Optimizer,
     Pooling,
+    Resample,
     Tone,
 )
 from mr2nst.core.errors import EngineConfigError
@@ -118,6 +119,7 @@ class EngineSection(_Section):
     merge: Merge = _ENGINE.merge
     tone: Tone = _ENGINE.tone
     detail_sigma: float = Field(default=_ENGINE.detail_sigma, ge=0)
+    resample: Resample = _ENGINE.resample
     references: int = Field(default=5, ge=1)
     refiner: str = ""
     # A worker holds a claimed job under a lease it renews; a job whose lease ran out

@@ -67,3 +67,18 @@ def test_merge_refuses_bad_arguments() -> None:
         merge_inputs(scales, "median", (1.0, 1.0))
     with pytest.raises(ValueError, match="sigmas"):
         merge_inputs(scales, "bands", (1.0,))
+
+
+def test_high_pass_view_ignores_the_tone() -> None:
+    """In detail mode the network sees x − L(x) + 1/2: a brightness offset changes
+    nothing it sees, while another texture does."""
+    from mr2nst.core.features import build_features
+    from mr2nst.core.merge import HighPassView
+
+    view = HighPassView(build_features("seeded-random", "avg"), 1.0)
+    texture = _texture(9, (32, 32))[None, None] * 0.2 + 0.3
+    base = view(texture, ("relu1_1",))["relu1_1"]
+    brighter = view(texture + 0.2, ("relu1_1",))["relu1_1"]
+    torch.testing.assert_close(brighter, base, atol=1e-5, rtol=1e-5)
+    other = view(_texture(10, (32, 32))[None, None] * 0.2 + 0.3, ("relu1_1",))["relu1_1"]
+    assert not torch.allclose(other, base, atol=1e-3)
