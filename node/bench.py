@@ -200,14 +200,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from mr2nst.core.engine import EngineConfig, resolved_device
+    from mr2nst.core.engine_config import PAPER_RECIPE
     from mr2nst.core.optimize import amp_dtype
     from mr2nst.core.tiling import tiles_for
 
     size = (int(args.size[0]), int(args.size[1]))
     base = EngineConfig(features="seeded-random", device=args.device)
     grids = tuple(args.grids) if args.grids else base.grids
-    plain_cfg = EngineConfig(features="seeded-random", device=args.device, patch_size=args.patch_size,
-                             iterations=args.iterations, grids=grids)
+    plain_cfg = EngineConfig(**{**PAPER_RECIPE, "features": "seeded-random", "device": args.device,  # type: ignore[arg-type]
+                                "patch_size": args.patch_size, "iterations": args.iterations, "grids": grids})
     engine_cfg = EngineConfig(**{**asdict(plain_cfg), "optimizer": args.optimizer,
                                  "warm_start": args.warm_start, "init": args.init,
                                  "lr": plain_cfg.lr if args.lr is None else args.lr, "amp": args.amp})

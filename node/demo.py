@@ -81,8 +81,8 @@ def demo_config(data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str
         "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
                  "min_free_disk_mb": 64},
         # CPU-sized engine settings (the real recipe, patch 512 x 400 iterations, needs a GPU);
-        # seeded-random features because the ImageNet weights are not downloaded here.
-        "engine": {"features": "seeded-random", "workers": 1, "lease_s": 60, "references": 5,
+        # hed-vgg16: learned VGG16 features available offline (ImageNet's are not downloaded here).
+        "engine": {"features": "hed-vgg16", "workers": 1, "lease_s": 60, "references": 5,
                    "patch_size": DEMO_PATCH, "grids": [1, 2, 4], "iterations": DEMO_ITERATIONS,
                    "pooling": "avg", "max_batch": 1, **(engine or {})},
         "bank": {"path": str(bank_dir), "allow_fewer": True},

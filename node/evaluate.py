@@ -22,11 +22,13 @@ BitsStored, MONOCHROME1 inverted (brighter = denser): :func:`~mr2nst.bank.dicom_
 for DICOM inputs, ``MethodResult.image`` for outputs (which are expressed in the range
 they would be written with: the source's for passthrough, the bank's for the others).
 
-Methods: ``passthrough``, ``ehm``, ``nst_single`` (grids (1,), one reference),
+Methods: ``passthrough``, ``ehm``, ``spectral`` (EHM plus the references' texture
+spectrum, :mod:`.method_spectral`), ``nst_single`` (grids (1,), one reference),
 ``mr2nst_1ref`` (all grids, one reference), ``mr2nst`` (``engine.references``), and
 ``mr2nst_s0/s1/s2``: the stitched scales of that same ``mr2nst`` run (not rerun), mapped
-to the target range like the merged output. ``--refiner`` adds ``mr2nst_trained``: the
-same scales merged by the trained refiner. Report and figures: :mod:`.evaluate_report`.
+to the target range like the merged output. ``--refiner`` adds ``mr2nst_trained``: what
+the refiner mixes in that run (the scales, or their bands) merged by the trained refiner,
+then finished like the merged output (detail mode, tone). Report and figures: :mod:`.evaluate_report`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ import torch
 
 from mr2nst.core.baseline import PlainResult, plain_transfer
 from mr2nst.core.engine import EngineConfig, Mr2nstEngine
+from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.features import build_features
 
-TINY = EngineConfig(patch_size=32, grids=(1, 2), iterations=3, lr=0.02, features="seeded-random")
+TINY = EngineConfig(**{**PAPER_RECIPE, "lr": 0.02}, patch_size=32, grids=(1, 2), iterations=3, features="seeded-random")
 
 
 def _image(shape: tuple[int, int], seed: int) -> np.ndarray:

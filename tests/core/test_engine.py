@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progress
+from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.errors import EngineConfigError, ImageError, RefinerError, WeightsError
 from mr2nst.core.phantom import PhantomSpec, make_case
 from mr2nst.core.refiner import Refiner, save_refiner
 
-TINY = EngineConfig(
-    patch_size=32, grids=(1, 2), iterations=4, lr=0.02, features="seeded-random",
-    report_every=1,
-)
+# METHOD.md's recipe (average of the scales, whole-tile resampling, no detail mode, linear
+# tone): most tests here check that recipe's mechanics; the levers have their own tests.
+TINY = EngineConfig(**{
+    **PAPER_RECIPE, "patch_size": 32, "grids": (1, 2), "iterations": 4, "lr": 0.02,
+    "features": "seeded-random", "report_every": 1,
+})
 
 
 def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -299,7 +302,7 @@ def test_levers_together_lower_the_loss_and_keep_the_detail_modes_low_band() -> 
     mask = np.ones(content.shape, bool)
     cfg = replace(
         TINY, content_layers=("relu1_1", "relu4_2"), pixel_weight=10.0, histogram_weight=1e-3,
-        merge="bands", detail_sigma=2.0, style_weights=(2.0, 1.0, 1.0, 0.5, 0.5),
+        merge="bands", detail_sigma=2.0, style_weights=(2.0, 1.0, 1.0, 0.5, 0.5), lr=0.002,
     )
     before = Mr2nstEngine(replace(cfg, iterations=0)).transfer(content, mask, refs)
     after = Mr2nstEngine(replace(cfg, iterations=6)).transfer(content, mask, refs)

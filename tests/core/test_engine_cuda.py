@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mr2nst.core.engine import EngineConfig, Mr2nstEngine, resolved_device
+from mr2nst.core.engine_config import PAPER_RECIPE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = EngineConfig(patch_size=64, grids=(1, 2), iterations=6, lr=0.02, features="seeded-random",
+TINY = EngineConfig(**{**PAPER_RECIPE, "lr": 0.02}, patch_size=64, grids=(1, 2), iterations=6, features="seeded-random",
                     device="cuda")
 
 

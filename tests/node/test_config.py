@@ -63,6 +63,16 @@ def test_good_file_loads_frozen(tmp_path):
         ("[forwarding]\ncalling_ae = 'MUCH_TOO_LONG_AE_TITLE'\n", "forwarding.calling_ae"),
         ("[derived]\nuid_root = '1.2.x'\n", "derived.uid_root"),
         ("[ledger]\nurl = 'sqlitex:///x.db'\n", "ledger.url"),
+        ("[engine]\nfeatures = 'hed-vgg19'\n", "engine.features"),
+        ("[engine]\ncontent_layers = ['relu4_2', 'fc7']\n", "engine.content_layers"),
+        ("[engine]\nstyle_weights = [1, 1]\n", "engine.style_weights"),
+        ("[engine]\npixel_weight = -1\n", "engine.pixel_weight"),
+        ("[engine]\nhistogram_weight = 'lots'\n", "engine.histogram_weight"),
+        ("[engine]\nlr_schedule = 'cosine'\n", "engine.lr_schedule"),
+        ("[engine]\nmerge = 'median'\n", "engine.merge"),
+        ("[engine]\ntone = 'gamma'\n", "engine.tone"),
+        ("[engine]\ndetail_sigma = -2\n", "engine.detail_sigma"),
+        ("[engine]\nresample = 'nearest'\n", "engine.resample"),
     ],
 )
 def test_bad_value_names_key(tmp_path, text, key):

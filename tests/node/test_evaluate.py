@@ -120,7 +120,10 @@ def test_refiner_adds_a_trained_row_from_the_same_scales(tmp_path):
     write_phantom_set(tmp_path / "src", 2, size=(160, 128), seed=11)
     write_phantom_set(tmp_path / "tgt", 8, size=(160, 128), seed=911)
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY, encoding="utf-8")
+    # The average of the scales and the linear tone: the trained row's mapping is then the
+    # scale rows' (bands, detail mode and tone "ehm" are finished differently).
+    paper = 'merge = "average"\ntone = "linear"\ndetail_sigma = 0.0\nresample = "image"\n'
+    config.write_text(TINY + paper, encoding="utf-8")
     refiner = Refiner(2)
     with torch.no_grad():
         refiner.scale_weights.copy_(torch.tensor([1.0, 0.0]))
