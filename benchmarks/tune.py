@@ -52,6 +52,21 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def _split(values: str) -> list[str]:
+    """``V1,V2,...`` split at the commas outside brackets, or at ``;`` when there is one
+    (so a list value such as ``["relu1_1","relu4_2"]`` stays whole)."""
+    if ";" in values:
+        return values.split(";")
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(values):
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append(values[start:i])
+            start = i + 1
+    return [*parts, values[start:]]
+
+
 def _slug(value: Any) -> str:
     """A value as a folder-name part: lists joined by '+', nothing but [A-Za-z0-9_.+-]."""
     text = "+".join(str(v) for v in value) if isinstance(value, list) else str(value)
@@ -101,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, values = item.partition("=")
         if not sep or not values:
             p.error(f"--set {item!r}: expected KEY=V1,V2,...")
-        sep = ";" if ";" in values else ","  # ";" separates values that are lists themselves
-        axes.append((key.strip(), [_value(v.strip()) for v in values.split(sep)]))
+        axes.append((key.strip(), [_value(v.strip()) for v in _split(values)]))
     method = args.methods.split(",")[0]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
