@@ -148,6 +148,25 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _per_reference(
+    features: VGGFeatures,
+    references: Sequence[Tensor],
+    layers: Sequence[str],
+    reduce: Callable[[Tensor], Tensor],
+) -> dict[str, list[Tensor]]:
+    """``{layer: [reduce(features of reference k) for each k]}``, one reference at a time
+    through the network (bounded memory), under ``inference_mode``."""
+    if not references:
+        raise ValueError("at least one reference is required")
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
+    with torch.inference_mode():
+        for ref in references:
+            feats = features(ref, layers)
+            for name in layers:
+                per_layer[name].append(reduce(feats[name]))
+    return per_layer
+
+
 def style_targets(
     features: VGGFeatures,
     references: Sequence[Tensor],
@@ -160,14 +179,8 @@ def style_targets(
     are computed once, so they are never autocast: with ``amp`` only the optimisation's
     passes are reduced-precision, and the loss is the float32 one.
     """
-    if not references:
-        raise ValueError("at least one reference is required")
-    per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
+    per_layer = _per_reference(features, references, layers, gram)
     with torch.inference_mode():
-        for ref in references:
-            feats = features(ref, layers)
-            for name in layers:
-                per_layer[name].append(gram(feats[name]))
         targets = {
             name: multi_reference_target(torch.stack(grams, dim=1))
             for name, grams in per_layer.items()
@@ -184,14 +197,8 @@ def histogram_targets(
 
     Each channel's activations of tile b of every reference are pooled and sorted, and M
     evenly ranked quantiles kept (M = positions of one tile at that layer), in float32."""
-    if not references:
-        raise ValueError("at least one reference is required")
-    per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
+    per_layer = _per_reference(features, references, layers, lambda f: f.float().flatten(2))
     with torch.inference_mode():
-        for ref in references:
-            feats = features(ref, layers)
-            for name in layers:
-                per_layer[name].append(feats[name].float().flatten(2))
         out = {}
         for name, flats in per_layer.items():
             m = flats[0].shape[-1]

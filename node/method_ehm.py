@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,16 @@ def breast_area(image: FloatImage, info: SourceInfo) -> tuple[np.ndarray, float,
     return seg.mask, seg.area_mm2(info.pixel_spacing_mm), seg.chest_wall_left
 
 
+def select_references(bank: Bank, image: FloatImage, info: SourceInfo, k: int,
+                      allow_fewer: bool) -> tuple[np.ndarray, float, list[Any]]:
+    """The preamble every reference-based method shares: (breast mask, breast area in mm²,
+    the ``k`` references of the same view with the nearest breast area, mirrored)."""
+    mask, area, chest_left = breast_area(image, info)
+    refs = bank.select(info.view, info.laterality, area, k, chest_wall_left=chest_left,
+                       allow_fewer=allow_fewer)
+    return mask, area, list(refs)
+
+
 class EhmMethod:
     """Exact histogram specification of the breast to the pooled breast pixels of the references."""
 
@@ -46,9 +57,7 @@ class EhmMethod:
         return f"ehm-{self.version}-k{self.references}-bank{bank_fingerprint(self.bank)}"
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
-        mask, area, chest_left = breast_area(image, info)
-        refs = self.bank.select(info.view, info.laterality, area, self.references,
-                                chest_wall_left=chest_left, allow_fewer=self.allow_fewer)
+        mask, area, refs = select_references(self.bank, image, info, self.references, self.allow_fewer)
         target = np.concatenate([r.image[r.mask] for r in refs])
         stats = self.bank.stats()
         out = exact_histogram_match(image, mask, target, background=stats.background)

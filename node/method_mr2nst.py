@@ -24,7 +24,7 @@ from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progres
 from mr2nst.core.intensity import FloatImage
 from mr2nst.core.method import MethodResult, Provenance, SourceInfo
 
-from .method_ehm import bank_fingerprint, breast_area
+from .method_ehm import bank_fingerprint, select_references
 
 ROBUST_PERCENTILES = (0.5, 99.5)
 
@@ -94,9 +94,7 @@ class Mr2nstMethod:
 
     def prepare(self, image: FloatImage, info: SourceInfo) -> Prepared:
         """Segment, select the references and scale everything for the engine."""
-        mask, area, chest_left = breast_area(image, info)
-        refs = self.bank.select(info.view, info.laterality, area, self.references,
-                                chest_wall_left=chest_left, allow_fewer=self.allow_fewer)
+        mask, _, refs = select_references(self.bank, image, info, self.references, self.allow_fewer)
         content = robust_unit(image, mask)
         styles = [robust_unit(r.image, r.mask) for r in refs]
         init = None

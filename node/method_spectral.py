@@ -17,7 +17,7 @@ from mr2nst.core.intensity import FloatImage
 from mr2nst.core.method import MethodResult, Provenance, SourceInfo
 from mr2nst.core.spectral import SpectralConfig, radial_power, spectral_match
 
-from .method_ehm import bank_fingerprint, breast_area
+from .method_ehm import bank_fingerprint, select_references
 
 
 class SpectralMethod:
@@ -41,9 +41,7 @@ class SpectralMethod:
                 f"-bank{bank_fingerprint(self.bank)}")
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
-        mask, area, chest_left = breast_area(image, info)
-        refs = self.bank.select(info.view, info.laterality, area, self.references,
-                                chest_wall_left=chest_left, allow_fewer=self.allow_fewer)
+        mask, area, refs = select_references(self.bank, image, info, self.references, self.allow_fewer)
         target = np.concatenate([r.image[r.mask] for r in refs])
         stats = self.bank.stats()
         matched = exact_histogram_match(image, mask, target, background=stats.background)
