@@ -62,9 +62,9 @@ class EngineConfig:
     patch_size: int = 512  # the paper's; the CPU search ran at patch 64 (scale 2 ~ native)
     grids: tuple[int, ...] = (1, 2, 4)  # the paper's three scales
     overlap: float = 0.125  # METHOD.md Normative; not swept
-    iterations: int = 400  # the paper's; the search: 50 reach the same texture (r2-iterations)
+    iterations: int = 50  # 100, 400: spectrum within 0.01 at 2x, 8x the time (r2-iterations)
     lr: float = 0.02  # best spectrum/structure trade-off of 1e-4..5e-2 (t1-lr, r2-lr)
-    alpha: float = 1e3  # style dominates at any alpha with hed-vgg16 (r2-anchor)
+    alpha: float = 1e3  # 100: within noise; 1: texture falls back, µCs gain nothing (r2-anchor)
     pooling: Pooling = "avg"  # max: lower SSIM and detection, no better texture (t5-pooling)
     init: InitMode = "content"  # vs the EHM start: spectrum 0.27 vs 0.46, sharpness 0.93 vs 0.75 (t3)
     background_fraction: float = 0.02
@@ -78,9 +78,9 @@ class EngineConfig:
     features: FeatureSource = "imagenet"  # the paper's network, the clinical default
     weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache
     report_every: int = 10
-    content_layers: tuple[str, ...] = ("relu4_2",)  # METHOD.md; shallow layers: r2-anchor
-    pixel_weight: float = 0.0  # pixel MSE toward the start image; r2-pixel
-    style_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # relu1_1..relu5_1 (t7)
+    content_layers: tuple[str, ...] = ("relu4_2",)  # METHOD.md; shallow ones: no gain (t5, r2-anchor)
+    pixel_weight: float = 0.0  # toward the start: 1e8 costs texture, 1e10 undoes it (r2-pixel)
+    style_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # relu1_1..5_1; others: noise (t7)
     histogram_weight: float = 0.0  # Risser et al. 2017: no gain, 1.4x slower (t5-histogram)
     lr_schedule: LrSchedule = "constant"  # "step" (x0.3 at 50 %, 75 %): within noise (t5)
     merge: Merge = "bands"  # average: spectrum 0.63 vs 0.46, sharpness 0.69 vs 0.75 (t2)
