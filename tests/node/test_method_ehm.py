@@ -3,7 +3,7 @@
 import numpy as np
 import pydicom
 import pytest
-from support import uih_bank_files, write_phantom
+from support import write_phantom
 
 from mr2nst.bank.bank import Bank
 from mr2nst.bank.errors import NotEnoughReferences
@@ -13,14 +13,6 @@ from mr2nst.node.method_ehm import EhmMethod
 from mr2nst.node.methods import MethodCache
 from mr2nst.node.pixels import decode, decode_stored
 from mr2nst.node.worker import Pipeline
-
-
-@pytest.fixture
-def bank(tmp_path):
-    bank = Bank(tmp_path / "bank")
-    report = bank.add([uih_bank_files(tmp_path / "uih", per_view_side=2)])
-    assert len(report.added) == 8
-    return bank
 
 
 def test_breast_gets_the_references_histogram(tmp_path, bank):

@@ -3,9 +3,8 @@
 import numpy as np
 import pydicom
 import pytest
-from support import uih_bank_files, write_phantom
+from support import write_phantom
 
-from mr2nst.bank.bank import Bank
 from mr2nst.core.ehm import target_quantiles
 from mr2nst.core.segmentation import segment_breast
 from mr2nst.core.spectral import SpectralConfig
@@ -18,14 +17,6 @@ from mr2nst.node.transfer import run_transfer
 
 ROUTE = {"name": "ge", "method": "spectral", "destinations": ["cad"]}
 CAD = {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 104}}
-
-
-@pytest.fixture
-def bank(tmp_path):
-    bank = Bank(tmp_path / "bank")
-    report = bank.add([uih_bank_files(tmp_path / "uih", per_view_side=2)])
-    assert len(report.added) == 8
-    return bank
 
 
 def test_runs_on_a_phantom_bank(tmp_path, bank):
