@@ -77,7 +77,7 @@ from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
 __all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress", "resolved_device"]
 
 #: Bumped whenever the algorithm changes what a given config produces.
-ENGINE_REVISION = 2  # 2: L-BFGS with line search; content layers, bands, detail, histogram loss
+ENGINE_REVISION = 2  # 2: the issue-10 levers (L-BFGS line search, detail, bands, residual, ...)
 #: Estimated bytes per patch pixel that one tile's optimisation keeps on the device, by
 #: element size: VGG19's activations up to relu5_1 are about 290 values per input pixel
 #: (64·2 + 128·2/4 + 256·4/16 + 512·4/64 + 512/256), kept once for backward plus as much
@@ -323,11 +323,10 @@ class Mr2nstEngine:
         network: Any = self._features
         if cfg.detail_sigma > 0:  # detail mode: the NST works on the high-pass layer
             network = HighPassView(self._features, cfg.detail_sigma)
-        targets = style_targets(network, [crops(r, same_grid=False) for r in images.references])
+        references = [crops(r, same_grid=False) for r in images.references]
+        targets = style_targets(network, references)
         settings = optimize_settings(cfg)
-        hist = None
-        if cfg.histogram_weight > 0:
-            hist = histogram_targets(network, [crops(r, same_grid=False) for r in images.references])
+        hist = histogram_targets(network, references) if cfg.histogram_weight > 0 else None
         warm = cfg.warm_start and context.scale > 0 and start is not None
         fallback = images.init if images.init is not None else images.content
         result = optimise(
