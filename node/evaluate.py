@@ -293,6 +293,8 @@ class Runner:
         single = _Recorder(Mr2nstEngine(replace(core, grids=(1,)))) if "nst_single" in want else None
         self.full, self.single = full, single
         self.mr2nst = Mr2nstMethod(full, self.bank, k, True, VERSION) if full else None
+        if self.mr2nst is not None:
+            self.mr2nst.keep_last = True  # the trained row re-finishes the same run
         self.one_ref = Mr2nstMethod(full, self.bank, 1, True, VERSION) if full else None
         self.nst_single = Mr2nstMethod(single, self.bank, 1, True, VERSION) if single else None
         self.refiner = None

@@ -87,7 +87,10 @@ class Mr2nstMethod:
         self.version = version
         self.refiner_name = refiner_name
         self.progress: ProgressSink | None = None  # set by the caller (worker log, CLI bar)
-        self.last: tuple[Prepared, EngineResult] | None = None  # the last call (for evaluation)
+        # The evaluation sets keep_last to re-finish the last call's scales; a worker does
+        # not, so no job's full-size images outlive it.
+        self.keep_last = False
+        self.last: tuple[Prepared, EngineResult] | None = None
 
     def fingerprint(self) -> str:
         return f"mr2nst-{self.version}-{self.engine.fingerprint()}-k{self.references}-bank{bank_fingerprint(self.bank)}"
@@ -128,5 +131,6 @@ class Mr2nstMethod:
         prepared = self.prepare(image, info)
         result = self.engine.transfer(prepared.content, prepared.mask, prepared.styles, background=0.0,
                                       init=prepared.init, progress=self.progress)
-        self.last = (prepared, result)
+        if self.keep_last:
+            self.last = (prepared, result)
         return self.finish(result.image, prepared, result)

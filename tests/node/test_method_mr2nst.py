@@ -49,6 +49,7 @@ def test_transfer_result_is_in_the_target_domain(tmp_path, bank):
     assert result.image.shape == src.image.shape and result.target_range == stats.stored_range
     assert np.isclose(result.image.min(), stats.background, atol=1e-6)
     assert result.image.max() <= stats.high + 1e-6
+    assert method.last is None  # a node's method keeps no job's images after the job
     prov = result.provenance
     assert prov.method == "mr2nst" and prov.scales == (1, 2) and prov.features == "seeded-random:seed=0"
     views = {e.sop_instance_uid: e.view for e in bank.entries()}
