@@ -3,7 +3,7 @@
     python benchmarks/engine.py --out engine-bench.json                 # full size, CPU settings
     python benchmarks/engine.py --device cuda --patch-size 512 --iterations 400 --out gpu.json
 
-Every argument is passed on to ``mr2nst bench`` (see :mod:`mr2nst.node.bench`); ``--json``
+Every argument is passed on to ``mr2nst bench`` (see :mod:`mr2nst.node.lab.bench`); ``--json``
 is always set, so stdout holds only the JSON. Exits with the command's exit code.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

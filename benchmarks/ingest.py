@@ -62,7 +62,7 @@ class BenchError(RuntimeError):
 
 def phantom_files(workdir: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
     """The ``n`` phantom GE mammograms, generated once per (n, size, seed) and cached."""
-    from mr2nst.node.phantom_io import write_phantom_set
+    from mr2nst.node.lab.phantom_io import write_phantom_set
 
     folder = workdir / f"phantoms-{n}x{size[0]}x{size[1]}-s{seed}"
     stamp = folder / "bench-manifest.json"
@@ -220,7 +220,7 @@ def node_config(path: Path, port: int, data_dir: Path) -> Path:
 
 def mr2nst_cli() -> list[str]:
     exe = Path(sys.executable).with_name("mr2nst")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mr2nst.node.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mr2nst.node.cli.main"]
 
 
 def start_mr2nst(run_dir: Path) -> tuple[Receiver, Path]:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             point.mkdir(parents=True, exist_ok=True)
             config = point / "config.toml"
             config.write_text(_config_text(base, engine))
-            cmd = [sys.executable, "-m", "mr2nst.node.cli", "evaluate", "--source", args.source,
+            cmd = [sys.executable, "-m", "mr2nst.node.cli.main", "evaluate", "--source", args.source,
                    "--target", args.target, "--out", str(point), "--config", str(config),
                    "--methods", args.methods]
             if args.truth:

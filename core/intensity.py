@@ -15,6 +15,9 @@ from .errors import ImageError
 
 FloatImage = npt.NDArray[np.float32]
 
+# The breast percentiles that robust_unit maps to 0 and 1.
+ROBUST_PERCENTILES = (0.5, 99.5)
+
 
 @dataclass(frozen=True)
 class StoredRange:
@@ -62,3 +65,12 @@ class StoredRange:
             values = 1.0 - values
         stored = np.rint(values * (self.high - self.low) + self.low)
         return np.clip(stored, 0, self.max_value).astype(np.uint16)
+
+
+def robust_unit(image: FloatImage, mask: npt.NDArray[np.bool_]) -> FloatImage:
+    """``image`` rescaled so its breast pixels' robust range spans [0, 1] (clipped)."""
+    values = image[mask] if mask.any() else image.ravel()
+    low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
+    if high - low < 1e-6:
+        high = low + 1e-6
+    return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)

@@ -33,8 +33,7 @@ from mr2nst.core.engine_config import (
 )
 from mr2nst.core.errors import EngineConfigError
 from mr2nst.core.spectral import SpectralConfig
-
-from .errors import ConfigError
+from mr2nst.node.errors import ConfigError
 
 _ENGINE = EngineConfig()  # the engine's defaults, written once in core
 _SPECTRAL = SpectralConfig()  # the spectral method's defaults, written once in core

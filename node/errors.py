@@ -7,6 +7,10 @@ class NodeError(Exception):
     """Base class for node errors."""
 
 
+class UsageError(Exception):
+    """Bad command-line usage: the command exits 2 with this one-line message."""
+
+
 class ConfigError(NodeError):
     """The configuration is invalid; the message names the key."""
 

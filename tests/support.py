@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine
 
-from mr2nst.core.phantom import PhantomSpec, make_case
-from mr2nst.node.phantom_io import phantom_dataset
+from mr2nst.core.lab.phantom import PhantomSpec, make_case
+from mr2nst.node.dicom.iod import dciodvfy_available
+from mr2nst.node.lab.phantom_io import phantom_dataset
 
 SIZE = (256, 208)
+
+# Tests that validate IODs need dicom3tools (`.ci/run` installs it); elsewhere they skip.
+needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) is not installed")
 
 
 def postgres_url() -> str | None:

@@ -1,4 +1,4 @@
-"""Tests of the plain reference loop (mr2nst.core.baseline) on tiny images."""
+"""Tests of the plain reference loop (mr2nst.core.lab.baseline) on tiny images."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mr2nst.core.baseline import PlainResult, plain_transfer
 from mr2nst.core.engine import EngineConfig, Mr2nstEngine
 from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.features import build_features
+from mr2nst.core.lab.baseline import PlainResult, plain_transfer
 
 TINY = EngineConfig(**{**PAPER_RECIPE, "lr": 0.02}, patch_size=32, grids=(1, 2), iterations=3, features="seeded-random")
 

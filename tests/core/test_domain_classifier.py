@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mr2nst.core.domain_classifier import (
+from mr2nst.core.lab.domain_classifier import (
     ClassifierSettings,
     DomainClassifier,
     build_model,

@@ -13,7 +13,7 @@ import torch
 from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progress
 from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.errors import EngineConfigError, ImageError, RefinerError, WeightsError
-from mr2nst.core.phantom import PhantomSpec, make_case
+from mr2nst.core.lab.phantom import PhantomSpec, make_case
 from mr2nst.core.refiner import Refiner, save_refiner
 
 # METHOD.md's recipe (average of the scales, whole-tile resampling, no detail mode, linear

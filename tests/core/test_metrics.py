@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 
 from mr2nst.core import metrics as m
 from mr2nst.core.features import build_features
-from mr2nst.core.phantom import PhantomSpec, make_case
+from mr2nst.core.lab.phantom import PhantomSpec, make_case
 
 
 @pytest.fixture(scope="module")

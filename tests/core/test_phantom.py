@@ -1,4 +1,4 @@
-"""Tests of the synthetic paired mammogram phantom (mr2nst.core.phantom)."""
+"""Tests of the synthetic paired mammogram phantom (mr2nst.core.lab.phantom)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from scipy import ndimage as ndi
 from skimage.exposure import match_histograms
 
 from mr2nst.core.errors import ImageError
-from mr2nst.core.phantom import PhantomCase, PhantomSpec, make_case, render_ge, render_uih
-from mr2nst.core.phantom_render import powerlaw_noise
+from mr2nst.core.lab.phantom import PhantomCase, PhantomSpec, make_case, render_ge, render_uih
+from mr2nst.core.lab.phantom_render import powerlaw_noise
 
 H, W = 256, 208
 

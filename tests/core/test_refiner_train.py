@@ -1,4 +1,4 @@
-"""Tests of the adversarial refiner training (mr2nst.core.refiner_train)."""
+"""Tests of the adversarial refiner training (mr2nst.core.lab.refiner_train)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from mr2nst.core.phantom import PhantomSpec, make_case
-from mr2nst.core.refiner import Refiner
-from mr2nst.core.refiner_train import (
+from mr2nst.core.lab.phantom import PhantomSpec, make_case
+from mr2nst.core.lab.refiner_train import (
     Discriminator,
     TrainImage,
     TrainProgress,
@@ -25,6 +24,7 @@ from mr2nst.core.refiner_train import (
     train_epoch,
     train_step,
 )
+from mr2nst.core.refiner import Refiner
 
 CROP = 32
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mr2nst.core.errors import ImageError
-from mr2nst.core.phantom import PhantomSpec, make_case
+from mr2nst.core.lab.phantom import PhantomSpec, make_case
 from mr2nst.core.segmentation import segment_breast
 
 

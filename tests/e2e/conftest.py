@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from peers import Serve, StoreSCP
 
-from mr2nst.node.phantom_io import write_phantom_set
+from mr2nst.node.lab.phantom_io import write_phantom_set
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from mr2nst.core.intensity import StoredRange
-from mr2nst.node.derived import code_item
+from mr2nst.node.dicom.codes import code_item
 
 TEST_ROOT = "1.2.826.0.1.3680043.10.543."  # an example root for test UIDs
 
@@ -232,13 +232,3 @@ def recode(ds: Dataset, transfer_syntax: str, workdir: Path | None = None) -> Da
             capture_output=True,
         )
         return dcmread(dst)
-
-
-def iod_errors(path: Path) -> list[str]:
-    """The "Error -" lines that dciodvfy reports for a file (raises if it is not installed)."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        raise FileNotFoundError("dciodvfy")
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    return [line.strip() for line in lines if line.startswith("Error")]

@@ -2,7 +2,7 @@
 
 import json
 
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 
 
 def test_bench_json_compares_the_engine_with_the_plain_loop(tmp_path, capsys):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 from mr2nst.node.config import parse_config
 from mr2nst.node.ledger import Ledger, Received
-from mr2nst.node.spool import Spool
+from mr2nst.node.service.spool import Spool
 
 
 def test_usage_error_exits_2(capsys):
@@ -73,7 +73,7 @@ def test_phantom_cli_writes_pairs_and_rejects_bad_size(tmp_path, capsys):
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end(tmp_path, capsys):
     """The demo (small images, tiny engine settings) succeeds and writes the picture and summary."""
-    from mr2nst.node.demo import run_demo
+    from mr2nst.node.lab.demo import run_demo
 
     tiny = {"patch_size": 32, "grids": [1, 2], "iterations": 2}
     assert run_demo(tmp_path / "demo", n=2, size=(256, 208), engine=tiny, n_references=4)
@@ -83,13 +83,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_python_dash_m_reports_usage_errors_in_one_line(tmp_path):
-    """`python -m mr2nst.node.cli` exits 2 with one line on a usage error raised inside a
+    """`python -m mr2nst.node.cli.main` exits 2 with one line on a usage error raised inside a
     command module (the same exception classes main() catches), not a traceback."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "mr2nst.node.cli", "evaluate", "--source", str(tmp_path / "none"),
+        [sys.executable, "-m", "mr2nst.node.cli.main", "evaluate", "--source", str(tmp_path / "none"),
          "--target", str(tmp_path), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 from mr2nst.node.config import load_config, parse_config
 from mr2nst.node.errors import ConfigError
 

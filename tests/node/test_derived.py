@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import io
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import TEST_ROOT, can_encode, iod_errors, make_mg, recode
+from dicom_factory import TEST_ROOT, can_encode, make_mg, recode
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -26,13 +25,15 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSNearLossless,
 )
+from support import needs_dciodvfy
 
 from mr2nst.core.intensity import StoredRange
 from mr2nst.core.method import Provenance
 from mr2nst.node.config import DerivedSection
-from mr2nst.node.derived import Equipment, build_derived, derived_uids
+from mr2nst.node.dicom.derived import Equipment, build_derived, derived_uids
+from mr2nst.node.dicom.iod import iod_errors
+from mr2nst.node.dicom.pixels import decode, decode_stored
 from mr2nst.node.errors import UnsupportedImageError
-from mr2nst.node.pixels import decode, decode_stored
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 EQUIPMENT = Equipment(software_version="0.1.0", station_ae="MR2NST")
@@ -369,9 +370,7 @@ def test_missing_source_uid_is_rejected(source: Dataset) -> None:
         _build(source)
 
 
-@pytest.mark.skipif(
-    shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed"
-)
+@needs_dciodvfy
 @pytest.mark.parametrize(
     ("kwargs", "valid_source"),
     [

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from mr2nst.node.cli import main
-from mr2nst.node.evaluate import METHODS, METRICS, split_target
-from mr2nst.node.phantom_io import write_phantom_set
+from mr2nst.node.cli.main import main
+from mr2nst.node.lab.evaluate import METHODS, METRICS, split_target
+from mr2nst.node.lab.phantom_io import write_phantom_set
 
 TINY = """[engine]
 features = "seeded-random"
@@ -86,7 +86,7 @@ def test_montage_zooms_find_the_cluster_and_an_edge_away_from_it():
     """The µC zoom centres on the densest group; the edge zoom on a step edge, not on the µCs."""
     import numpy as np
 
-    from mr2nst.node.evaluate_report import edge_centre, uc_cluster_centre
+    from mr2nst.node.lab.report import edge_centre, uc_cluster_centre
 
     calcs = np.array([[20.0, 20.0, 2.0], [22.0, 24.0, 2.0], [24.0, 20.0, 2.0], [90.0, 90.0, 2.0]])
     assert uc_cluster_centre(calcs) == pytest.approx((22.0, 64.0 / 3.0))

@@ -6,10 +6,10 @@ import time
 import pytest
 
 from mr2nst.node.config import parse_config
-from mr2nst.node.destinations import SendResult, classify
-from mr2nst.node.forwarder import Forwarder, backoff_delay
 from mr2nst.node.ledger import Ledger, Received
-from mr2nst.node.spool import Spool
+from mr2nst.node.service.destinations import SendResult, classify
+from mr2nst.node.service.forwarder import Forwarder, backoff_delay
+from mr2nst.node.service.spool import Spool
 
 
 class FakeDestination:

@@ -7,7 +7,7 @@ from support import fresh_postgres, postgres_url
 
 from mr2nst.node.errors import LedgerError
 from mr2nst.node.ledger import Ledger, Received
-from mr2nst.node.ledger_schema import SCHEMA_VERSION
+from mr2nst.node.ledger.schema import SCHEMA_VERSION
 
 
 class Clock:

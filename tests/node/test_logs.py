@@ -10,12 +10,12 @@ from dicom_factory import make_mg
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from mr2nst.node import scp
 from mr2nst.node.config import parse_config
 from mr2nst.node.ledger import Ledger
 from mr2nst.node.logs import configure_logging, get_logger, instance_context
-from mr2nst.node.routing import Router
-from mr2nst.node.spool import Spool
+from mr2nst.node.service import scp
+from mr2nst.node.service.routing import Router
+from mr2nst.node.service.spool import Spool
 
 
 @pytest.fixture

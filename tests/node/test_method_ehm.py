@@ -9,10 +9,10 @@ from mr2nst.bank.bank import Bank
 from mr2nst.bank.errors import NotEnoughReferences
 from mr2nst.core.ehm import target_quantiles
 from mr2nst.node.config import parse_config
-from mr2nst.node.method_ehm import EhmMethod
-from mr2nst.node.methods import MethodCache
-from mr2nst.node.pixels import decode, decode_stored
-from mr2nst.node.worker import Pipeline
+from mr2nst.node.dicom.pixels import decode, decode_stored
+from mr2nst.node.methods.ehm import EhmMethod
+from mr2nst.node.methods.registry import MethodCache
+from mr2nst.node.service.pipeline import Pipeline
 
 
 def test_breast_gets_the_references_histogram(tmp_path, bank):

@@ -6,11 +6,11 @@ import pytest
 from support import uih_bank_files, write_phantom
 
 from mr2nst.bank.bank import Bank
+from mr2nst.core.intensity import robust_unit
 from mr2nst.node.config import parse_config
-from mr2nst.node.method_mr2nst import robust_unit
-from mr2nst.node.methods import MethodCache
-from mr2nst.node.pixels import decode
-from mr2nst.node.worker import Pipeline
+from mr2nst.node.dicom.pixels import decode
+from mr2nst.node.methods.registry import MethodCache
+from mr2nst.node.service.pipeline import Pipeline
 
 TINY = {"features": "seeded-random", "patch_size": 32, "grids": [1, 2], "iterations": 2, "references": 2}
 
@@ -78,7 +78,7 @@ def test_tone_ehm_gives_the_references_breast_histogram_exactly(tmp_path, bank):
     """tone = "ehm": the output's breast pixels are exactly the selected references' pooled
     breast pixels (as quantiles), not a linear map of the transfer."""
     from mr2nst.core.ehm import target_quantiles
-    from mr2nst.node.method_ehm import breast_area
+    from mr2nst.node.methods.references import breast_area
 
     cfg = config(bank, tone="ehm", merge="bands", content_layers=["relu1_1", "relu4_2"])
     method = MethodCache(cfg).get("mr2nst")

@@ -9,11 +9,11 @@ from mr2nst.core.ehm import target_quantiles
 from mr2nst.core.segmentation import segment_breast
 from mr2nst.core.spectral import SpectralConfig
 from mr2nst.node.config import parse_config
+from mr2nst.node.dicom.pixels import decode
 from mr2nst.node.errors import ConfigError
-from mr2nst.node.method_spectral import SpectralMethod
-from mr2nst.node.methods import FACTORIES, check_methods
-from mr2nst.node.pixels import decode
-from mr2nst.node.transfer import run_transfer
+from mr2nst.node.methods.registry import FACTORIES, check_methods
+from mr2nst.node.methods.spectral import SpectralMethod
+from mr2nst.node.service.transfer import run_transfer
 
 ROUTE = {"name": "ge", "method": "spectral", "destinations": ["cad"]}
 CAD = {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 104}}

@@ -1,10 +1,8 @@
-"""Tests of the phantom DICOM writer (mr2nst.node.phantom_io)."""
+"""Tests of the phantom DICOM writer (mr2nst.node.lab.phantom_io)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,12 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless
+from support import needs_dciodvfy
 
 from mr2nst.core.intensity import StoredRange
-from mr2nst.core.phantom import PhantomCase, make_case
-from mr2nst.node.phantom_io import (
+from mr2nst.core.lab.phantom import PhantomCase, make_case
+from mr2nst.node.dicom.iod import iod_errors
+from mr2nst.node.lab.phantom_io import (
     MG_FOR_PRESENTATION,
     case_spec,
     phantom_dataset,
@@ -24,9 +24,6 @@ from mr2nst.node.phantom_io import (
 )
 
 SIZE = (256, 208)
-needs_dciodvfy = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None, reason="dciodvfy not installed"
-)
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +35,6 @@ def phantom_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
 @pytest.fixture(scope="module")
 def case() -> PhantomCase:
     return make_case(case_spec(0, seed=1, size=SIZE))
-
-
-def iod_errors(path: Path) -> list[str]:
-    """The "Error" lines dciodvfy prints for ``path``."""
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")]
 
 
 def test_set_is_written_and_paired(phantom_set: tuple[Path, list[Path]]) -> None:

@@ -30,9 +30,8 @@ from pydicom.uid import (
 )
 
 from mr2nst.core.intensity import StoredRange
-from mr2nst.node.derived import code_item
-from mr2nst.node.errors import PixelError, UnsupportedImageError
-from mr2nst.node.pixels import (
+from mr2nst.node.dicom.codes import code_item
+from mr2nst.node.dicom.pixels import (
     decode,
     decode_stored,
     encode_into,
@@ -40,11 +39,12 @@ from mr2nst.node.pixels import (
     source_info,
     window_for,
 )
-from mr2nst.node.sopclasses import (
+from mr2nst.node.dicom.sopclasses import (
     ACCEPTED_TRANSFER_SYNTAXES,
     NORMALIZABLE_SOP_CLASSES,
     OUTPUT_TRANSFER_SYNTAX,
 )
+from mr2nst.node.errors import PixelError, UnsupportedImageError
 
 PHI = ("Doe", "Jane", "PID-12345", "19600101", "ACC-98765")
 PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")

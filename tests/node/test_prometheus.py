@@ -5,7 +5,7 @@ import urllib.request
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.ledger import Ledger, Received
-from mr2nst.node.metrics import Metrics
+from mr2nst.node.service.prometheus import Metrics
 
 
 def free_port() -> int:

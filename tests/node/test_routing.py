@@ -6,7 +6,7 @@ from pydicom.uid import BasicTextSRStorage, DigitalMammographyXRayImageStorageFo
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.errors import ConfigError
-from mr2nst.node.routing import Router, matches
+from mr2nst.node.service.routing import Router, matches
 
 
 def ds(**kw) -> Dataset:

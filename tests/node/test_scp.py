@@ -9,11 +9,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from mr2nst.node import scp
 from mr2nst.node.config import parse_config
 from mr2nst.node.ledger import Ledger
-from mr2nst.node.routing import Router
-from mr2nst.node.spool import Spool
+from mr2nst.node.service import scp
+from mr2nst.node.service.routing import Router
+from mr2nst.node.service.spool import Spool
 
 ROUTES = {
     "routes": [

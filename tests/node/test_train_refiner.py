@@ -13,7 +13,7 @@ from support import uih_bank_files, write_phantom
 
 from mr2nst.bank.bank import Bank
 from mr2nst.core.refiner import checkpoint_info
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 
 ENGINE = ('features = "seeded-random"\ndevice = "cpu"\npatch_size = 32\ngrids = [1, 2]\n'
           'references = 2\n')

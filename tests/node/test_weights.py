@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from mr2nst.core.errors import WeightsError
-from mr2nst.node import weights
-from mr2nst.node.cli import main
+from mr2nst.node.cli.main import main
 from mr2nst.node.config import parse_config
+from mr2nst.node.methods import weights
 
 
 @pytest.fixture(autouse=True)

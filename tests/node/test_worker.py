@@ -8,11 +8,11 @@ import pytest
 from dicom_factory import make_mg
 
 from mr2nst.node.config import parse_config
+from mr2nst.node.dicom.pixels import decode_stored
 from mr2nst.node.ledger import Ledger, Received
-from mr2nst.node.pixels import decode_stored
-from mr2nst.node.spool import Spool
-from mr2nst.node.transfer import run_transfer
-from mr2nst.node.worker import Worker
+from mr2nst.node.service.spool import Spool
+from mr2nst.node.service.transfer import run_transfer
+from mr2nst.node.service.worker import Worker
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_workers_spread_over_gpus(monkeypatch):
     """With several GPUs, worker i uses GPU i mod count; an explicit device is kept."""
     import torch
 
-    from mr2nst.node.worker import pin_gpu
+    from mr2nst.node.service.worker import pin_gpu
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = parse_config({"engine": {"device": "auto", "workers": 3}}, environ={})

@@ -1,0 +1,33 @@
+"""``mr2nst config check``: validate a config file."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mr2nst.node.cli.common import EXIT_OK, Parser, print_json
+from mr2nst.node.config import load_config
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``mr2nst config check``."""
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, parser_class=Parser)
+    c = csub.add_parser("check", help="validate a config file")
+    c.add_argument("file")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config_check)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from mr2nst.node.methods.registry import check_methods
+    from mr2nst.node.service.routing import check_routes
+
+    config = load_config(args.file)
+    check_routes(config.routes)
+    check_methods(config)
+    if args.json:
+        print_json(config.model_dump(mode="json"))
+    else:
+        print(f"{args.file}: OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
+    return EXIT_OK

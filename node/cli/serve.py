@@ -1,0 +1,25 @@
+"""``mr2nst serve``: run the node until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mr2nst.node.cli.common import EXIT_OK, config_of
+from mr2nst.node.logs import configure_logging
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``mr2nst serve``."""
+    p = sub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mr2nst.node.service.node import Node
+
+    config = config_of(args)
+    configure_logging(config.logging.format, config.logging.level)
+    Node(config).serve_forever()
+    return EXIT_OK

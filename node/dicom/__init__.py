@@ -1,0 +1,1 @@
+"""DICOM objects: pixel I/O, the derived series, SOP classes and syntaxes, status codes, the SCU, IOD checks."""

@@ -1,0 +1,313 @@
+"""Building the derived instance that carries a method's output (DESIGN.md "The derived series").
+
+Decisions (for the conformance statement):
+
+- Everything of the source is kept (Patient, Study, Frame of Reference, equipment and
+  acquisition attributes, private tags) except what would be false for the new pixels:
+  the icon, digital signatures and MACs, SOP authorization (status), stale pixel
+  descriptions (see :func:`mr2nst.node.dicom.pixels.encode_into`) and the source's own
+  SourceImageSequence / DerivationCodeSequence, which are replaced by ours.
+- Series and instance UIDs are deterministic (:func:`derived_uids`), so every instance of
+  one source series lands in one derived series, and re-processing an instance with the
+  same pipeline reproduces its UIDs.
+- Series-level values (SeriesDate/Time, SeriesNumber, SeriesDescription) are functions of
+  the source series only, so they agree across all instances of a derived series even
+  when they are processed at different times. SeriesDate/Time are the source's.
+- ContentDate/Time (and AcquisitionDate/Time) stay the source's: they date the image
+  content, and viewers sort and hang the derived image with its source by them. The
+  processing time is recorded as InstanceCreationDate/Time and as the
+  ContributionDateTime of our ContributingEquipmentSequence item.
+- ImageType value 1 becomes DERIVED; the other values are kept (DERIVED\\PRIMARY is
+  valid for DX and MG).
+- Lossy compression history is never lost: a source that says LossyImageCompression
+  "01", or arrived in a lossy (JPEG baseline/extended) or possibly lossy (JPEG 2000,
+  JPEG-LS near-lossless) transfer syntax, gives an output flagged "01", with the ratio
+  and method of the transfer compression appended. Output is written uncompressed.
+- Output: Explicit VR Little Endian, with file meta information, writable with
+  ``dcmwrite(path, ds, enforce_file_format=True)``. Building twice from the same inputs
+  (same ``now``) gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, UID, generate_uid
+
+from mr2nst.core.intensity import StoredRange
+from mr2nst.core.method import Provenance
+from mr2nst.node.config import DerivedSection
+from mr2nst.node.dicom.codes import code_item
+from mr2nst.node.dicom.pixels import encode_into
+from mr2nst.node.dicom.sopclasses import (
+    ALWAYS_LOSSY_TRANSFER_SYNTAXES,
+    LOSSY_METHOD,
+    MAYBE_LOSSY_TRANSFER_SYNTAXES,
+)
+from mr2nst.node.errors import UnsupportedImageError
+
+LO_MAX = 64
+ST_MAX = 1024
+SH_MAX = 16
+IS_RANGE = (-(2**31), 2**31 - 1)
+
+DERIVATION_CODE = ("110001", "DCM", "Image Processing")
+SOURCE_PURPOSE_CODE = ("121322", "DCM", "Source image for image processing operation")
+EQUIPMENT_PURPOSE_CODE = ("109103", "DCM", "Processing Equipment")
+
+# Top-level attributes never copied from the source: replaced below, or false for the
+# derived instance (stale pixels, signatures over other bytes, authorization of the original).
+_DROPPED_TAGS = frozenset(
+    Tag(keyword)
+    for keyword in (
+        "PixelData",
+        "IconImageSequence",
+        "DigitalSignaturesSequence",
+        "MACParametersSequence",
+        "SOPInstanceStatus",
+        "SOPAuthorizationDateTime",
+        "SOPAuthorizationComment",
+        "AuthorizationEquipmentCertificationNumber",
+        "SourceImageSequence",
+        "DerivationCodeSequence",
+        "DerivationDescription",
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "InstanceCreatorUID",
+    )
+)
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """This node, as named in the ContributingEquipmentSequence item it adds."""
+
+    software_version: str
+    station_ae: str
+    manufacturer: str = "mr2nst"
+    model: str = "mr2nst"
+    institution: str = ""
+
+
+def _root(uid_root: str) -> str:
+    root = uid_root.strip() or PYDICOM_ROOT_UID
+    return root if root.endswith(".") else root + "."
+
+
+def derived_uids(source: Dataset, fingerprint: str, uid_root: str = "") -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the derived instance, a pure function of the
+    source series / instance UID, the pipeline fingerprint and the UID root."""
+    _require_uids(source)
+    prefix = _root(uid_root)
+    series = generate_uid(prefix, [str(source.SeriesInstanceUID), fingerprint, "series"])
+    instance = generate_uid(prefix, [str(source.SOPInstanceUID), fingerprint, "instance"])
+    return str(series), str(instance)
+
+
+def _require_uids(source: Dataset) -> None:
+    for keyword in _REQUIRED_UIDS:
+        if not str(source.get(keyword, "") or "").strip():
+            raise UnsupportedImageError(f"source instance has no {keyword}")
+
+
+def _text(value: str, limit: int, *, multi_line: bool = False, ascii_only: bool = True) -> str:
+    """``value`` without control characters (and, for our own text, non-ASCII ones) and,
+    unless ``multi_line`` (ST), without backslashes, cut to a VR of ``limit`` characters."""
+    cleaned = "".join(
+        c if " " <= c <= "~" or (not ascii_only and c >= "\xa0") else "?" for c in value
+    )
+    if not multi_line:
+        cleaned = cleaned.replace("\\", "/")
+    if len(cleaned) > limit:
+        cleaned = cleaned[: limit - 3].rstrip() + "..."
+    return cleaned
+
+
+def series_number(source: Dataset, offset: int) -> int:
+    """The source's SeriesNumber (0 when missing or not a number) plus ``offset``, kept in IS range."""
+    try:
+        base = int(source.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        base = 0
+    value = base + offset
+    return (
+        value if IS_RANGE[0] <= value <= IS_RANGE[1] else min(max(offset, IS_RANGE[0]), IS_RANGE[1])
+    )
+
+
+def series_description(source: Dataset, suffix: str) -> str:
+    """The source's SeriesDescription plus ``suffix`` within LO's 64 characters; the source
+    part is truncated first, so the suffix always survives."""
+    suffix = _text(suffix, LO_MAX)
+    base = _text(str(source.get("SeriesDescription") or ""), LO_MAX, ascii_only=False)
+    room = LO_MAX - len(suffix)
+    return (base[:room].rstrip() + suffix).strip() if room > 0 else suffix.strip()
+
+
+def image_type(source: Dataset) -> list[str]:
+    """The source's ImageType with value 1 DERIVED (value 2 defaults to PRIMARY)."""
+    raw = source.get("ImageType")
+    values = (
+        [str(v) for v in raw] if isinstance(raw, MultiValue | list) else ([str(raw)] if raw else [])
+    )
+    values = values or ["ORIGINAL"]
+    values[0] = "DERIVED"
+    if len(values) < 2 or not values[1]:
+        values[1:2] = ["PRIMARY"]
+    return values
+
+
+def _as_list(value: object) -> list[str]:
+    if value in (None, ""):
+        return []
+    if isinstance(value, MultiValue | list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _lossy_history(source: Dataset) -> tuple[bool, list[str], list[str]]:
+    """(is lossy, ratios, methods) of the source including its transfer compression."""
+    ratios = _as_list(source.get("LossyImageCompressionRatio"))
+    methods = _as_list(source.get("LossyImageCompressionMethod"))
+    flagged = str(source.get("LossyImageCompression", "")).strip() == "01"
+    meta = getattr(source, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if syntax not in ALWAYS_LOSSY_TRANSFER_SYNTAXES | MAYBE_LOSSY_TRANSFER_SYNTAXES:
+        return flagged, ratios, methods
+    method = LOSSY_METHOD[syntax]
+    if not (flagged and methods and methods[-1] == method):
+        pixel_data = source.get("PixelData")
+        compressed = len(pixel_data) if isinstance(pixel_data, bytes) else 0
+        raw = (
+            int(source.get("Rows") or 0)
+            * int(source.get("Columns") or 0)
+            * ((int(source.get("BitsAllocated") or 16) + 7) // 8)
+        )
+        if compressed and len(ratios) == len(methods):
+            ratios.append(f"{raw / compressed:.2f}"[:16])
+        methods.append(method)
+    return True, ratios, methods
+
+
+def _local_now(source: Dataset, now: datetime | None) -> datetime:
+    """``now`` (default: the current time) in the source's TimezoneOffsetFromUTC when both are known."""
+    moment = now if now is not None else datetime.now(UTC).astimezone()
+    offset = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
+    if (
+        moment.tzinfo is not None
+        and len(offset) == 5
+        and offset[0] in "+-"
+        and offset[1:].isdigit()
+    ):
+        sign = -1 if offset[0] == "-" else 1
+        delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
+        moment = moment.astimezone(timezone(sign * delta))
+    return moment
+
+
+def _dt(moment: datetime) -> str:
+    text = moment.strftime("%Y%m%d%H%M%S.%f")
+    return text + moment.strftime("%z") if moment.tzinfo is not None else text
+
+
+def _copy_source(source: Dataset) -> Dataset:
+    """A deep copy of the source's top-level elements except the dropped ones."""
+    out = Dataset()
+    for raw in source.elements():
+        tag = raw.tag
+        if tag in _DROPPED_TAGS or tag.element == 0:
+            continue
+        out.add(copy.deepcopy(source[tag]))  # source[tag] parses raw elements with their encoding
+    return out
+
+
+def _source_reference(source: Dataset, same_geometry: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(*SOURCE_PURPOSE_CODE)])
+    item.SpatialLocationsPreserved = "YES" if same_geometry else "NO"
+    return item
+
+
+def _equipment_item(equipment: Equipment, description: str, moment: datetime) -> Dataset:
+    item = Dataset()
+    item.Manufacturer = _text(equipment.manufacturer, LO_MAX)
+    if equipment.institution:
+        item.InstitutionName = _text(equipment.institution, LO_MAX)
+    item.StationName = _text(equipment.station_ae, SH_MAX)
+    item.ManufacturerModelName = _text(equipment.model, LO_MAX)
+    item.SoftwareVersions = _text(equipment.software_version, LO_MAX)
+    item.ContributionDateTime = _dt(moment)
+    item.ContributionDescription = _text(description, ST_MAX, multi_line=True)
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(*EQUIPMENT_PURPOSE_CODE)])
+    return item
+
+
+def build_derived(
+    source: Dataset,
+    stored: npt.NDArray[np.generic],
+    rng: StoredRange,
+    provenance: Provenance,
+    *,
+    fingerprint: str,
+    settings: DerivedSection,
+    equipment: Equipment,
+    now: datetime | None = None,
+) -> Dataset:
+    """The derived instance of ``source`` carrying ``stored`` (values in ``rng``).
+
+    ``rng.invert`` must match the source's photometric interpretation (see
+    :func:`mr2nst.node.dicom.pixels.output_range`). The source is not modified.
+    """
+    _require_uids(source)
+    series_uid, sop_uid = derived_uids(source, fingerprint, settings.uid_root)
+    moment = _local_now(source, now)
+    description = _text(provenance.describe(), ST_MAX, multi_line=True)
+    lossy, ratios, methods = _lossy_history(source)
+
+    out = _copy_source(source)
+    out.SeriesInstanceUID = series_uid
+    out.SOPInstanceUID = sop_uid
+    out.SeriesNumber = series_number(source, settings.series_number_offset)
+    out.SeriesDescription = series_description(source, settings.description_suffix)
+    out.ImageType = image_type(source)
+    out.InstanceCreationDate = moment.strftime("%Y%m%d")
+    out.InstanceCreationTime = moment.strftime("%H%M%S.%f")
+    out.DerivationDescription = description
+    out.DerivationCodeSequence = Sequence([code_item(*DERIVATION_CODE)])
+    same_geometry = tuple(np.shape(stored)) == (
+        int(source.get("Rows", 0)),
+        int(source.get("Columns", 0)),
+    )
+    out.SourceImageSequence = Sequence([_source_reference(source, same_geometry)])
+    contributors = [
+        copy.deepcopy(item) for item in source.get("ContributingEquipmentSequence") or []
+    ]
+    contributors.append(_equipment_item(equipment, description, moment))
+    out.ContributingEquipmentSequence = Sequence(contributors)
+    if lossy:
+        out.LossyImageCompression = "01"
+        if ratios:
+            out.LossyImageCompressionRatio = ratios
+        if methods:
+            out.LossyImageCompressionMethod = methods
+
+    out.file_meta = FileMetaDataset()
+    out.file_meta.MediaStorageSOPClassUID = UID(str(source.SOPClassUID))
+    out.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    out.file_meta.ImplementationVersionName = _text(f"MR2NST_{equipment.software_version}", SH_MAX)
+    if equipment.station_ae:
+        out.file_meta.SourceApplicationEntityTitle = _text(equipment.station_ae, SH_MAX)
+    encode_into(out, stored, rng)  # also sets the transfer syntax (Explicit VR Little Endian)
+    return out

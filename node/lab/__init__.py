@@ -1,0 +1,1 @@
+"""Offline tools: evaluation, refiner training, benchmarks, phantom files, the demo. Imported by ``cli`` only."""

@@ -1,0 +1,226 @@
+"""``mr2nst demo``: a self-contained end-to-end run on this machine.
+
+It writes phantom GE mammograms, starts a downstream sink SCP and a node on free local
+ports, sends the images with C-STORE, waits for the derived series to arrive at the sink,
+checks every derived instance, and writes a before/after PNG and a summary.
+
+The phantom is written in both renderings (``phantom/ge`` is sent, ``phantom/uih`` is the
+true UIH rendering of each source), so ``before_after.png`` shows, per image,
+source | mr2NST output | true UIH with native-resolution zooms on a µC cluster and on an
+edge: the evaluation's montage (:func:`~mr2nst.node.lab.report.montage_png`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from mr2nst.bank.bank import Bank
+from mr2nst.node.config import Config, parse_config
+from mr2nst.node.dicom.iod import dciodvfy_available, iod_errors
+from mr2nst.node.dicom.pixels import decode
+from mr2nst.node.dicom.scu import store_datasets
+from mr2nst.node.dicom.sopclasses import ACCEPTED_TRANSFER_SYNTAXES
+from mr2nst.node.lab.phantom_io import write_phantom_set
+from mr2nst.node.logs import configure_logging
+from mr2nst.node.service.node import Node
+
+DEMO_METHOD = "mr2nst"
+N_REFERENCES = 10  # phantom UIH images in the demo's bank (CC and MLO, both sides)
+DEMO_PATCH = 128
+DEMO_ITERATIONS = 8
+
+
+class Sink:
+    """A downstream C-STORE SCP (the "CAD") that keeps what it receives in memory and on disk."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEMO_CAD") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.received: list[Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        self._ae = ae
+        self.server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        with self._lock:
+            self.received.append(ds)
+        return 0x0000
+
+    def start(self) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.server = self._ae.start_server(("127.0.0.1", 0), block=False,
+                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def demo_config(data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None) -> Config:
+    return parse_config({
+        "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
+                 "min_free_disk_mb": 64},
+        # CPU-sized engine settings (the real recipe, patch 512 x 400 iterations, needs a GPU);
+        # hed-vgg16: learned VGG16 features available offline (ImageNet's are not downloaded here).
+        "engine": {"features": "hed-vgg16", "workers": 1, "lease_s": 60, "references": 5,
+                   "patch_size": DEMO_PATCH, "grids": [1, 2, 4], "iterations": DEMO_ITERATIONS,
+                   "pooling": "avg", "max_batch": 1, **(engine or {})},
+        "bank": {"path": str(bank_dir), "allow_fewer": True},
+        "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
+                    "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
+        "destinations": {"cad": {"ae_title": "DEMO_CAD", "host": "127.0.0.1", "port": sink_port}},
+        "forwarding": {"poll_s": 0.2, "backoff_initial_s": 1, "max_attempts": 3},
+        "logging": {"format": "json", "level": "info"},
+    }, environ={})
+
+
+def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str]:
+    """The derived-series rules a CAD vendor relies on; returns the problems found."""
+    problems = []
+    if derived.SeriesInstanceUID == source.SeriesInstanceUID:
+        problems.append("series UID not new")
+    if derived.SOPClassUID != source.SOPClassUID:
+        problems.append("SOP class changed")
+    if derived.StudyInstanceUID != source.StudyInstanceUID or derived.PatientID != source.PatientID:
+        problems.append("patient/study not kept")
+    if derived.ImageType[0] != "DERIVED":
+        problems.append("ImageType value 1 is not DERIVED")
+    if int(derived.SeriesNumber) != int(source.SeriesNumber) + config.derived.series_number_offset:
+        problems.append("SeriesNumber offset wrong")
+    ref = derived.SourceImageSequence[0]
+    if ref.ReferencedSOPInstanceUID != source.SOPInstanceUID:
+        problems.append("SourceImageSequence does not reference the source")
+    if "seeded-random" in config.engine.features and DEMO_METHOD == "mr2nst" \
+            and "seeded-random" not in derived.DerivationDescription:
+        problems.append("DerivationDescription does not say seeded-random")
+    if f"method={DEMO_METHOD}" not in derived.DerivationDescription:
+        problems.append("DerivationDescription does not name the method")
+    if derived.PhotometricInterpretation != source.PhotometricInterpretation:
+        problems.append("photometric interpretation changed")
+    return problems
+
+
+def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path,
+                     files: dict[str, Path] | None = None) -> None:
+    """Per image: source | derived output (| true UIH) with µC-cluster and edge zooms.
+
+    ``files`` maps a source SOPInstanceUID to its phantom file ``DIR/ge/NAME.dcm``; the
+    ground truth then comes from ``DIR/uih/NAME.dcm`` (true UIH), ``DIR/truth/NAME.json``
+    (µCs) and ``DIR/truth/NAME_mask.png``. Without it the mask is segmented and there are
+    no truth panel and no µC zoom.
+    """
+    from mr2nst.core.segmentation import segment_breast
+    from mr2nst.node.lab.report import MontageCase, montage_png
+
+    cases = []
+    for source, derived in pairs:
+        before = decode(source)
+        panels = [("before (GE)", before.image), (f"after ({DEMO_METHOD})", decode(derived).image)]
+        file = (files or {}).get(str(source.SOPInstanceUID))
+        root, name = (file.parent.parent, file.stem) if file else (None, "image")
+        mask_png = root / "truth" / f"{name}_mask.png" if root else None
+        if mask_png is not None and mask_png.exists():
+            mask = np.asarray(Image.open(mask_png)) > 127
+        else:
+            mask = segment_breast(before.image, before.info.view).mask
+        calcs = None
+        if root is not None and (root / "truth" / f"{name}.json").exists():
+            data = json.loads((root / "truth" / f"{name}.json").read_text(encoding="utf-8"))
+            calcs = np.asarray(data.get("calcs", []), dtype=np.float64).reshape(-1, 3)
+        reference = before.image
+        if root is not None and (root / "uih" / f"{name}.dcm").exists():
+            reference = decode(pydicom.dcmread(root / "uih" / f"{name}.dcm")).image
+            panels.append(("true UIH", reference))
+        cases.append(MontageCase(name, panels, np.asarray(mask, dtype=bool), calcs, reference))
+    montage_png(cases, path)
+
+
+def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0,
+             engine: dict[str, Any] | None = None, n_references: int = N_REFERENCES) -> bool:
+    """Run the whole path once; print a summary and return True when every check passed.
+
+    ``engine`` overrides engine settings (the tests use tiny ones).
+    """
+    started = time.monotonic()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    log_file = (out / "node.log").open("w")
+    configure_logging("json", "info", stream=log_file)
+    saved_stderr = os.dup(2)
+    os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
+    written = write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE", "UIH"))
+    files = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+             for p in written if p.parent.name == "ge"}
+    sources = [pydicom.dcmread(p) for p in files.values()]
+    print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
+    write_phantom_set(out / "references", n_references, size=size, seed=1000, vendors=("UIH",))
+    bank = Bank(out / "bank")
+    added = bank.add([out / "references" / "uih"]).added
+    print(f"demo: built a reference bank of {len(added)} phantom UIH mammograms in {out / 'bank'}")
+    sink = Sink(out / "received")
+    config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
+    node = Node(config).start()
+    try:
+        print(f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "
+              f"127.0.0.1:{config.destinations['cad'].port}")
+        outcomes = store_datasets([(str(s.SOPInstanceUID), s) for s in sources], "127.0.0.1", node.port,
+                                  calling="DEMO_MODALITY", called="MR2NST")
+        acked = sum(1 for o in outcomes if o.status == 0)
+        print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
+        deadline = time.monotonic() + (timeout_s if acked else 0)
+        while len(sink.received) < len(sources) and time.monotonic() < deadline:
+            counts = node.ledger.counts() if node.ledger else {}
+            if counts.get("failed", 0) or counts.get("delivery_dead", 0):
+                print(f"demo: giving up early, the ledger reports {counts}")
+                break
+            time.sleep(0.2)
+    finally:
+        node.stop()
+        sink.stop()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        configure_logging("json", "warning")  # the log file closes now; later events go to stderr
+        log_file.close()
+    by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in sink.received}
+    pairs = [(s, by_source[s.SOPInstanceUID]) for s in sources if s.SOPInstanceUID in by_source]
+    problems = {str(s.SOPInstanceUID): check_derived(s, d, config) for s, d in pairs}
+    received = sorted((out / "received").glob("*.dcm"))
+    errors = {p.name: len(iod_errors(p)) for p in received} if dciodvfy_available() else {}
+    if pairs:
+        before_after_png(pairs, out / "before_after.png", files)
+    summary = {
+        "sent": len(sources), "acknowledged": acked, "derived_received": len(sink.received),
+        "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
+        "method": DEMO_METHOD, "problems": {k: v for k, v in problems.items() if v},
+        "iod_errors": errors, "seconds": round(time.monotonic() - started, 1),
+        "before_after_png": str(out / "before_after.png"), "log": str(out / "node.log"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ok = (acked == len(sources) and len(pairs) == len(sources) and not summary["problems"]
+          and all(not e for e in errors.values()))
+    print(f"demo: {len(pairs)}/{len(sources)} derived instances received in "
+          f"{len(summary['derived_series'])} derived series; IOD errors: "
+          f"{sum(e or 0 for e in errors.values())}; problems: {len(summary['problems'])}")
+    print(f"demo: before/after picture {out / 'before_after.png'}; summary {out / 'summary.json'}")
+    print(f"demo: {'OK' if ok else 'FAILED'} in {summary['seconds']} s")
+    return ok

@@ -1,0 +1,115 @@
+"""The ledger's tables (SQLAlchemy Core; valid on SQLite and PostgreSQL) and migrations.
+
+Times are stored as float seconds since the epoch (UTC): portable and sortable on both
+databases. The schema version lives in ``schema_version``; ``MIGRATIONS`` is an ordered
+list and each entry moves the schema up by one version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    insert,
+    inspect,
+    select,
+)
+
+from mr2nst.node.errors import LedgerError
+
+metadata = MetaData()
+
+UID = String(64)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("study_uid", UID, nullable=False, default=""),
+    Column("series_uid", UID, nullable=False, default=""),
+    Column("transfer_syntax", UID, nullable=False, default=""),
+    Column("calling_ae", String(16), nullable=False, default=""),
+    Column("called_ae", String(16), nullable=False, default=""),
+    Column("peer", String(64), nullable=False, default=""),
+    Column("route", String(64)),
+    Column("action", String(16), nullable=False),
+    Column("method", String(16)),
+    Column("destinations", Text, nullable=False, default="[]"),  # JSON list, the route decision
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(128)),
+    Column("lease_until", Float),  # also the not-before time of a job waiting to retry
+    Column("spool_path", Text),
+    Column("output_path", Text),
+    Column("out_series_uid", UID),
+    Column("out_sop_uid", UID),
+    Column("error", Text),
+    Column("received_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_instances_state", "state", "id"),
+    Index("ix_instances_sop", "sop_instance_uid"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("instance_id", Integer, ForeignKey("instances.id"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_until", Float),
+    Column("last_status", Integer),
+    Column("error", Text),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("instance_id", "destination", name="uq_delivery_instance_destination"),
+    Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+def _v1_initial(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[instances, deliveries])
+
+
+# Append new migrations; never edit an applied one.
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1_initial,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: Connection, now: float) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION``; return the version found before."""
+    schema_version.create(conn, checkfirst=True)
+    current = conn.execute(select(func.max(schema_version.c.version))).scalar() or 0
+    if current == 0 and inspect(conn).has_table("instances"):
+        raise LedgerError("ledger has tables but no schema version; refusing to touch it")
+    if current > SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger schema version {current} is newer than this mr2nst ({SCHEMA_VERSION}); upgrade mr2nst"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[version - 1](conn)
+        conn.execute(insert(schema_version).values(version=version, applied_at=now))
+    return int(current)

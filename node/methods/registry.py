@@ -1,0 +1,90 @@
+"""The registry of normalization methods available to routes (``method = ...``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mr2nst.core.method import Method, Passthrough
+from mr2nst.node.config import Config
+from mr2nst.node.errors import ConfigError
+from mr2nst.node.version import VERSION
+
+MethodFactory = Callable[[Config], Method]
+
+def _ehm(config: Config) -> Method:
+    from mr2nst.bank.bank import Bank
+    from mr2nst.node.methods.ehm import EhmMethod
+
+    return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
+
+
+def _spectral(config: Config) -> Method:
+    from mr2nst.bank.bank import Bank
+    from mr2nst.node.methods.spectral import SpectralMethod
+
+    return SpectralMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION,
+                          config.spectral.core())
+
+
+def _mr2nst(config: Config, device: str | None = None) -> Method:
+    from mr2nst.bank.bank import Bank
+    from mr2nst.core.engine import Mr2nstEngine
+    from mr2nst.node.methods.mr2nst import Mr2nstMethod
+    from mr2nst.node.methods.weights import ensure_weights
+
+    weights = ensure_weights(config.engine)
+    core = replace(config.engine.core(), weights=weights or "", device=device or config.engine.device)
+    refiner = config.engine.refiner or None
+    engine = Mr2nstEngine(core, refiner=refiner)
+    return Mr2nstMethod(engine, Bank(config.bank.path), config.engine.references, config.bank.allow_fewer,
+                        VERSION, refiner_name=Path(refiner).name if refiner else "")
+
+
+FACTORIES: dict[str, MethodFactory] = {
+    "passthrough": lambda config: Passthrough(engine_version=VERSION),
+    "ehm": _ehm,
+    "spectral": _spectral,
+    "mr2nst": _mr2nst,
+}
+
+
+def check_methods(config: Config) -> None:
+    """Config error when a route names a method this build does not provide."""
+    for index, route in enumerate(config.routes):
+        if route.action == "normalize" and route.method not in FACTORIES:
+            raise ConfigError(
+                f"routes[{index}].method: {route.method!r} is not available in mr2nst {VERSION} "
+                f"(available: {', '.join(sorted(FACTORIES))})"
+            )
+
+
+def check_engine(config: Config) -> None:
+    """Build the mr2nst method once on the CPU, so missing weights, a refiner trained for
+    other settings or bad engine settings stop the node at start instead of failing jobs."""
+    _mr2nst(config, device="cpu")
+
+
+class MethodCache:
+    """Builds each method once per process (an engine loads its weights once) and reuses it.
+
+    ``progress`` is handed to methods that report progress (the mr2nst engine).
+    """
+
+    def __init__(self, config: Config, progress: Callable[[Any], None] | None = None) -> None:
+        self._config = config
+        self._progress = progress
+        self._methods: dict[str, Method] = {}
+
+    def get(self, name: str) -> Method:
+        if name not in self._methods:
+            factory = FACTORIES.get(name)
+            if factory is None:
+                raise ConfigError(f"method {name!r} is not available")
+            method = factory(self._config)
+            if self._progress is not None and hasattr(method, "progress"):
+                method.progress = self._progress
+            self._methods[name] = method
+        return self._methods[name]

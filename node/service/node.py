@@ -1,0 +1,113 @@
+"""The running node: SCP + worker processes + forwarder, wired from one Config.
+
+Start order: data dirs, ledger (migrated), workers, forwarder, then the SCP, so that
+nothing is accepted before it can be recorded. Stop order is the reverse: stop accepting,
+let open associations finish, let workers finish their current job, let sends finish.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from mr2nst.node.config import Config
+from mr2nst.node.ledger import Ledger
+from mr2nst.node.logs import get_logger
+from mr2nst.node.methods.registry import check_engine, check_methods
+from mr2nst.node.service.destinations import build_destinations
+from mr2nst.node.service.forwarder import Forwarder
+from mr2nst.node.service.prometheus import Metrics
+from mr2nst.node.service.routing import Router
+from mr2nst.node.service.scp import Allowlist, StoreService, start_scp
+from mr2nst.node.service.spool import Spool
+from mr2nst.node.service.worker import WorkerPool
+from mr2nst.node.version import VERSION
+
+log = get_logger("mr2nst.node")
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        check_methods(config)
+        self.config = config
+        self.router = Router(config.routes)
+        self.spool = Spool(config.node.data_dir)
+        self.ledger: Ledger | None = None
+        self.workers: WorkerPool | None = None
+        self.forwarder: Forwarder | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_server: Any = None
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> Node:
+        cfg = self.config
+        if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
+            check_engine(cfg)  # weights, refiner, settings: stop now with a reason, not fail every job
+        self.spool.create()
+        stale = self.spool.clear_tmp()
+        self.ledger = Ledger.open(cfg.ledger_url)
+        self.metrics = Metrics(self.ledger)
+        if cfg.metrics.port:
+            self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self.workers = WorkerPool(cfg)
+        self.workers.start()
+        self.forwarder = Forwarder(cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics)
+        self.forwarder.start()
+        service = StoreService(self.spool, self.ledger, self.router, cfg.node.min_free_disk_mb,
+                               Allowlist.parse(cfg.node.allowed_callers), self.metrics)
+        self.server = start_scp(cfg, service)
+        log.info("node_started", version=VERSION, ae_title=cfg.node.ae_title, host=cfg.node.host, port=self.port,
+                 workers=cfg.engine.workers, features=cfg.engine.features, routes=[r.name for r in cfg.routes],
+                 removed_partial_files=stale, queue=self.ledger.counts())
+        if cfg.engine.features == "seeded-random":
+            log.warning("seeded_random_features", reason="engine.features = seeded-random: engine outputs are "
+                        "for tests and demos only and say so in DerivationDescription")
+        return self
+
+    def stop(self) -> None:
+        """Graceful stop: no new associations, finish in-flight work, then exit."""
+        timeout = self.config.node.network_timeout_s
+        if self.server is not None:
+            self.server.shutdown()
+            deadline = time.monotonic() + timeout
+            while self.server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for assoc in self.server.active_associations:
+                assoc.abort()
+        if self.workers is not None:
+            self.workers.stop(timeout=max(timeout, self.config.engine.lease_s))
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self.ledger is not None:
+            log.info("node_stopped", queue=self.ledger.counts())
+            self.ledger.close()
+
+    def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name if signum else None)
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM, then stop gracefully."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                if self.workers is not None and self.workers.alive() < self.config.engine.workers:
+                    log.error("worker_died", alive=self.workers.alive())
+                    self.workers.restart_dead()
+        finally:
+            self.stop()

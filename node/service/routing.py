@@ -1,0 +1,88 @@
+"""Route decisions: ``[[routes]]`` are tried in order; the first that applies wins.
+
+A route's ``match`` maps DICOM keywords (plus ``calling_ae`` / ``called_ae``) to
+case-sensitive shell-style globs; every entry must match. A multi-valued attribute matches
+when any of its values does; a missing attribute matches only ``*``. A ``normalize`` route
+applies only to images its method can process (Digital Mammography / Digital X-Ray
+storage); for anything else it is skipped, with the reason noted, and the next route is tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from mr2nst.node.config import Route
+from mr2nst.node.dicom.sopclasses import NORMALIZABLE_SOP_CLASSES
+from mr2nst.node.errors import ConfigError
+
+AE_KEYS = ("calling_ae", "called_ae")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one instance."""
+
+    route: str | None
+    action: str  # normalize | forward | drop | none
+    method: str | None
+    destinations: tuple[str, ...]
+    skipped: tuple[str, ...] = field(default=())  # "route: reason" for routes passed over
+
+
+def check_routes(routes: Sequence[Route]) -> None:
+    """Reject match keys that are neither DICOM keywords nor AE keys (config error)."""
+    for index, route in enumerate(routes):
+        for key in route.match:
+            if key not in AE_KEYS and tag_for_keyword(key) is None:
+                raise ConfigError(f"routes[{index}].match.{key}: not a DICOM keyword (nor calling_ae/called_ae)")
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value: Any = ds.get(keyword)
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def matches(match: Mapping[str, str], ds: Dataset, calling_ae: str, called_ae: str) -> bool:
+    """True when every glob of ``match`` matches the instance."""
+    aes = {"calling_ae": calling_ae, "called_ae": called_ae}
+    for key, pattern in match.items():
+        values = [aes[key]] if key in aes else _values(ds, key)
+        if not values:
+            if pattern != "*":
+                return False
+            continue
+        if not any(fnmatchcase(v.strip(), pattern) for v in values):
+            return False
+    return True
+
+
+class Router:
+    """Decides the route of each instance from the configured routes."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        check_routes(routes)
+        self._routes = tuple(routes)
+
+    def decide(self, ds: Dataset, calling_ae: str, called_ae: str) -> Decision:
+        skipped: list[str] = []
+        sop_class = str(ds.get("SOPClassUID", ""))
+        for route in self._routes:
+            if not matches(route.match, ds, calling_ae, called_ae):
+                continue
+            if route.action == "normalize" and sop_class not in NORMALIZABLE_SOP_CLASSES:
+                skipped.append(f"{route.name}: SOP class {sop_class or '?'} is not an image to normalize")
+                continue
+            method = route.method if route.action == "normalize" else None
+            return Decision(route.name, route.action, method, route.destinations, tuple(skipped))
+        return Decision(None, "none", None, (), tuple(skipped))

@@ -1,0 +1,84 @@
+"""Durable files under data_dir: spool/ (as received), outbox/ (derived), dead/ (given up).
+
+Every write goes to a temporary file in the same file system, is fsynced, renamed into
+place and the directory fsynced, so a file that exists under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from mr2nst.node.errors import SpoolError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The node's file areas under ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir).resolve()
+        self.tmp = self.root / "spool" / "tmp"
+        self.incoming = self.root / "spool" / "in"
+        self.outbox = self.root / "outbox"
+        self.dead = self.root / "dead"
+
+    def create(self) -> Spool:
+        for path in (self.tmp, self.incoming, self.outbox, self.dead):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def clear_tmp(self) -> int:
+        """Remove half-written files left by a crash (never acknowledged). Returns the count."""
+        removed = 0
+        for path in self.tmp.glob("*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def write(self, directory: Path, name: str, writer: Callable[[BinaryIO], None]) -> Path:
+        """Durably write ``directory/name`` through ``writer``; return the final path."""
+        tmp_path = self.tmp / f"{uuid.uuid4().hex}.part"
+        final = directory / name
+        try:
+            with open(tmp_path, "wb") as fh:
+                writer(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, final)
+            _fsync_dir(directory)
+        except OSError as exc:
+            tmp_path.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        return final
+
+    def write_incoming(self, data: bytes) -> Path:
+        """Durably store a received instance (bytes with file meta) under a fresh name."""
+        return self.write(self.incoming, f"{uuid.uuid4().hex}.dcm", lambda fh: fh.write(data) and None)
+
+    def bury(self, path: Path) -> Path:
+        """Move a file that cannot be processed to dead/ for an admin to inspect."""
+        target = self.dead / path.name
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            raise SpoolError(f"cannot move {path} to {self.dead}: {exc.strerror or exc}") from exc
+        return target
+
+    def discard(self, path: str | Path) -> None:
+        """Remove a file that was never acknowledged."""
+        Path(path).unlink(missing_ok=True)
