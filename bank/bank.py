@@ -34,7 +34,9 @@ def iter_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+            out.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            )
         else:
             out.append(path)
     return out
@@ -65,8 +67,16 @@ class Bank:
     def stats(self) -> DomainStats:
         return domain_stats(self.entries())
 
-    def select(self, view: str, laterality: str, area_mm2: float, k: int, *,
-               chest_wall_left: bool | None = None, allow_fewer: bool = False) -> list[Reference]:
+    def select(
+        self,
+        view: str,
+        laterality: str,
+        area_mm2: float,
+        k: int,
+        *,
+        chest_wall_left: bool | None = None,
+        allow_fewer: bool = False,
+    ) -> list[Reference]:
         """The k references for a source (see :mod:`mr2nst.bank.selection`), loaded and mirrored."""
         for attempt in range(2):
             chosen = choose(self.entries(), view, area_mm2, k, allow_fewer)
@@ -106,7 +116,9 @@ class Bank:
                     else:
                         self.layout.write_arrays(uid, item.image, item.mask)
                         manifest = Manifest(entries=(*manifest.entries, item.entry))
-                        self.layout.write(manifest)  # one manifest write per file: a crash loses nothing added
+                        self.layout.write(
+                            manifest
+                        )  # one manifest write per file: a crash loses nothing added
                         known.add(uid)
                         report.added.append(item.entry)
                 if progress is not None:
@@ -120,7 +132,9 @@ class Bank:
             entry = manifest.find(uid)
             if entry is None:
                 raise BankError(f"no reference with SOP Instance UID {uid} in {self.layout.root}")
-            self.layout.write(Manifest(entries=tuple(e for e in manifest.entries if e.sop_instance_uid != uid)))
+            self.layout.write(
+                Manifest(entries=tuple(e for e in manifest.entries if e.sop_instance_uid != uid))
+            )
             self.layout.delete_arrays(uid)
         return entry
 

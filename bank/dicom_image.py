@@ -220,5 +220,3 @@ def source_info(ds: Dataset) -> SourceInfo:
         pixel_spacing_mm=_spacing(ds),
         manufacturer=text_of(ds, "Manufacturer"),
     )
-
-

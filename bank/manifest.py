@@ -116,7 +116,10 @@ class Layout:
         except (OSError, ValueError) as exc:
             raise BankCorrupt(f"{self.manifest}: unreadable manifest ({exc})") from None
         if data.get("version") != MANIFEST_VERSION:
-            raise BankCorrupt(f"{self.manifest}: manifest version {data.get('version')!r} is not {MANIFEST_VERSION}")
+            raise BankCorrupt(
+                f"{self.manifest}: manifest version {data.get('version')!r} "
+                f"is not {MANIFEST_VERSION}"
+            )
         try:
             return Manifest(entries=tuple(Entry.from_json(e) for e in data["entries"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -126,22 +129,31 @@ class Layout:
         payload = {"version": manifest.version, "entries": [e.to_json() for e in manifest.entries]}
         self._atomic(self.manifest, json.dumps(payload, indent=1).encode())
 
-    def write_arrays(self, uid: str, image: npt.NDArray[np.uint16], mask: npt.NDArray[np.bool_]) -> None:
+    def write_arrays(
+        self, uid: str, image: npt.NDArray[np.uint16], mask: npt.NDArray[np.bool_]
+    ) -> None:
         self._atomic_npy(self.mask_path(uid), np.packbits(mask))
         self._atomic_npy(self.image_path(uid), image)
 
     def load_image(self, entry: Entry, mmap: bool = True) -> npt.NDArray[np.uint16]:
-        arr: npt.NDArray[np.uint16] = np.load(self.image_path(entry.sop_instance_uid), mmap_mode="r" if mmap else None)
+        arr: npt.NDArray[np.uint16] = np.load(
+            self.image_path(entry.sop_instance_uid), mmap_mode="r" if mmap else None
+        )
         if arr.shape != (entry.rows, entry.columns) or arr.dtype != np.uint16:
-            raise BankCorrupt(f"image of {entry.sop_instance_uid} has shape {arr.shape}/{arr.dtype}, "
-                              f"expected {(entry.rows, entry.columns)}/uint16")
+            raise BankCorrupt(
+                f"image of {entry.sop_instance_uid} has shape {arr.shape}/{arr.dtype}, "
+                f"expected {(entry.rows, entry.columns)}/uint16"
+            )
         return arr
 
     def load_mask(self, entry: Entry) -> npt.NDArray[np.bool_]:
         packed = np.load(self.mask_path(entry.sop_instance_uid))
         count = entry.rows * entry.columns
         if packed.size != (count + 7) // 8:
-            raise BankCorrupt(f"mask of {entry.sop_instance_uid} has {packed.size} bytes, expected {(count + 7) // 8}")
+            raise BankCorrupt(
+                f"mask of {entry.sop_instance_uid} has {packed.size} bytes, "
+                f"expected {(count + 7) // 8}"
+            )
         return np.unpackbits(packed, count=count).astype(bool).reshape(entry.rows, entry.columns)
 
     def delete_arrays(self, uid: str) -> None:

@@ -31,7 +31,9 @@ def rank(entries: Sequence[Entry], view: str, area_mm2: float) -> list[Entry]:
     return sorted(same, key=lambda e: (abs(e.breast_area_mm2 - area_mm2), e.sop_instance_uid))
 
 
-def choose(entries: Sequence[Entry], view: str, area_mm2: float, k: int, allow_fewer: bool) -> list[Entry]:
+def choose(
+    entries: Sequence[Entry], view: str, area_mm2: float, k: int, allow_fewer: bool
+) -> list[Entry]:
     """The k best entries; NotEnoughReferences when fewer exist (unless allowed, and > 0)."""
     if not view:
         raise NotEnoughReferences("the source image has no view (ViewPosition/ViewCodeSequence)")
@@ -39,7 +41,8 @@ def choose(entries: Sequence[Entry], view: str, area_mm2: float, k: int, allow_f
     if len(ranked) < k and not (allow_fewer and ranked):
         raise NotEnoughReferences(
             f"the bank has {len(ranked)} {view} reference(s), {k} are needed "
-            f"(add more with `mr2nst bank add`, or lower engine.references)")
+            f"(add more with `mr2nst bank add`, or lower engine.references)"
+        )
     return ranked[:k]
 
 

@@ -119,15 +119,22 @@ def echo(port: int, called: str) -> int | None:
 class Receiver:
     """One receiver subprocess in its own process group (the node spawns workers)."""
 
-    def __init__(self, name: str, argv: Sequence[str], port: int, ae_title: str, log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], port: int, ae_title: str, log_path: Path
+    ) -> None:
         self.name, self.port, self.ae_title = name, port, ae_title
         self.log_path = log_path
         self.max_pdu: int | None = None  # as announced in A-ASSOCIATE-AC, once it is up
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         try:
-            self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env=clean_env())
+            self.proc = subprocess.Popen(
+                list(argv),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=clean_env(),
+            )
         except OSError as exc:
             self._log.close()
             raise BenchError(f"cannot start {name}: {exc}") from exc
@@ -136,14 +143,18 @@ class Receiver:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode} before listening; "
-                                 f"see {self.log_path}:\n{self.tail()}")
+                raise BenchError(
+                    f"{self.name} exited with {self.proc.returncode} before listening; "
+                    f"see {self.log_path}:\n{self.tail()}"
+                )
             max_pdu = echo(self.port, self.ae_title)
             if max_pdu is not None:
                 self.max_pdu = max_pdu
                 return
             time.sleep(0.2)
-        raise BenchError(f"{self.name} did not answer C-ECHO on port {self.port} within {READY_TIMEOUT_S:.0f} s")
+        raise BenchError(
+            f"{self.name} did not answer C-ECHO on port {self.port} within {READY_TIMEOUT_S:.0f} s"
+        )
 
     def stop(self) -> None:
         """SIGTERM the main process (graceful, like systemd's KillMode=mixed), then SIGKILL
@@ -227,8 +238,13 @@ def start_mr2nst(run_dir: Path) -> tuple[Receiver, Path]:
     port = free_port()
     data_dir = run_dir / "data"
     config = node_config(run_dir / "node.toml", port, data_dir)
-    receiver = Receiver("mr2nst serve", [*mr2nst_cli(), "serve", "--config", str(config)],
-                        port, NODE_AE, run_dir / "receiver.log")
+    receiver = Receiver(
+        "mr2nst serve",
+        [*mr2nst_cli(), "serve", "--config", str(config)],
+        port,
+        NODE_AE,
+        run_dir / "receiver.log",
+    )
     return receiver, config
 
 
@@ -236,8 +252,19 @@ def start_plain(run_dir: Path) -> tuple[Receiver, Path]:
     port = free_port()
     out = run_dir / "received"
     out.mkdir(parents=True)
-    argv = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-aet", PLAIN_AE,
-            "-ba", "127.0.0.1", "-od", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pynetdicom",
+        "storescp",
+        str(port),
+        "-aet",
+        PLAIN_AE,
+        "-ba",
+        "127.0.0.1",
+        "-od",
+        str(out),
+    ]
     return Receiver("pynetdicom storescp", argv, port, PLAIN_AE, run_dir / "receiver.log"), out
 
 
@@ -246,18 +273,36 @@ def start_plain(run_dir: Path) -> tuple[Receiver, Path]:
 
 def send(files: Sequence[Path], port: int, called: str) -> float:
     """Send all files on one association with DCMTK storescu; return the wall seconds."""
-    argv = ["storescu", "-aet", SENDER_AE, "-aec", called, "-R",
-            "127.0.0.1", str(port), *map(str, files)]
+    argv = [
+        "storescu",
+        "-aet",
+        SENDER_AE,
+        "-aec",
+        called,
+        "-R",
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     started = time.perf_counter()
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
-                              timeout=30 + SEND_TIMEOUT_S_PER_IMAGE * len(files))
+        done = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+            timeout=30 + SEND_TIMEOUT_S_PER_IMAGE * len(files),
+        )
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"storescu to {called}:{port} did not finish in {exc.timeout:.0f} s") from exc
+        raise BenchError(
+            f"storescu to {called}:{port} did not finish in {exc.timeout:.0f} s"
+        ) from exc
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
-        raise BenchError(f"storescu to {called}:{port} exited {done.returncode}:\n"
-                         f"{done.stdout.decode(errors='replace')[-2000:]}")
+        raise BenchError(
+            f"storescu to {called}:{port} exited {done.returncode}:\n"
+            f"{done.stdout.decode(errors='replace')[-2000:]}"
+        )
     return elapsed
 
 
@@ -265,20 +310,38 @@ def send(files: Sequence[Path], port: int, called: str) -> float:
 
 
 def verify_mr2nst(config: Path, data_dir: Path, expected: set[str]) -> None:
-    out = subprocess.run([*mr2nst_cli(), "queue", "list", "--json", "--all", "--limit", "100000",
-                          "--config", str(config)], capture_output=True, check=False,
-                         env=clean_env(), timeout=120)
+    out = subprocess.run(
+        [
+            *mr2nst_cli(),
+            "queue",
+            "list",
+            "--json",
+            "--all",
+            "--limit",
+            "100000",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        check=False,
+        env=clean_env(),
+        timeout=120,
+    )
     if out.returncode != 0:
-        raise BenchError(f"mr2nst queue list failed ({out.returncode}): {out.stderr.decode()[-2000:]}")
+        raise BenchError(
+            f"mr2nst queue list failed ({out.returncode}): {out.stderr.decode()[-2000:]}"
+        )
     items = json.loads(out.stdout)["items"]
     got = {i["sop_instance_uid"] for i in items if i["state"] == "unrouted" and i["spool_path"]}
     missing = expected - got
     files = [Path(i["spool_path"]) for i in items if i["spool_path"]]
     absent = [str(f) for f in files if not f.is_file()]
     if missing or absent or len(items) != len(expected):
-        raise BenchError(f"mr2nst: {len(missing)} instance(s) missing from the ledger, "
-                         f"{len(absent)} spool file(s) absent, {len(items)} ledger rows for "
-                         f"{len(expected)} sent")
+        raise BenchError(
+            f"mr2nst: {len(missing)} instance(s) missing from the ledger, "
+            f"{len(absent)} spool file(s) absent, {len(items)} ledger rows for "
+            f"{len(expected)} sent"
+        )
     on_disk = len(list((data_dir / "spool" / "in").glob("*.dcm")))
     if on_disk != len(expected):
         raise BenchError(f"mr2nst: {on_disk} files in spool/in, expected {len(expected)}")
@@ -288,14 +351,17 @@ def verify_plain(out_dir: Path, expected: set[str]) -> None:
     names = {p.name.split(".", 1)[1] for p in out_dir.iterdir() if "." in p.name}
     missing = expected - names
     if missing:
-        raise BenchError(f"plain storescp: {len(missing)} of {len(expected)} instance(s) missing in {out_dir}")
+        raise BenchError(
+            f"plain storescp: {len(missing)} of {len(expected)} instance(s) missing in {out_dir}"
+        )
 
 
 # -- one run -----------------------------------------------------------------------------
 
 
-def run_once(kind: str, files: Sequence[Path], expected: set[str],
-             run_dir: Path) -> tuple[float, float | None, int | None]:
+def run_once(
+    kind: str, files: Sequence[Path], expected: set[str], run_dir: Path
+) -> tuple[float, float | None, int | None]:
     """One timed send into a fresh receiver.
 
     Returns (wall seconds, the receiver's CPU seconds during it, its maximum PDU length).
@@ -313,8 +379,10 @@ def run_once(kind: str, files: Sequence[Path], expected: set[str],
         try:
             seconds = send(files, receiver.port, receiver.ae_title)
         except BenchError as exc:
-            raise BenchError(f"{exc}\n--- {receiver.name} log ({receiver.log_path}), last lines:\n"
-                             f"{receiver.tail()}") from exc
+            raise BenchError(
+                f"{exc}\n--- {receiver.name} log ({receiver.log_path}), last lines:\n"
+                f"{receiver.tail()}"
+            ) from exc
         cpu_after = receiver.cpu_seconds()
     finally:
         receiver.stop()
@@ -326,7 +394,9 @@ def run_once(kind: str, files: Sequence[Path], expected: set[str],
     return seconds, cpu, receiver.max_pdu
 
 
-def summary(seconds: list[float], cpu: list[float | None], n: int, bytes_total: int) -> dict[str, Any]:
+def summary(
+    seconds: list[float], cpu: list[float | None], n: int, bytes_total: int
+) -> dict[str, Any]:
     median = statistics.median(seconds)
     cpu_known = [c for c in cpu if c is not None]
     return {
@@ -336,8 +406,9 @@ def summary(seconds: list[float], cpu: list[float | None], n: int, bytes_total: 
         "images_per_s": round(n / median, 3),
         "MB_per_s": round(bytes_total / median / 1e6, 2),
         "receiver_cpu_s": [round(c, 3) for c in cpu_known],
-        "receiver_cpu_ms_per_image": (round(statistics.median(cpu_known) / n * 1000, 1)
-                                      if cpu_known else None),
+        "receiver_cpu_ms_per_image": (
+            round(statistics.median(cpu_known) / n * 1000, 1) if cpu_known else None
+        ),
     }
 
 
@@ -364,8 +435,13 @@ def machine() -> dict[str, Any]:
 
 def filesystem(path: Path) -> str:
     try:
-        out = subprocess.run(["df", "--output=fstype", str(path)], capture_output=True, text=True,
-                             check=False, timeout=10)
+        out = subprocess.run(
+            ["df", "--output=fstype", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
         return out.stdout.split()[-1]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "unknown"
@@ -377,9 +453,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2294, 1914))
     p.add_argument("--repeats", type=int, default=3, help="rounds of (mr2nst, plain) (default 3)")
     p.add_argument("--seed", type=int, default=0, help="phantom set seed")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="cache for phantoms and scratch for receivers (default: a temp dir, removed)")
-    p.add_argument("--keep", action="store_true", help="keep received files and logs under --workdir")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="cache for phantoms and scratch for receivers (default: a temp dir, removed)",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep received files and logs under --workdir"
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.n < 1 or args.repeats < 1 or min(args.size) < 16:
@@ -390,7 +472,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("storescu") is None:
-        log("DCMTK storescu is not on PATH (apt-get install dcmtk); it is the sender for both receivers")
+        log(
+            "DCMTK storescu is not on PATH (apt-get install dcmtk); "
+            "it is the sender for both receivers"
+        )
         return 1
     own_tmp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="mr2nst-bench-")) if own_tmp else args.workdir.resolve()
@@ -406,11 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_pdu: dict[str, int | None] = {}
         for rnd in range(args.repeats):
             for kind in ("mr2nst", "plain"):
-                seconds, cpu, max_pdu[kind] = run_once(kind, files, expected, runs_dir / f"{rnd}-{kind}")
+                seconds, cpu, max_pdu[kind] = run_once(
+                    kind, files, expected, runs_dir / f"{rnd}-{kind}"
+                )
                 times[kind].append(seconds)
                 cpus[kind].append(cpu)
-                log(f"round {rnd + 1}/{args.repeats} {kind:<7} {seconds:7.3f} s "
-                    f"({args.n / seconds:6.2f} img/s, {bytes_total / seconds / 1e6:7.1f} MB/s)")
+                log(
+                    f"round {rnd + 1}/{args.repeats} {kind:<7} {seconds:7.3f} s "
+                    f"({args.n / seconds:6.2f} img/s, {bytes_total / seconds / 1e6:7.1f} MB/s)"
+                )
                 if not args.keep:
                     shutil.rmtree(runs_dir / f"{rnd}-{kind}", ignore_errors=True)
         node = summary(times["mr2nst"], cpus["mr2nst"], args.n, bytes_total)
@@ -430,12 +519,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_of_best_runs": round(plain["best_s"] / node["best_s"], 3),
             "target": TARGET_RATIO,
             "meets_target": ratio >= TARGET_RATIO,
-            "measured": ("wall time of one DCMTK storescu association (request to release) sending "
-                         "every file, per run; fresh receiver and empty output folder per run; "
-                         "rounds alternate mr2nst / plain"),
-            "mr2nst_path": ("mr2nst serve with no routes: allowlist, free-disk check, dataset "
-                            "decode, route decision, fsync+rename into spool/in, directory fsync, "
-                            "ledger row (state unrouted); 1 idle engine worker and the forwarder run"),
+            "measured": (
+                "wall time of one DCMTK storescu association (request to release) sending "
+                "every file, per run; fresh receiver and empty output folder per run; "
+                "rounds alternate mr2nst / plain"
+            ),
+            "mr2nst_path": (
+                "mr2nst serve with no routes: allowlist, free-disk check, dataset "
+                "decode, route decision, fsync+rename into spool/in, directory fsync, "
+                "ledger row (state unrouted); 1 idle engine worker and the forwarder run"
+            ),
             "plain_path": "python -m pynetdicom storescp -od DIR: Dataset.save_as, no fsync",
             "durable": {"fsync": True, "ledger": "sqlite WAL synchronous=FULL"},
             "transfer_syntax": "Explicit VR Little Endian (uncompressed)",
@@ -458,8 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text, flush=True)
     verdict = "meets" if result["meets_target"] else "MISSES"
-    log(f"mr2nst {node['images_per_s']} img/s vs plain storescp {plain['images_per_s']} img/s: "
-        f"ratio {result['ratio']} {verdict} the target {TARGET_RATIO}")
+    log(
+        f"mr2nst {node['images_per_s']} img/s vs plain storescp {plain['images_per_s']} img/s: "
+        f"ratio {result['ratio']} {verdict} the target {TARGET_RATIO}"
+    )
     return 0
 
 

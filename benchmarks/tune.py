@@ -5,7 +5,8 @@
         --set 'content_layers=["relu4_2"];["relu1_1","relu4_2"]'
 
 Every combination of the ``--set KEY=V1,V2,...`` values (keys of the ``[engine]``
-section; values that are lists themselves are separated by ``;``) is written into a copy of ``--config`` and evaluated with ``--methods``
+section; values that are lists themselves are separated by ``;``) is written into a copy
+of ``--config`` and evaluated with ``--methods``
 (default ``mr2nst``) into ``OUT/<point>/``. A point whose ``metrics.json`` already
 exists is not rerun, so an interrupted sweep continues where it stopped. The table of
 every point (mean ± sd of each metric of the first method) goes to ``OUT/tune.md`` and
@@ -30,8 +31,18 @@ from typing import Any
 #: rank higher first.
 LOWER_IS_BETTER = ("style_gram", "hist_w1", "spectrum_dist", "seconds", "peak_mb")
 CLOSEST_TO_ONE = ("uc_cnr_ratio", "sharpness_ratio")
-COLUMNS = ("style_gram", "hist_w1", "ssim", "psnr", "uc_cnr_ratio", "uc_detected",
-           "spectrum_dist", "sharpness_ratio", "structure_ssim", "seconds")
+COLUMNS = (
+    "style_gram",
+    "hist_w1",
+    "ssim",
+    "psnr",
+    "uc_cnr_ratio",
+    "uc_detected",
+    "spectrum_dist",
+    "sharpness_ratio",
+    "structure_ssim",
+    "seconds",
+)
 
 
 def _value(text: str) -> Any:
@@ -101,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truth")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", required=True, type=Path, help="base node config (TOML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
-                   help="an [engine] key and the values to try (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an [engine] key and the values to try (repeatable)",
+    )
     p.add_argument("--methods", default="mr2nst")
     p.add_argument("--rank", default="ssim", choices=COLUMNS)
     args = p.parse_args(argv)
@@ -130,9 +146,22 @@ def main(argv: list[str] | None = None) -> int:
             point.mkdir(parents=True, exist_ok=True)
             config = point / "config.toml"
             config.write_text(_config_text(base, engine))
-            cmd = [sys.executable, "-m", "mr2nst.node.cli.main", "evaluate", "--source", args.source,
-                   "--target", args.target, "--out", str(point), "--config", str(config),
-                   "--methods", args.methods]
+            cmd = [
+                sys.executable,
+                "-m",
+                "mr2nst.node.cli.main",
+                "evaluate",
+                "--source",
+                args.source,
+                "--target",
+                args.target,
+                "--out",
+                str(point),
+                "--config",
+                str(config),
+                "--methods",
+                args.methods,
+            ]
             if args.truth:
                 cmd += ["--truth", args.truth]
             print(f"tune: {name}", file=sys.stderr, flush=True)
@@ -151,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = [str(row["point"][k]) for k, _ in axes]
         for c in COLUMNS:
             s = row["metrics"].get(c)
-            cells.append("—" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}")
+            cells.append(
+                "—" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (args.out / "tune.md").write_text(table)

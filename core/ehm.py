@@ -23,8 +23,11 @@ BoolImage = npt.NDArray[np.bool_]
 TIE_BREAK_SIZES = (3, 5, 7)
 
 
-def strict_order(image: FloatImage, mask: BoolImage, sizes: tuple[int, ...] = TIE_BREAK_SIZES,
-                 ) -> npt.NDArray[np.intp]:
+def strict_order(
+    image: FloatImage,
+    mask: BoolImage,
+    sizes: tuple[int, ...] = TIE_BREAK_SIZES,
+) -> npt.NDArray[np.intp]:
     """Indices of the masked pixels (in ``image[mask]`` order) sorted by value, then local means."""
     values = np.asarray(image, dtype=np.float32)
     keys = [ndi.uniform_filter(values, size=s, mode="reflect")[mask] for s in reversed(sizes)]
@@ -33,7 +36,10 @@ def strict_order(image: FloatImage, mask: BoolImage, sizes: tuple[int, ...] = TI
 
 
 def target_quantiles(target: npt.NDArray[np.floating], n: int) -> FloatImage:
-    """``n`` values whose multiset follows the target's distribution (exactly the target when sizes match)."""
+    """``n`` values whose multiset follows the target's distribution.
+
+    Exactly the target when sizes match.
+    """
     ordered = np.sort(np.asarray(target, dtype=np.float32).ravel())
     if ordered.size == 0:
         raise ImageError("the target histogram is empty")
@@ -43,8 +49,12 @@ def target_quantiles(target: npt.NDArray[np.floating], n: int) -> FloatImage:
     return ordered[ranks]
 
 
-def exact_histogram_match(image: FloatImage, mask: BoolImage, target: npt.NDArray[np.floating],
-                          background: float | None = None) -> FloatImage:
+def exact_histogram_match(
+    image: FloatImage,
+    mask: BoolImage,
+    target: npt.NDArray[np.floating],
+    background: float | None = None,
+) -> FloatImage:
     """Give the masked pixels of ``image`` the distribution of ``target`` exactly.
 
     ``target`` holds target-domain pixel values (for example the pooled breast pixels of

@@ -90,10 +90,16 @@ StopAt = Mapping[tuple[int, int, int], float]
 def optimize_settings(config: EngineConfig) -> OptimizeSettings:
     """The optimiser's settings taken from the engine's config."""
     return OptimizeSettings(
-        iterations=config.iterations, lr=config.lr, alpha=config.alpha, amp=config.amp,
-        report_every=config.report_every, optimizer=config.optimizer,
-        content_layers=config.content_layers, style_weights=config.style_weights,
-        pixel_weight=config.pixel_weight, histogram_weight=config.histogram_weight,
+        iterations=config.iterations,
+        lr=config.lr,
+        alpha=config.alpha,
+        amp=config.amp,
+        report_every=config.report_every,
+        optimizer=config.optimizer,
+        content_layers=config.content_layers,
+        style_weights=config.style_weights,
+        pixel_weight=config.pixel_weight,
+        histogram_weight=config.histogram_weight,
         lr_schedule=config.lr_schedule,
     )
 
@@ -156,9 +162,7 @@ def batch_limit(size: tuple[int, int], config: EngineConfig, device: torch.devic
     return int(max(1, min(config.max_batch, fits)))
 
 
-def _batches(
-    tiles: Sequence[Tile], config: EngineConfig, device: torch.device
-) -> list[list[Tile]]:
+def _batches(tiles: Sequence[Tile], config: EngineConfig, device: torch.device) -> list[list[Tile]]:
     """Tiles grouped by patch shape (first-seen order), each group cut into as few,
     evenly sized batches as :func:`batch_limit` allows."""
     groups: dict[tuple[int, int], list[Tile]] = {}
@@ -293,8 +297,7 @@ class Mr2nstEngine:
             except ValueError as exc:
                 raise ImageError(f"image {shape} at grid {g}: {exc}") from exc
             active = [
-                t for t in tiles
-                if not tile_is_background(mask[t.slices], cfg.background_fraction)
+                t for t in tiles if not tile_is_background(mask[t.slices], cfg.background_fraction)
             ]
             plans.append(_ScalePlan(tiles, _batches(active, cfg, self._device)))
         return plans
@@ -369,7 +372,9 @@ class Mr2nstEngine:
         """The output image from what the refiner mixes (``EngineResult.merge_inputs``):
         the refiner (this engine's, or ``refiner``), detail mode toward ``start`` (the
         content, or the EHM start), clipping to [0, 1] and ``background`` outside ``mask``."""
-        stack = inputs if isinstance(inputs, Tensor) else torch.stack([self._tensor(a) for a in inputs])
+        stack = (
+            inputs if isinstance(inputs, Tensor) else torch.stack([self._tensor(a) for a in inputs])
+        )
         first = start if isinstance(start, Tensor) else self._tensor(start)
         merger = self._refiner if refiner is None else refiner.to(self._device).eval()
         with torch.no_grad():
@@ -442,7 +447,9 @@ class Mr2nstEngine:
         cfg = self._config
         sides = [max(max(t.shape) for t in plan.tiles) for plan in plans]
         with torch.no_grad():
-            inputs = merge_inputs(torch.stack(scales), cfg.merge, band_sigmas(sides, cfg.patch_size))
+            inputs = merge_inputs(
+                torch.stack(scales), cfg.merge, band_sigmas(sides, cfg.patch_size)
+            )
         start = images.init if images.init is not None else images.content
         image = self.merge(inputs, start, content_mask, background)
         return EngineResult(

@@ -18,7 +18,14 @@ Tone = Literal["linear", "ehm"]
 Resample = Literal["image", "residual"]
 #: Layer names a loss may read (every feature network has them; see :mod:`.features`).
 KNOWN_LAYERS = (
-    "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu4_1", "relu4_2",
+    "relu1_1",
+    "relu1_2",
+    "relu2_1",
+    "relu2_2",
+    "relu3_1",
+    "relu3_2",
+    "relu4_1",
+    "relu4_2",
     "relu5_1",
 )
 #: The style layers, in order; ``style_weights`` gives one weight per entry.
@@ -26,18 +33,44 @@ STYLE_LAYER_NAMES = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 #: Left out of the fingerprint: settings that change speed, memory or reporting only, plus
 #: ``weights`` and ``seed``, whose effect is the weights id (which is fingerprinted).
 NOT_FINGERPRINTED = (
-    "device", "amp", "max_batch", "memory_budget_mb", "report_every", "weights", "seed",
+    "device",
+    "amp",
+    "max_batch",
+    "memory_budget_mb",
+    "report_every",
+    "weights",
+    "seed",
 )
 #: Settings a trained refiner depends on (besides the weights id).
 REFINER_KEYS = (
-    "patch_size", "grids", "overlap", "iterations", "lr", "alpha", "pooling", "init", "features",
-    "optimizer", "warm_start", "content_layers", "pixel_weight", "style_weights",
-    "histogram_weight", "lr_schedule", "merge", "resample",
+    "patch_size",
+    "grids",
+    "overlap",
+    "iterations",
+    "lr",
+    "alpha",
+    "pooling",
+    "init",
+    "features",
+    "optimizer",
+    "warm_start",
+    "content_layers",
+    "pixel_weight",
+    "style_weights",
+    "histogram_weight",
+    "lr_schedule",
+    "merge",
+    "resample",
 )
 #: METHOD.md's recipe where the defaults now differ (the paper's plain loop, the bench).
 PAPER_RECIPE: dict[str, object] = {
-    "lr": 0.005, "pooling": "max", "init": "content", "merge": "average", "tone": "linear",
-    "detail_sigma": 0.0, "resample": "image",
+    "lr": 0.005,
+    "pooling": "max",
+    "init": "content",
+    "merge": "average",
+    "tone": "linear",
+    "detail_sigma": 0.0,
+    "resample": "image",
 }
 
 
@@ -66,7 +99,9 @@ class EngineConfig:
     lr: float = 0.02  # best spectrum/structure trade-off of 1e-4..5e-2 (t1-lr, r2-lr)
     alpha: float = 1e3  # 100: within noise; 1: texture falls back, µCs gain nothing (r2-anchor)
     pooling: Pooling = "avg"  # max: lower SSIM and detection, no better texture (t5-pooling)
-    init: InitMode = "content"  # vs the EHM start: spectrum 0.27 vs 0.46, sharpness 0.93 vs 0.75 (t3)
+    init: InitMode = (
+        "content"  # vs the EHM start: spectrum 0.27 vs 0.46, sharpness 0.93 vs 0.75 (t3)
+    )
     background_fraction: float = 0.02
     seed: int = 0
     max_batch: int = 16
@@ -78,7 +113,9 @@ class EngineConfig:
     features: FeatureSource = "imagenet"  # the paper's network, the clinical default
     weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache
     report_every: int = 10
-    content_layers: tuple[str, ...] = ("relu4_2",)  # METHOD.md; shallow ones: no gain (t5, r2-anchor)
+    content_layers: tuple[str, ...] = (
+        "relu4_2",
+    )  # METHOD.md; shallow ones: no gain (t5, r2-anchor)
     pixel_weight: float = 0.0  # toward the start: 1e8 costs texture, 1e10 undoes it (r2-pixel)
     style_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # relu1_1..5_1; others: noise (t7)
     histogram_weight: float = 0.0  # Risser et al. 2017: no gain, 1.4x slower (t5-histogram)
@@ -125,17 +162,27 @@ class EngineConfig:
         if self.features not in get_args(FeatureSource):
             raise bad("features", f"must be one of {get_args(FeatureSource)}")
         unknown = [n for n in self.content_layers if n not in KNOWN_LAYERS]
-        if not self.content_layers or unknown or len(set(self.content_layers)) != len(self.content_layers):
+        if (
+            not self.content_layers
+            or unknown
+            or len(set(self.content_layers)) != len(self.content_layers)
+        ):
             raise bad("content_layers", f"must be distinct names from {KNOWN_LAYERS}")
-        if len(self.style_weights) != len(STYLE_LAYER_NAMES) or any(
-            not w >= 0 for w in self.style_weights
-        ) or not sum(self.style_weights) > 0:
+        if (
+            len(self.style_weights) != len(STYLE_LAYER_NAMES)
+            or any(not w >= 0 for w in self.style_weights)
+            or not sum(self.style_weights) > 0
+        ):
             raise bad("style_weights", f"must be {len(STYLE_LAYER_NAMES)} weights >= 0, not all 0")
         for name in ("pixel_weight", "histogram_weight", "detail_sigma"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
-        for name, kind in (("lr_schedule", LrSchedule), ("merge", Merge), ("tone", Tone),
-                           ("resample", Resample)):
+        for name, kind in (
+            ("lr_schedule", LrSchedule),
+            ("merge", Merge),
+            ("tone", Tone),
+            ("resample", Resample),
+        ):
             if getattr(self, name) not in get_args(kind):
                 raise bad(name, f"must be one of {get_args(kind)}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):

@@ -141,8 +141,12 @@ def _vgg_state_dict(raw: object, path: Path) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for key, value in raw.items():
         parts = str(key).split(".")
-        if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit() \
-                and int(parts[1]) < _DEPTH:
+        if (
+            len(parts) == 3
+            and parts[0] == "features"
+            and parts[1].isdigit()
+            and int(parts[1]) < _DEPTH
+        ):
             if not isinstance(value, Tensor):
                 raise WeightsError(f"{path}: entry {key} is not a tensor")
             state[f"{parts[1]}.{parts[2]}"] = value
@@ -213,7 +217,9 @@ class VGGFeatures(nn.Module):
         try:
             return self.layer_index[layer]
         except KeyError:
-            raise KeyError(f"unknown VGG layer {layer!r}; known: {sorted(self.layer_index)}") from None
+            raise KeyError(
+                f"unknown VGG layer {layer!r}; known: {sorted(self.layer_index)}"
+            ) from None
 
     def channels(self, layer: str) -> int:
         """Number of feature maps N_l at a named layer."""

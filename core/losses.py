@@ -109,7 +109,9 @@ class HistogramLoss(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         flat = features.float().flatten(2)
         if flat.shape[-1] != self.target.shape[-1]:
-            raise ValueError(f"features have {flat.shape[-1]} positions, target {self.target.shape[-1]}")
+            raise ValueError(
+                f"features have {flat.shape[-1]} positions, target {self.target.shape[-1]}"
+            )
         matched = specify_rows(flat, self.target)
         return (flat - matched).square().mean(dim=(1, 2))
 
@@ -134,7 +136,8 @@ class TransferLoss(nn.Module):
         if not style_targets:
             raise ValueError("at least one style layer is required")
         targets = (
-            {content_layer: content_target} if isinstance(content_target, Tensor)
+            {content_layer: content_target}
+            if isinstance(content_target, Tensor)
             else dict(content_target)
         )
         if not targets:
@@ -145,17 +148,22 @@ class TransferLoss(nn.Module):
         weights = dict(style_weights or {})
         self.style_weights = {k: float(weights.get(k, 1.0)) for k in style_targets}
         self.pixel_weight = float(pixel_weight)
-        self.pixel = PixelLoss(pixel_target) if pixel_target is not None and pixel_weight > 0 else None
+        self.pixel = (
+            PixelLoss(pixel_target) if pixel_target is not None and pixel_weight > 0 else None
+        )
         self.histogram_weight = float(histogram_weight)
         self.histogram = nn.ModuleDict(
             {k: HistogramLoss(v) for k, v in (histogram_targets or {}).items()}
-            if histogram_weight > 0 else {}
+            if histogram_weight > 0
+            else {}
         )
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Every layer the loss reads (style layers, then content, then histogram layers)."""
-        return tuple(dict.fromkeys([*self.style.keys(), *self.content.keys(), *self.histogram.keys()]))
+        return tuple(
+            dict.fromkeys([*self.style.keys(), *self.content.keys(), *self.histogram.keys()])
+        )
 
     @property
     def content_layer(self) -> str:
@@ -181,4 +189,3 @@ class TransferLoss(nn.Module):
         for name, module in self.histogram.items():
             total = total + self.histogram_weight * module(features[name])
         return total
-

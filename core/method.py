@@ -70,8 +70,7 @@ class Method(Protocol):
         """A stable id of everything that shapes the output (weights, settings)."""
         ...
 
-    def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
-        ...
+    def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult: ...
 
 
 class Passthrough:

@@ -101,7 +101,9 @@ STRUCTURE_SIGMA = 1.5
 
 def _check_pair(a: Array, b: Array, mask: BoolImage) -> None:
     if a.ndim != 2 or a.shape != b.shape or mask.shape != a.shape:
-        raise ImageError(f"images {a.shape}, {b.shape} and mask {mask.shape} must be equal 2-D shapes")
+        raise ImageError(
+            f"images {a.shape}, {b.shape} and mask {mask.shape} must be equal 2-D shapes"
+        )
 
 
 # -- style: Gram matrices inside the mask ---------------------------------------------------
@@ -148,7 +150,9 @@ def masked_grams(
     return out
 
 
-def mean_grams(grams: Sequence[Mapping[str, npt.NDArray[np.float64]]]) -> dict[str, npt.NDArray[np.float64]]:
+def mean_grams(
+    grams: Sequence[Mapping[str, npt.NDArray[np.float64]]],
+) -> dict[str, npt.NDArray[np.float64]]:
     """Element-wise mean of several images' Grams (the target domain's Gram)."""
     if not grams:
         raise ImageError("no Gram matrices to average")
@@ -182,19 +186,25 @@ def hist_w1(image: Array, mask: BoolImage, target_values: Array) -> float | None
 # -- fidelity to the true target ---------------------------------------------------------------
 
 
-def masked_ssim(image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0) -> float | None:
+def masked_ssim(
+    image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0
+) -> float | None:
     """Mean of skimage's SSIM map inside ``mask`` (None for an empty mask)."""
     _check_pair(image, reference, mask)
     if not mask.any():
         return None
     _, smap = structural_similarity(  # type: ignore[no-untyped-call, unused-ignore]
-        np.asarray(reference, dtype=np.float64), np.asarray(image, dtype=np.float64),
-        data_range=data_range, full=True,
+        np.asarray(reference, dtype=np.float64),
+        np.asarray(image, dtype=np.float64),
+        data_range=data_range,
+        full=True,
     )
     return float(np.mean(smap[mask]))
 
 
-def masked_psnr(image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0) -> float | None:
+def masked_psnr(
+    image: Array, reference: Array, mask: BoolImage, data_range: float = 1.0
+) -> float | None:
     """PSNR (dB) of the masked pixels; ``inf`` when identical, None for an empty mask."""
     _check_pair(image, reference, mask)
     if not mask.any():
@@ -211,10 +221,14 @@ def masked_psnr(image: Array, reference: Array, mask: BoolImage, data_range: flo
 
 
 def _eroded(mask: BoolImage, margin: int) -> BoolImage:
-    return np.asarray(ndi.binary_erosion(mask, iterations=margin) if margin > 0 else mask, dtype=bool)
+    return np.asarray(
+        ndi.binary_erosion(mask, iterations=margin) if margin > 0 else mask, dtype=bool
+    )
 
 
-def _masked_lowpass(image: npt.NDArray[np.float64], mask: BoolImage, sigma: float) -> npt.NDArray[np.float64]:
+def _masked_lowpass(
+    image: npt.NDArray[np.float64], mask: BoolImage, sigma: float
+) -> npt.NDArray[np.float64]:
     """Gaussian low-pass by normalised convolution: only pixels inside ``mask`` contribute."""
     weight = ndi.gaussian_filter(mask.astype(np.float64), sigma)
     blurred = ndi.gaussian_filter(np.where(mask, image, 0.0), sigma)
@@ -253,7 +267,9 @@ def mean_spectrum(spectra: Sequence[npt.NDArray[np.float64]]) -> npt.NDArray[np.
     return np.asarray(np.mean(np.stack(spectra), axis=0))
 
 
-def spectrum_dist(image: Array, mask: BoolImage, target_spectrum: npt.NDArray[np.float64]) -> float | None:
+def spectrum_dist(
+    image: Array, mask: BoolImage, target_spectrum: npt.NDArray[np.float64]
+) -> float | None:
     """RMS difference of log10 power over the radial bins to ``target_spectrum`` (None if empty)."""
     spectrum = radial_spectrum(image, mask)
     if spectrum is None:
@@ -279,7 +295,9 @@ def sharpness_ratio(image: Array, truth: Array, mask: BoolImage) -> float | None
     return math.sqrt(energy / reference)
 
 
-def structure_ssim(image: Array, truth: Array, mask: BoolImage, sigma: float = STRUCTURE_SIGMA) -> float | None:
+def structure_ssim(
+    image: Array, truth: Array, mask: BoolImage, sigma: float = STRUCTURE_SIGMA
+) -> float | None:
     """:func:`masked_ssim` of both images low-passed with a Gaussian of ``sigma`` px."""
     _check_pair(image, truth, mask)
     low = ndi.gaussian_filter(np.asarray(image, dtype=np.float64), sigma)
@@ -403,7 +421,8 @@ def paired_p(a: Sequence[float | None], b: Sequence[float | None]) -> float | No
     None with fewer than 2 pairs, or when every difference is identical (t undefined).
     """
     pairs = [
-        (float(x), float(y)) for x, y in zip(a, b, strict=True)
+        (float(x), float(y))
+        for x, y in zip(a, b, strict=True)
         if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))
     ]
     if len(pairs) < 2:

@@ -142,7 +142,9 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -203,7 +205,9 @@ def histogram_targets(
         for name, flats in per_layer.items():
             m = flats[0].shape[-1]
             pooled = torch.sort(torch.cat(flats, dim=-1), dim=-1).values
-            out[name] = pooled.index_select(-1, quantile_indices(m, pooled.shape[-1], pooled.device))
+            out[name] = pooled.index_select(
+                -1, quantile_indices(m, pooled.shape[-1], pooled.device)
+            )
     return {name: t.clone() for name, t in out.items()}
 
 
@@ -230,9 +234,14 @@ def transfer_loss(
     their weights, and the optional pixel (toward ``start``) and histogram terms."""
     weights = dict(zip(STYLE_LAYERS, settings.style_weights, strict=True))
     return TransferLoss(
-        content_features(features, content, settings.content_layers), targets, settings.alpha,
-        style_weights=weights, pixel_target=start, pixel_weight=settings.pixel_weight,
-        histogram_targets=hist_targets, histogram_weight=settings.histogram_weight,
+        content_features(features, content, settings.content_layers),
+        targets,
+        settings.alpha,
+        style_weights=weights,
+        pixel_target=start,
+        pixel_weight=settings.pixel_weight,
+        histogram_targets=hist_targets,
+        histogram_weight=settings.histogram_weight,
     )
 
 
@@ -244,8 +253,13 @@ def _lbfgs(
     x = start.detach().clone().requires_grad_(True)
     if iterations > 0:
         opt = torch.optim.LBFGS(
-            [x], lr=1.0, max_iter=iterations, history_size=history,
-            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
+            [x],
+            lr=1.0,
+            max_iter=iterations,
+            history_size=history,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+            line_search_fn="strong_wolfe",
         )
 
         def closure() -> Tensor:
@@ -273,7 +287,9 @@ def _choose_start(
     ties), and which tiles took ``alternative``. The pixel term is 0 at either candidate
     itself, so it is left out here."""
     if alternative.shape != content.shape:
-        raise ValueError(f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}")
+        raise ValueError(
+            f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}"
+        )
     other = alternative.detach().clamp(0.0, 1.0)
     loss_fn = transfer_loss(
         features, content, targets, replace(settings, pixel_weight=0.0), start, hist_targets
@@ -335,9 +351,15 @@ def optimise(
         if progress is not None:
             progress(
                 Progress(
-                    scale=ctx.scale, grid=ctx.grid, batch=ctx.batch, n_batches=ctx.n_batches,
-                    iteration=iteration, iterations=settings.iterations, loss=loss,
-                    tiles_done=ctx.tiles_done + done, tiles_total=ctx.tiles_total,
+                    scale=ctx.scale,
+                    grid=ctx.grid,
+                    batch=ctx.batch,
+                    n_batches=ctx.n_batches,
+                    iteration=iteration,
+                    iterations=settings.iterations,
+                    loss=loss,
+                    tiles_done=ctx.tiles_done + done,
+                    tiles_total=ctx.tiles_total,
                 )
             )
 
@@ -351,11 +373,16 @@ def optimise(
         tiles = []
         for b in range(n):
             one = transfer_loss(
-                features, content[b : b + 1], {k: v[b : b + 1] for k, v in targets.items()},
-                settings, start[b : b + 1],
+                features,
+                content[b : b + 1],
+                {k: v[b : b + 1] for k, v in targets.items()},
+                settings,
+                start[b : b + 1],
                 {k: v[b : b + 1] for k, v in (hist_targets or {}).items()},
             )
-            tiles.append(_lbfgs(features, one, start[b : b + 1], settings.iterations, settings.history))
+            tiles.append(
+                _lbfgs(features, one, start[b : b + 1], settings.iterations, settings.history)
+            )
         result = torch.cat(tiles)
         ran = settings.iterations
     else:

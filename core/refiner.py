@@ -44,7 +44,9 @@ class Refiner(nn.Module):
         gen = torch.Generator().manual_seed(_INIT_SEED)
         with torch.no_grad():
             for conv in (self.conv1, self.conv2):
-                nn.init.kaiming_uniform_(conv.weight, a=0.2, nonlinearity="leaky_relu", generator=gen)
+                nn.init.kaiming_uniform_(
+                    conv.weight, a=0.2, nonlinearity="leaky_relu", generator=gen
+                )
                 nn.init.zeros_(self._bias(conv))
             nn.init.zeros_(self.conv3.weight)
             nn.init.zeros_(self._bias(self.conv3))
@@ -77,8 +79,12 @@ class Refiner(nn.Module):
         return digest.hexdigest()[:16]
 
 
-def save_refiner(refiner: Refiner, path: str | Path, expected: Mapping[str, Any],
-                 training: Mapping[str, Any] | None = None) -> None:
+def save_refiner(
+    refiner: Refiner,
+    path: str | Path,
+    expected: Mapping[str, Any],
+    training: Mapping[str, Any] | None = None,
+) -> None:
     """Write a checkpoint with the engine setup it belongs to.
 
     ``expected`` is :meth:`mr2nst.core.engine.Mr2nstEngine.refiner_expectation`'s dict,
@@ -114,7 +120,9 @@ def _read(path: Path) -> Mapping[str, Any]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means an unusable file
         raise RefinerError(f"cannot read refiner checkpoint {path}: {exc}") from exc
-    if not isinstance(raw, Mapping) or not {"state_dict", "engine_config", "weights_id"} <= set(raw):
+    if not isinstance(raw, Mapping) or not {"state_dict", "engine_config", "weights_id"} <= set(
+        raw
+    ):
         raise RefinerError(
             f"{path} is not a refiner checkpoint (needs state_dict, engine_config, weights_id)"
         )
@@ -138,7 +146,9 @@ def load_refiner(path: str | Path, expected: Mapping[str, Any]) -> Refiner:
     raw = _read(path)
     problems = []
     if raw["weights_id"] != expected["weights_id"]:
-        problems.append(f"weights_id: checkpoint {raw['weights_id']!r}, engine {expected['weights_id']!r}")
+        problems.append(
+            f"weights_id: checkpoint {raw['weights_id']!r}, engine {expected['weights_id']!r}"
+        )
     problems += _mismatches(raw["engine_config"], expected["engine_config"])
     if problems:
         raise RefinerError(

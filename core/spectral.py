@@ -79,7 +79,11 @@ class SpectralConfig:
             raise bad("smooth_bins", "must be in [0, bins]")
         if not 0.0 < self.fill_sigma <= 1024.0:
             raise bad("fill_sigma", "must be in (0, 1024] pixels")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or not 1 <= self.iterations <= 8:
+        if (
+            isinstance(self.iterations, bool)
+            or not isinstance(self.iterations, int)
+            or not 1 <= self.iterations <= 8
+        ):
             raise bad("iterations", "must be an integer in 1..8")
 
     def describe(self) -> str:
@@ -139,8 +143,11 @@ def fill_outside(image: FloatImage, mask: BoolImage, sigma: float) -> tuple[Floa
     extension = (num + np.float32(FILL_EPS * mean)) / (den + np.float32(FILL_EPS))
     if step > 1:
         h, w = values.shape
-        extension = _upsample_matrix(h, extension.shape[0], step) @ extension @ _upsample_matrix(
-            w, extension.shape[1], step).T
+        extension = (
+            _upsample_matrix(h, extension.shape[0], step)
+            @ extension
+            @ _upsample_matrix(w, extension.shape[1], step).T
+        )
     return np.where(inside, values, extension).astype(np.float32), mean
 
 
@@ -151,8 +158,9 @@ def _decimate(array: FloatImage, step: int) -> FloatImage:
     h, w = array.shape
     padded = np.zeros((-(-h // step) * step, -(-w // step) * step), dtype=np.float32)
     padded[:h, :w] = array
-    return np.asarray(padded.reshape(padded.shape[0] // step, step, -1, step).mean(axis=(1, 3)),
-                      dtype=np.float32)
+    return np.asarray(
+        padded.reshape(padded.shape[0] // step, step, -1, step).mean(axis=(1, 3)), dtype=np.float32
+    )
 
 
 def _upsample_matrix(n_out: int, n_in: int, step: int) -> FloatImage:
@@ -168,7 +176,9 @@ def _upsample_matrix(n_out: int, n_in: int, step: int) -> FloatImage:
     return matrix
 
 
-def _power_of_filled(filled: FloatImage, mask: BoolImage, mean: float, config: SpectralConfig) -> FloatArray:
+def _power_of_filled(
+    filled: FloatImage, mask: BoolImage, mean: float, config: SpectralConfig
+) -> FloatArray:
     h, w = filled.shape
     window = np.outer(windows.tukey(h, TAPER), windows.tukey(w, TAPER)).astype(np.float32)
     spectrum = sfft.rfft2((filled - np.float32(mean)) * window, workers=-1)
@@ -187,15 +197,21 @@ def _power_of_filled(filled: FloatImage, mask: BoolImage, mean: float, config: S
     return np.asarray(np.interp(centres, centres[full], per_bin), dtype=np.float64)
 
 
-def radial_power(image: FloatImage, mask: BoolImage, config: SpectralConfig = SpectralConfig()) -> FloatArray:
+def radial_power(
+    image: FloatImage, mask: BoolImage, config: SpectralConfig = SpectralConfig()
+) -> FloatArray:
     """Radially averaged power spectrum of the breast, per bin (see :func:`bin_centres`),
     normalised per breast pixel so that images of any shape and breast size compare."""
     filled, mean = fill_outside(image, mask, config.fill_sigma)
     return _power_of_filled(filled, np.asarray(mask, dtype=bool), mean, config)
 
 
-def log_gain(source_power: FloatArray, reference_power: FloatArray, config: SpectralConfig,
-             start: FloatArray | None = None) -> FloatArray:
+def log_gain(
+    source_power: FloatArray,
+    reference_power: FloatArray,
+    config: SpectralConfig,
+    start: FloatArray | None = None,
+) -> FloatArray:
     """log g per bin: half the log power ratio, smoothed across bins, added to ``start``
     (a previous pass's log gain) and clipped; the low cut-off is applied later."""
     src = np.asarray(source_power, dtype=np.float64)
@@ -204,35 +220,54 @@ def log_gain(source_power: FloatArray, reference_power: FloatArray, config: Spec
     out = np.zeros_like(src)
     out[valid] = 0.5 * np.log(ref[valid] / src[valid])
     if config.smooth_bins > 0:
-        out = np.asarray(ndi.gaussian_filter1d(out, config.smooth_bins, mode="nearest"), dtype=np.float64)
+        out = np.asarray(
+            ndi.gaussian_filter1d(out, config.smooth_bins, mode="nearest"), dtype=np.float64
+        )
     if start is not None:
         out = out + start
     return np.clip(out, np.log(config.min_gain), np.log(config.max_gain))
 
 
-def gain_curve(frequency: npt.NDArray[np.floating], log_gain_bins: FloatArray,
-               config: SpectralConfig) -> FloatArray:
+def gain_curve(
+    frequency: npt.NDArray[np.floating], log_gain_bins: FloatArray, config: SpectralConfig
+) -> FloatArray:
     """The amplitude gain at any frequencies (cycles/pixel): the bins' log gain interpolated,
     exactly 1 at and below ``low_cutoff``, ramping in over one bin width above it."""
     f = np.asarray(frequency, dtype=np.float64)
     ramp = np.clip((f - config.low_cutoff) * (2.0 * config.bins), 0.0, 1.0)
-    return np.asarray(np.exp(ramp * np.interp(f, bin_centres(config), log_gain_bins)), dtype=np.float64)
+    return np.asarray(
+        np.exp(ramp * np.interp(f, bin_centres(config), log_gain_bins)), dtype=np.float64
+    )
 
 
-def _apply(filled: FloatImage, mean: float, log_gain_bins: FloatArray, config: SpectralConfig) -> FloatImage:
+def _apply(
+    filled: FloatImage, mean: float, log_gain_bins: FloatArray, config: SpectralConfig
+) -> FloatImage:
     h, w = filled.shape
     pad = min(PAD, h - 1, w - 1)
-    padded = np.pad(filled - np.float32(mean), pad, mode="reflect") if pad > 0 else filled - np.float32(mean)
-    shape = (sfft.next_fast_len(padded.shape[0], real=True), sfft.next_fast_len(padded.shape[1], real=True))
+    padded = (
+        np.pad(filled - np.float32(mean), pad, mode="reflect")
+        if pad > 0
+        else filled - np.float32(mean)
+    )
+    shape = (
+        sfft.next_fast_len(padded.shape[0], real=True),
+        sfft.next_fast_len(padded.shape[1], real=True),
+    )
     spectrum = sfft.rfft2(padded, s=shape, workers=-1)
     spectrum *= gain_curve(_radial_frequency(shape), log_gain_bins, config).astype(np.float32)
-    out = sfft.irfft2(spectrum, s=shape, workers=-1)[pad:pad + h, pad:pad + w]
+    out = sfft.irfft2(spectrum, s=shape, workers=-1)[pad : pad + h, pad : pad + w]
     return np.asarray(out + np.float32(mean), dtype=np.float32)
 
 
-def spectral_match(image: FloatImage, mask: BoolImage, references: Sequence[tuple[FloatImage, BoolImage]],
-                   config: SpectralConfig = SpectralConfig(), background: float | None = None,
-                   reference_power: FloatArray | None = None) -> SpectralResult:
+def spectral_match(
+    image: FloatImage,
+    mask: BoolImage,
+    references: Sequence[tuple[FloatImage, BoolImage]],
+    config: SpectralConfig = SpectralConfig(),
+    background: float | None = None,
+    reference_power: FloatArray | None = None,
+) -> SpectralResult:
     """Match the breast's radial power spectrum to the references' mean, then its histogram.
 
     ``image`` is the EHM-matched source (in the references' intensity scale); ``references``
@@ -247,7 +282,9 @@ def spectral_match(image: FloatImage, mask: BoolImage, references: Sequence[tupl
     checked = [_check(ref, ref_mask) for ref, ref_mask in references]
     target = np.sort(np.concatenate([ref[ref_mask] for ref, ref_mask in checked]))  # sorted once
     if reference_power is None:
-        reference_power = np.mean([radial_power(ref, ref_mask, config) for ref, ref_mask in checked], axis=0)
+        reference_power = np.mean(
+            [radial_power(ref, ref_mask, config) for ref, ref_mask in checked], axis=0
+        )
     ref_power = np.asarray(reference_power, dtype=np.float64)
     if ref_power.shape != (config.bins,):
         raise ImageError(f"reference power has shape {ref_power.shape}, expected ({config.bins},)")
@@ -265,8 +302,13 @@ def spectral_match(image: FloatImage, mask: BoolImage, references: Sequence[tupl
         ranked = _rank_match(filtered, inside, target)
         reached = radial_power(ranked, inside, config)
         gains = log_gain(reached, ref_power, config, start=gains)
-    return SpectralResult(image=out, frequencies=bin_centres(config), source_power=source_power,
-                          reference_power=ref_power, gain=gain_curve(bin_centres(config), gains, config))
+    return SpectralResult(
+        image=out,
+        frequencies=bin_centres(config),
+        source_power=source_power,
+        reference_power=ref_power,
+        gain=gain_curve(bin_centres(config), gains, config),
+    )
 
 
 def _rank_match(image: FloatImage, mask: BoolImage, target: FloatImage) -> FloatImage:

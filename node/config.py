@@ -68,7 +68,9 @@ class NodeSection(_Section):
         for entry in value:
             ae, _, addr = entry.partition("@")
             if not ae or len(ae) > 16:
-                raise ValueError(f"{entry!r}: expected 'AE' or 'AE@IP' with an AE title of 1-16 characters")
+                raise ValueError(
+                    f"{entry!r}: expected 'AE' or 'AE@IP' with an AE title of 1-16 characters"
+                )
             if addr:
                 try:
                     ipaddress.ip_address(addr)
@@ -83,8 +85,12 @@ class LedgerSection(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
-            raise ValueError("must be empty (SQLite under data_dir), sqlite:///PATH or postgresql://...")
+        if value and not value.startswith(
+            ("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")
+        ):
+            raise ValueError(
+                "must be empty (SQLite under data_dir), sqlite:///PATH or postgresql://..."
+            )
         return value
 
 
@@ -156,7 +162,10 @@ class EngineSection(_Section):
 
 
 class SpectralSection(_Section):
-    """Settings of the ``spectral`` method; defaults and checks come from the core's SpectralConfig."""
+    """Settings of the ``spectral`` method.
+
+    Defaults and checks come from the core's SpectralConfig.
+    """
 
     bins: int = Field(default=_SPECTRAL.bins, ge=4)
     min_gain: float = Field(default=_SPECTRAL.min_gain, gt=0, le=1)
@@ -199,7 +208,9 @@ class Route(_Section):
     @model_validator(mode="after")
     def _check_destinations(self) -> Route:
         if self.action != "drop" and not self.destinations:
-            raise ValueError(f"route {self.name!r}: action {self.action!r} needs at least one destination")
+            raise ValueError(
+                f"route {self.name!r}: action {self.action!r} needs at least one destination"
+            )
         return self
 
 
@@ -226,14 +237,18 @@ class ForwardingSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     # Parallel C-STORE SCU associations across all destinations.
     concurrency: int = Field(default=4, ge=1, le=64)
-    calling_ae: str = Field(default="", max_length=16, pattern=r"^([\x20-\x5b\x5d-\x7e]*[^ ])?$")  # empty = node.ae_title
+    calling_ae: str = Field(
+        default="", max_length=16, pattern=r"^([\x20-\x5b\x5d-\x7e]*[^ ])?$"
+    )  # empty = node.ae_title
 
 
 class DerivedSection(_Section):
     series_number_offset: int = 1000
     description_suffix: str = " [UIH style, mr2NST]"
     # DICOM UID root for generated UIDs (e.g. "1.2.826.0.1.3680043.10.543"); empty = pydicom's root.
-    uid_root: str = Field(default="", max_length=54, pattern=r"^(([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.?)?$")
+    uid_root: str = Field(
+        default="", max_length=54, pattern=r"^(([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.?)?$"
+    )
 
 
 class MetricsSection(_Section):
@@ -282,9 +297,20 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """A short hash of the settings that shape pixel output (engine + derived)."""
         payload = json.dumps(
-            {"engine": self.engine.model_dump(mode="json", exclude={"workers", "device", "lease_s", "max_attempts",
-                                                                    "max_batch", "memory_budget_mb"}),
-             "derived": self.derived.model_dump(mode="json")},
+            {
+                "engine": self.engine.model_dump(
+                    mode="json",
+                    exclude={
+                        "workers",
+                        "device",
+                        "lease_s",
+                        "max_attempts",
+                        "max_batch",
+                        "memory_budget_mb",
+                    },
+                ),
+                "derived": self.derived.model_dump(mode="json"),
+            },
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -295,7 +321,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

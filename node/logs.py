@@ -18,15 +18,25 @@ import structlog
 from structlog.contextvars import bound_contextvars, merge_contextvars
 
 # Never logged, whatever a caller passes.
-PHI_KEYS = frozenset({
-    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
-    "patient_name", "patient_id", "patient_birth_date", "accession_number",
-})
+PHI_KEYS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "accession_number",
+    }
+)
 
 CONTEXT_KEYS = ("job_id", "study_uid", "series_uid", "sop_uid", "calling_ae", "route")
 
 
-def drop_phi(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def drop_phi(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Processor: remove any PHI-named key from the event."""
     for key in PHI_KEYS.intersection(event_dict):
         del event_dict[key]
@@ -49,8 +59,11 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     """Configure structlog and stdlib logging (pynetdicom) once for this process."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (structlog.processors.JSONRenderer(sort_keys=False) if use_json
-                     else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared = _shared_processors()
 
@@ -61,15 +74,19 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        foreign_pre_chain=shared,
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=shared,
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # pynetdicom is chatty at INFO (one line per PDU event); keep it at WARNING unless debugging.
-    logging.getLogger("pynetdicom").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    logging.getLogger("pynetdicom").setLevel(
+        numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+    )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 

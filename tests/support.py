@@ -15,7 +15,9 @@ from mr2nst.node.lab.phantom_io import phantom_dataset
 SIZE = (256, 208)
 
 # Tests that validate IODs need dicom3tools (`.ci/run` installs it); elsewhere they skip.
-needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) is not installed")
+needs_dciodvfy = pytest.mark.skipif(
+    not dciodvfy_available(), reason="dciodvfy (dicom3tools) is not installed"
+)
 
 
 def postgres_url() -> str | None:
@@ -23,8 +25,10 @@ def postgres_url() -> str | None:
     if "PGHOST" not in os.environ:
         return None
     env = os.environ
-    return (f"postgresql://{env.get('PGUSER', 'postgres')}:{env.get('PGPASSWORD', '')}@{env['PGHOST']}:"
-            f"{env.get('PGPORT', '5432')}/{env.get('PGDATABASE', 'postgres')}")
+    return (
+        f"postgresql://{env.get('PGUSER', 'postgres')}:{env.get('PGPASSWORD', '')}@{env['PGHOST']}:"
+        f"{env.get('PGPORT', '5432')}/{env.get('PGDATABASE', 'postgres')}"
+    )
 
 
 def fresh_postgres() -> str:
@@ -38,13 +42,31 @@ def fresh_postgres() -> str:
     return url
 
 
-def write_phantom(folder: Path, name: str, *, view: str = "CC", laterality: str = "L", seed: int = 0,
-                  vendor: str = "UIH", bits: int | None = None, photometric: str | None = None,
-                  size: tuple[int, int] = SIZE, **overrides: object) -> Path:
+def write_phantom(
+    folder: Path,
+    name: str,
+    *,
+    view: str = "CC",
+    laterality: str = "L",
+    seed: int = 0,
+    vendor: str = "UIH",
+    bits: int | None = None,
+    photometric: str | None = None,
+    size: tuple[int, int] = SIZE,
+    **overrides: object,
+) -> Path:
     """One small phantom mammogram file; ``overrides`` set attributes (None deletes)."""
-    case = make_case(PhantomSpec(height=size[0], width=size[1], view=view, laterality=laterality, seed=seed))
-    ds = phantom_dataset(case, vendor, bits_stored=bits, photometric=photometric, patient_index=seed,
-                         uid_seed=f"test-{vendor}-{name}")
+    case = make_case(
+        PhantomSpec(height=size[0], width=size[1], view=view, laterality=laterality, seed=seed)
+    )
+    ds = phantom_dataset(
+        case,
+        vendor,
+        bits_stored=bits,
+        photometric=photometric,
+        patient_index=seed,
+        uid_seed=f"test-{vendor}-{name}",
+    )
     for key, value in overrides.items():
         if value is None:
             delattr(ds, key)

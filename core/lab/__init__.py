@@ -1,1 +1,4 @@
-"""Research-only code: the paper's plain loop, the domain classifier, refiner training, the phantom generator."""
+"""Research-only code.
+
+The paper's plain loop, the domain classifier, refiner training, the phantom generator.
+"""

@@ -75,9 +75,7 @@ def _tile_target(features: VGGFeatures, refs: Sequence[Tensor]) -> dict[str, Ten
             feats = features(ref, STYLE_LAYERS)
             for name in STYLE_LAYERS:
                 grams[name].append(gram(feats[name]))
-        return {
-            name: multi_reference_target(torch.stack(g, dim=1)) for name, g in grams.items()
-        }
+        return {name: multi_reference_target(torch.stack(g, dim=1)) for name, g in grams.items()}
 
 
 def _plain_tile(

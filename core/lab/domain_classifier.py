@@ -71,7 +71,9 @@ def _centres(mask: BoolImage, n: int, crop: int, gen: np.random.Generator) -> np
     return np.stack([rows[pick], cols[pick]], axis=1)
 
 
-def crops_of(image: Array, mask: BoolImage, n: int, crop: int, gen: np.random.Generator) -> npt.NDArray[np.float32]:
+def crops_of(
+    image: Array, mask: BoolImage, n: int, crop: int, gen: np.random.Generator
+) -> npt.NDArray[np.float32]:
     """``(n, crop, crop)`` crops of ``image`` centred on random breast pixels."""
     if image.ndim != 2 or mask.shape != image.shape:
         raise ImageError(f"image {image.shape} and mask {mask.shape} must be equal 2-D shapes")
@@ -89,14 +91,20 @@ def _as_input(crops: npt.NDArray[np.float32]) -> torch.Tensor:
 class DomainClassifier:
     """A trained classifier; :meth:`prob_target` scores one image."""
 
-    def __init__(self, model: nn.Module, settings: ClassifierSettings, train_accuracy: float) -> None:
+    def __init__(
+        self, model: nn.Module, settings: ClassifierSettings, train_accuracy: float
+    ) -> None:
         self.model = model.eval()
         self.settings = settings
         self.train_accuracy = train_accuracy  # on the last training batches (sanity check)
 
     @classmethod
-    def train(cls, source: Sequence[Sample], target: Sequence[Sample],
-              settings: ClassifierSettings | None = None) -> DomainClassifier:
+    def train(
+        cls,
+        source: Sequence[Sample],
+        target: Sequence[Sample],
+        settings: ClassifierSettings | None = None,
+    ) -> DomainClassifier:
         """Train on crops of ``source`` (label 0) and ``target`` (label 1) images."""
         s = settings or ClassifierSettings()
         if not source or not target:

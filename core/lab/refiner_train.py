@@ -22,7 +22,8 @@ on a breast pixel. As in the engine, R's output is clipped to [0, 1] and its bac
 pixels (mask False) set to 0; target crops get the same background.
 
 Everything random (weight init of D, crop positions) comes from the seed, so a run on the
-CPU is reproducible (on CUDA, up to the GPU kernels' own nondeterminism), and :meth:`TrainState.state_dict` captures all of it (networks,
+CPU is reproducible (on CUDA, up to the GPU kernels' own nondeterminism), and
+:meth:`TrainState.state_dict` captures all of it (networks,
 optimisers, counters, the crop generator) for an exact resume. Reading and writing files
 is the caller's job.
 """
@@ -120,8 +121,9 @@ class TrainImage:
     centres: npt.NDArray[np.int32]
 
     @classmethod
-    def from_arrays(cls, pixels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_],
-                    stride: int = 4) -> TrainImage:
+    def from_arrays(
+        cls, pixels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_], stride: int = 4
+    ) -> TrainImage:
         """Candidate centres on a ``stride`` grid inside the mask (all pixels if it is empty)."""
         if pixels.ndim != 3 or pixels.shape[1:] != mask.shape:
             raise ValueError(f"pixels {pixels.shape} and mask {mask.shape} do not match")
@@ -149,8 +151,9 @@ def crop(image: TrainImage, size: int, gen: torch.Generator) -> tuple[Tensor, Te
     return torch.from_numpy(pixels), torch.from_numpy(mask)
 
 
-def batch_of(images: Sequence[TrainImage], count: int, size: int,
-             gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def batch_of(
+    images: Sequence[TrainImage], count: int, size: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``count`` crops of randomly chosen ``images``: ``(count, C, s, s)``, ``(count, 1, s, s)``."""
     picks = torch.randint(len(images), (count,), generator=gen).tolist()
     pairs = [crop(images[i], size, gen) for i in picks]
@@ -198,9 +201,13 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean losses
 
     @classmethod
-    def create(cls, n_scales: int, settings: TrainSettings,
-               imagenet: Mapping[str, Tensor] | None = None,
-               device: str | torch.device = "cpu") -> TrainState:
+    def create(
+        cls,
+        n_scales: int,
+        settings: TrainSettings,
+        imagenet: Mapping[str, Tensor] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> TrainState:
         """A fresh run: untrained refiner (plain average), D initialised from the seed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
@@ -237,8 +244,9 @@ class TrainState:
         }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any],
-                        device: str | torch.device = "cpu") -> TrainState:
+    def from_state_dict(
+        cls, state: Mapping[str, Any], device: str | torch.device = "cpu"
+    ) -> TrainState:
         """Rebuild a run saved with :meth:`state_dict` (ValueError when it does not fit)."""
         try:
             raw = dict(state["settings"])
@@ -260,8 +268,9 @@ def _bce(logits: Tensor, target: float) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
-def train_step(state: TrainState, sources: Sequence[TrainImage],
-               targets: Sequence[TrainImage]) -> StepLosses:
+def train_step(
+    state: TrainState, sources: Sequence[TrainImage], targets: Sequence[TrainImage]
+) -> StepLosses:
     """One D update then one R update on fresh random crops."""
     cfg = state.settings
     scales, src_mask = batch_of(sources, cfg.batch, cfg.crop, state.gen)
@@ -296,15 +305,20 @@ def train_step(state: TrainState, sources: Sequence[TrainImage],
             p.requires_grad_(True)
     state.step += 1
     return StepLosses(
-        loss_d=loss_d.item(), loss_g=loss_g.item(),
+        loss_d=loss_d.item(),
+        loss_g=loss_g.item(),
         d_real=torch.sigmoid(d_real.detach()).mean().item(),
         d_fake=torch.sigmoid(d_fake.detach()).mean().item(),
     )
 
 
-def train_epoch(state: TrainState, sources: Sequence[TrainImage], targets: Sequence[TrainImage],
-                steps: int, progress: Callable[[TrainProgress], None] | None = None
-                ) -> dict[str, float]:
+def train_epoch(
+    state: TrainState,
+    sources: Sequence[TrainImage],
+    targets: Sequence[TrainImage],
+    steps: int,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> dict[str, float]:
     """``steps`` training steps; appends and returns the epoch's mean losses."""
     if not sources or not targets:
         raise ValueError("training needs at least one source and one target image")
@@ -324,8 +338,9 @@ def train_epoch(state: TrainState, sources: Sequence[TrainImage], targets: Seque
 
 
 @torch.no_grad()
-def generator_loss(refiner: Refiner, discriminator: Discriminator, scales: Tensor, mask: Tensor,
-                   real: Tensor) -> float:
+def generator_loss(
+    refiner: Refiner, discriminator: Discriminator, scales: Tensor, mask: Tensor, real: Tensor
+) -> float:
     """−log D(R(S)) on fixed crops, judged as in training (fakes batched with ``real``
     crops, batch statistics) by a copy of D, so neither network is changed."""
     judge = copy.deepcopy(discriminator).train()

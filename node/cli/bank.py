@@ -16,7 +16,12 @@ def add_parser(sub: Any) -> None:
     """Register ``mr2nst bank``."""
     p = sub.add_parser("bank", help="manage the reference bank of target-domain (UIH) images")
     p.add_argument("action", choices=["add", "list", "remove", "verify"])
-    p.add_argument("items", nargs="*", metavar="PATH|UID", help="add: files or folders; remove: a SOP Instance UID")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="PATH|UID",
+        help="add: files or folders; remove: a SOP Instance UID",
+    )
     p.add_argument("--bank", help="bank directory (default: bank.path of --config)")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
@@ -34,32 +39,48 @@ def cmd_bank(args: argparse.Namespace) -> int:
         if not args.items:
             raise UsageError("bank add: give files or folders to add")
         total = len(iter_files(args.items))
-        with tqdm(total=total, desc="bank add", unit="file", disable=not sys.stderr.isatty()) as bar:
+        with tqdm(
+            total=total, desc="bank add", unit="file", disable=not sys.stderr.isatty()
+        ) as bar:
             report = bank.add(args.items, progress=lambda _p: bar.update())
         if args.json:
-            print_json({"added": [e.sop_instance_uid for e in report.added], "already": report.already,
-                         "rejected": [{"file": f, "reason": r} for f, r in report.rejected]})
+            print_json(
+                {
+                    "added": [e.sop_instance_uid for e in report.added],
+                    "already": report.already,
+                    "rejected": [{"file": f, "reason": r} for f, r in report.rejected],
+                }
+            )
         else:
             for file, reason in report.rejected:
                 print(f"rejected {file}: {reason}", file=sys.stderr)
-            print(f"added {len(report.added)}, already in the bank {len(report.already)}, "
-                  f"rejected {len(report.rejected)} ({root}: {len(bank.entries())} references)")
+            print(
+                f"added {len(report.added)}, already in the bank {len(report.already)}, "
+                f"rejected {len(report.rejected)} ({root}: {len(bank.entries())} references)"
+            )
         return EXIT_OK if not report.rejected else EXIT_RUNTIME
     if args.action == "list":
         entries = bank.entries()
         if args.json:
-            print_json([{k: v for k, v in e.to_json().items() if k != "histogram"} for e in entries])
+            print_json(
+                [{k: v for k, v in e.to_json().items() if k != "histogram"} for e in entries]
+            )
         else:
             for e in entries:
-                print(f"{e.sop_instance_uid}  {e.view:<3} {e.laterality}  {e.breast_area_mm2:>9.0f} mm2  "
-                      f"{e.bits_stored} bit {e.photometric:<11} {e.manufacturer} {e.model}".rstrip())
+                print(
+                    f"{e.sop_instance_uid}  {e.view:<3} {e.laterality}  "
+                    f"{e.breast_area_mm2:>9.0f} mm2  "
+                    f"{e.bits_stored} bit {e.photometric:<11} {e.manufacturer} {e.model}".rstrip()
+                )
             print(f"{len(entries)} references in {root}")
         return EXIT_OK
     if args.action == "remove":
         if len(args.items) != 1:
             raise UsageError("bank remove: give exactly one SOP Instance UID")
         entry = bank.remove(args.items[0])
-        print_json({"removed": entry.sop_instance_uid}) if args.json else print(f"removed {entry.sop_instance_uid}")
+        print_json({"removed": entry.sop_instance_uid}) if args.json else print(
+            f"removed {entry.sop_instance_uid}"
+        )
         return EXIT_OK
     problems = bank.verify()
     if args.json:

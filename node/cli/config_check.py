@@ -29,5 +29,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if args.json:
         print_json(config.model_dump(mode="json"))
     else:
-        print(f"{args.file}: OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
+        print(
+            f"{args.file}: OK ({len(config.routes)} routes, "
+            f"{len(config.destinations)} destinations)"
+        )
     return EXIT_OK

@@ -21,4 +21,8 @@ def add_parser(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mr2nst.node.lab.demo import run_demo
 
-    return EXIT_OK if run_demo(Path(args.out), n=args.n, size=(args.size[0], args.size[1])) else EXIT_RUNTIME
+    return (
+        EXIT_OK
+        if run_demo(Path(args.out), n=args.n, size=(args.size[0], args.size[1]))
+        else EXIT_RUNTIME
+    )

@@ -18,10 +18,15 @@ def add_parser(sub: Any) -> None:
 def cmd_echo(args: argparse.Namespace) -> int:
     from mr2nst.node.dicom.scu import echo
 
-    status, error = echo(args.host, args.port, calling=args.aet, called=args.aec, timeout_s=args.timeout)
+    status, error = echo(
+        args.host, args.port, calling=args.aet, called=args.aec, timeout_s=args.timeout
+    )
     ok = status == 0
     if args.json:
         print_json({"ok": ok, "status": status, "error": error})
     else:
-        print(f"C-ECHO {args.aec}@{args.host}:{args.port}: " + (f"status 0x{status:04X}" if status is not None else error))
+        print(
+            f"C-ECHO {args.aec}@{args.host}:{args.port}: "
+            + (f"status 0x{status:04X}" if status is not None else error)
+        )
     return EXIT_OK if ok else EXIT_RUNTIME

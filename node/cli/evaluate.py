@@ -1,4 +1,7 @@
-"""``mr2nst evaluate``: metrics, paired tests, report and figures (:mod:`mr2nst.node.lab.evaluate`)."""
+"""``mr2nst evaluate``: metrics, paired tests, report and figures.
+
+See :mod:`mr2nst.node.lab.evaluate`.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +19,22 @@ def add_parser(sub: Any) -> None:
     """Register ``mr2nst evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate normalization methods on paired or real data")
     p.add_argument("--source", required=True, help="source-domain DICOMs (the test set)")
-    p.add_argument("--target", required=True, help="target-domain DICOMs: bank references + held-out")
-    p.add_argument("--truth", help="true target rendering of each source (same file names) + ground truth")
+    p.add_argument(
+        "--target", required=True, help="target-domain DICOMs: bank references + held-out"
+    )
+    p.add_argument(
+        "--truth", help="true target rendering of each source (same file names) + ground truth"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(lab.METHODS)}")
     p.add_argument("--config", help="node config (its [engine] section sets the engine)")
     p.add_argument("--refiner", help="trained refiner checkpoint: adds the mr2nst_trained row")
-    p.add_argument("--domain-source", help="source-domain DICOMs held apart, for the domain classifier")
-    p.add_argument("--classifier-steps", type=int, default=150, help="domain classifier training steps")
+    p.add_argument(
+        "--domain-source", help="source-domain DICOMs held apart, for the domain classifier"
+    )
+    p.add_argument(
+        "--classifier-steps", type=int, default=150, help="domain classifier training steps"
+    )
     p.add_argument("--json", action="store_true", help="print metrics.json on stdout")
     p.set_defaults(func=cmd_evaluate)
 
@@ -40,10 +51,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError(f"evaluate: --{name.replace('_', '-')} {value}: not a directory")
     config = load_config(args.config)
     result = lab.run_evaluation(
-        config, Path(args.source), Path(args.target), Path(args.out), methods,
+        config,
+        Path(args.source),
+        Path(args.target),
+        Path(args.out),
+        methods,
         truth=Path(args.truth) if args.truth else None,
         domain_source=Path(args.domain_source) if args.domain_source else None,
-        refiner=args.refiner, classifier_steps=args.classifier_steps,
+        refiner=args.refiner,
+        classifier_steps=args.classifier_steps,
         command=" ".join(["mr2nst", *sys.argv[1:]]) if sys.argv else "",
         progress=sys.stderr.isatty(),
     )

@@ -21,14 +21,26 @@ from mr2nst.node.version import VERSION
 
 # The command modules of this package, in the order ``mr2nst --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "serve", "demo", "transfer", "echo", "send", "queue", "bank", "phantom", "config_check",
-    "evaluate", "bench", "train_refiner",
+    "serve",
+    "demo",
+    "transfer",
+    "echo",
+    "send",
+    "queue",
+    "bank",
+    "phantom",
+    "config_check",
+    "evaluate",
+    "bench",
+    "train_refiner",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mr2nst`` parser with every command module's subparser."""
-    parser = Parser(prog="mr2nst", description="DICOM node that normalizes GE mammograms to UIH style (mr2NST).")
+    parser = Parser(
+        prog="mr2nst", description="DICOM node that normalizes GE mammograms to UIH style (mr2NST)."
+    )
     parser.add_argument("--version", action="version", version=f"mr2nst {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in COMMANDS:

@@ -31,10 +31,17 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     vendors = ("GE", "UIH") if args.vendor == "both" else (args.vendor.upper(),)
     try:
-        paths = run_phantom_command(Path(args.out), n=args.n, size=(args.size[0], args.size[1]),
-                                    seed=args.seed, vendors=vendors, j2k=args.j2k,
-                                    photometric=args.photometric, bits=args.bits,
-                                    progress=sys.stderr.isatty())
+        paths = run_phantom_command(
+            Path(args.out),
+            n=args.n,
+            size=(args.size[0], args.size[1]),
+            seed=args.seed,
+            vendors=vendors,
+            j2k=args.j2k,
+            photometric=args.photometric,
+            bits=args.bits,
+            progress=sys.stderr.isatty(),
+        )
     except (ValueError, ImageError) as exc:
         raise UsageError(f"phantom: {exc}") from None
     print(f"wrote {len(paths)} files under {args.out}")

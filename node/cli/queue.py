@@ -34,9 +34,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 print_json({"counts": ledger.counts(), "items": rows})
                 return EXIT_OK
             for r in rows:
-                dels = " ".join(f"{d['destination']}={d['state']}({d['attempts']})" for d in r["deliveries"])
-                print(f"{r['id']:>6} {r['state']:<11} {r['action']:<9} {r['route'] or '-':<12} "
-                      f"{iso_time(r['received_at'])} {dels} {r['error'] or ''}".rstrip())
+                dels = " ".join(
+                    f"{d['destination']}={d['state']}({d['attempts']})" for d in r["deliveries"]
+                )
+                print(
+                    f"{r['id']:>6} {r['state']:<11} {r['action']:<9} {r['route'] or '-':<12} "
+                    f"{iso_time(r['received_at'])} {dels} {r['error'] or ''}".rstrip()
+                )
             print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(ledger.counts().items())))
         elif args.action == "retry":
             n = ledger.retry(args.ids)
@@ -46,7 +50,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
             removed = remove_files(rows, Spool(config.node.data_dir))
             ledger.forget_paths([r["id"] for r in rows])
             print_json({"purged": len(rows), "files_removed": removed}) if args.json else print(
-                f"purged {len(rows)} instance(s), removed {removed} file(s)")
+                f"purged {len(rows)} instance(s), removed {removed} file(s)"
+            )
     finally:
         ledger.close()
     return EXIT_OK

@@ -30,8 +30,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     batch: list[tuple[str, Any]] = []
 
     def flush() -> None:
-        for out in store_datasets(batch, args.host, args.port, calling=args.aet, called=args.aec,
-                                  timeout_s=args.timeout):
+        for out in store_datasets(
+            batch, args.host, args.port, calling=args.aet, called=args.aec, timeout_s=args.timeout
+        ):
             results.append({"path": out.path, "status": out.status, "error": out.error})
         batch.clear()
 
@@ -44,7 +45,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             flush()
     if batch:
         flush()
-    sent = sum(1 for r in results if r["status"] is not None and r["status"] in (0, 0xB000, 0xB006, 0xB007))
+    sent = sum(
+        1 for r in results if r["status"] is not None and r["status"] in (0, 0xB000, 0xB006, 0xB007)
+    )
     if args.json:
         print_json({"sent": sent, "failed": len(results) - sent, "results": results})
     else:

@@ -26,13 +26,18 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from mr2nst.node.service.transfer import run_transfer
 
     config = load_config(args.config)
-    results = run_transfer(config, args.inputs, Path(args.out), method=args.method,
-                           progress=sys.stderr.isatty())
+    results = run_transfer(
+        config, args.inputs, Path(args.out), method=args.method, progress=sys.stderr.isatty()
+    )
     failed = [r for r in results if r["error"]]
     if args.json:
-        print_json({"written": len(results) - len(failed), "failed": len(failed), "results": results})
+        print_json(
+            {"written": len(results) - len(failed), "failed": len(failed), "results": results}
+        )
     else:
         for r in failed:
             print(f"FAILED {r['input']}: {r['error']}", file=sys.stderr)
-        print(f"wrote {len(results) - len(failed)} of {len(results)} derived instances to {args.out}")
+        print(
+            f"wrote {len(results) - len(failed)} of {len(results)} derived instances to {args.out}"
+        )
     return EXIT_OK if not failed else EXIT_RUNTIME

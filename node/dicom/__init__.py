@@ -1,1 +1,4 @@
-"""DICOM objects: pixel I/O, the derived series, SOP classes and syntaxes, status codes, the SCU, IOD checks."""
+"""DICOM objects.
+
+Pixel I/O, the derived series, SOP classes and syntaxes, status codes, the SCU, IOD checks.
+"""

@@ -133,7 +133,10 @@ def _text(value: str, limit: int, *, multi_line: bool = False, ascii_only: bool 
 
 
 def series_number(source: Dataset, offset: int) -> int:
-    """The source's SeriesNumber (0 when missing or not a number) plus ``offset``, kept in IS range."""
+    """The source's SeriesNumber plus ``offset``, kept in IS range.
+
+    A missing or non-numeric SeriesNumber counts as 0.
+    """
     try:
         base = int(source.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
@@ -199,7 +202,10 @@ def _lossy_history(source: Dataset) -> tuple[bool, list[str], list[str]]:
 
 
 def _local_now(source: Dataset, now: datetime | None) -> datetime:
-    """``now`` (default: the current time) in the source's TimezoneOffsetFromUTC when both are known."""
+    """``now`` (default: the current time) in the source's TimezoneOffsetFromUTC.
+
+    The time zone is applied when both are known.
+    """
     moment = now if now is not None else datetime.now(UTC).astimezone()
     offset = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
     if (

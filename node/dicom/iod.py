@@ -23,5 +23,11 @@ def iod_errors(path: Path, timeout_s: float = 120.0) -> list[str]:
     exe = shutil.which(DCIODVFY)
     if exe is None:
         raise FileNotFoundError(f"{DCIODVFY} (dicom3tools) is not installed")
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=timeout_s, check=False)
-    return [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+    proc = subprocess.run(
+        [exe, str(path)], capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    return [
+        line.strip()
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.startswith("Error")
+    ]

@@ -32,7 +32,15 @@ from mr2nst.core.intensity import StoredRange
 from mr2nst.node.dicom.sopclasses import OUTPUT_TRANSFER_SYNTAX
 from mr2nst.node.errors import PixelError
 
-__all__ = ["DecodedImage", "decode", "decode_stored", "encode_into", "output_range", "source_info", "window_for"]
+__all__ = [
+    "DecodedImage",
+    "decode",
+    "decode_stored",
+    "encode_into",
+    "output_range",
+    "source_info",
+    "window_for",
+]
 
 
 #: Pixels within this fraction of the dynamic range above the darkest value (in unit,
@@ -62,6 +70,7 @@ _STALE_PIXEL_ATTRIBUTES = (
     "HistogramSequence",
     "IconImageSequence",
 )
+
 
 def output_range(decoded: DecodedImage, target: StoredRange | None) -> StoredRange:
     """The range to write a method's output with: the target domain's bits and levels
@@ -99,7 +108,8 @@ def _check_stored(stored: npt.NDArray[np.generic], rng: StoredRange) -> npt.NDAr
     low, high = int(arr.min()), int(arr.max())
     if low < 0 or high > rng.max_value:
         raise PixelError(
-            f"stored values [{low}, {high}] are outside [0, {rng.max_value}] of BitsStored={rng.bits_stored}"
+            f"stored values [{low}, {high}] are outside [0, {rng.max_value}] "
+            f"of BitsStored={rng.bits_stored}"
         )
     return arr.astype(np.uint16)
 
@@ -110,7 +120,9 @@ def _format_ds(value: float) -> str:
 
 
 def encode_into(ds: Dataset, stored: npt.NDArray[np.generic], rng: StoredRange) -> None:
-    """Replace the pixel data of ``ds`` with ``stored`` (values in ``rng``) and fix what depends on it.
+    """Replace the pixel data of ``ds`` with ``stored`` (values in ``rng``).
+
+    Also fixes what depends on it.
 
     Writes uncompressed 16-bit little endian data, BitsStored/HighBit from ``rng``, keeps
     PhotometricInterpretation (``rng.invert`` must agree with it), sets the Modality LUT

@@ -42,8 +42,14 @@ def _syntaxes(ds: Dataset) -> list[str]:
     return list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
 
 
-def _associate(calling: str, host: str, port: int, called: str, timeout_s: float,
-               contexts: Sequence[tuple[str, list[str]]]) -> tuple[AE, Association]:
+def _associate(
+    calling: str,
+    host: str,
+    port: int,
+    called: str,
+    timeout_s: float,
+    contexts: Sequence[tuple[str, list[str]]],
+) -> tuple[AE, Association]:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
@@ -60,8 +66,15 @@ def describe_failure(assoc: Association, where: str) -> str:
     return f"cannot connect to {where}"
 
 
-def store_datasets(items: Sequence[tuple[str, Dataset]], host: str, port: int, *, calling: str, called: str,
-                   timeout_s: float = 30.0) -> list[StoreOutcome]:
+def store_datasets(
+    items: Sequence[tuple[str, Dataset]],
+    host: str,
+    port: int,
+    *,
+    calling: str,
+    called: str,
+    timeout_s: float = 30.0,
+) -> list[StoreOutcome]:
     """Send datasets over one association (per 128 distinct contexts); one outcome each."""
     where = f"{called}@{host}:{port}"
     contexts: dict[tuple[str, tuple[str, ...]], None] = {}
@@ -69,30 +82,56 @@ def store_datasets(items: Sequence[tuple[str, Dataset]], host: str, port: int, *
         contexts[(str(ds.SOPClassUID), tuple(_syntaxes(ds)))] = None
     if len(contexts) > MAX_CONTEXTS:
         half = len(items) // 2
-        return (store_datasets(items[:half], host, port, calling=calling, called=called, timeout_s=timeout_s)
-                + store_datasets(items[half:], host, port, calling=calling, called=called, timeout_s=timeout_s))
-    _, assoc = _associate(calling, host, port, called, timeout_s, [(c, list(s)) for c, s in contexts])
+        return store_datasets(
+            items[:half], host, port, calling=calling, called=called, timeout_s=timeout_s
+        ) + store_datasets(
+            items[half:], host, port, calling=calling, called=called, timeout_s=timeout_s
+        )
+    _, assoc = _associate(
+        calling, host, port, called, timeout_s, [(c, list(s)) for c, s in contexts]
+    )
     if not assoc.is_established:
         return [StoreOutcome(label, None, describe_failure(assoc, where)) for label, _ in items]
     outcomes: list[StoreOutcome] = []
     try:
         for label, ds in items:
             ts = ds.file_meta.TransferSyntaxUID
-            if not any(cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] in _syntaxes(ds)
-                       for cx in assoc.accepted_contexts):
-                outcomes.append(StoreOutcome(label, None, f"{called} accepts no presentation context for "
-                                                          f"{ds.SOPClassUID} in {ts.name}", True))
+            if not any(
+                cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] in _syntaxes(ds)
+                for cx in assoc.accepted_contexts
+            ):
+                outcomes.append(
+                    StoreOutcome(
+                        label,
+                        None,
+                        f"{called} accepts no presentation context for "
+                        f"{ds.SOPClassUID} in {ts.name}",
+                        True,
+                    )
+                )
                 continue
             try:
                 rsp = assoc.send_c_store(ds)
-            except (ValueError, AttributeError) as exc:  # pynetdicom cannot encode it for the context
-                outcomes.append(StoreOutcome(label, None, f"cannot send {ds.SOPClassUID}: {exc}", True))
+            except (
+                ValueError,
+                AttributeError,
+            ) as exc:  # pynetdicom cannot encode it for the context
+                outcomes.append(
+                    StoreOutcome(label, None, f"cannot send {ds.SOPClassUID}: {exc}", True)
+                )
                 continue
             status = getattr(rsp, "Status", None)
-            outcomes.append(StoreOutcome(label, None if status is None else int(status),
-                                         "" if status is not None else "no response (timeout or abort)"))
+            outcomes.append(
+                StoreOutcome(
+                    label,
+                    None if status is None else int(status),
+                    "" if status is not None else "no response (timeout or abort)",
+                )
+            )
             if not assoc.is_established:
-                outcomes.extend(StoreOutcome(lbl, None, "association lost") for lbl, _ in items[len(outcomes):])
+                outcomes.extend(
+                    StoreOutcome(lbl, None, "association lost") for lbl, _ in items[len(outcomes) :]
+                )
                 break
     finally:
         if assoc.is_established:
@@ -105,13 +144,19 @@ def read_file(path: str | Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
     except (OSError, InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})"
+        ) from exc
 
 
-def echo(host: str, port: int, *, calling: str, called: str, timeout_s: float = 30.0) -> tuple[int | None, str]:
+def echo(
+    host: str, port: int, *, calling: str, called: str, timeout_s: float = 30.0
+) -> tuple[int | None, str]:
     """C-ECHO; returns (status or None, error)."""
     where = f"{called}@{host}:{port}"
-    _, assoc = _associate(calling, host, port, called, timeout_s, [(Verification, [ImplicitVRLittleEndian])])
+    _, assoc = _associate(
+        calling, host, port, called, timeout_s, [(Verification, [ImplicitVRLittleEndian])]
+    )
     if not assoc.is_established:
         return None, describe_failure(assoc, where)
     try:

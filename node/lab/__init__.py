@@ -1,1 +1,4 @@
-"""Offline tools: evaluation, refiner training, benchmarks, phantom files, the demo. Imported by ``cli`` only."""
+"""Offline tools: evaluation, refiner training, benchmarks, phantom files, the demo.
+
+Imported by ``cli`` only.
+"""

@@ -47,8 +47,10 @@ def inputs(size: tuple[int, int], seed: int, init: str) -> dict[str, Any]:
 
     h, w = size
     case = make_case(PhantomSpec(height=h, width=w, seed=seed))
-    refs = [make_case(PhantomSpec(height=h, width=w, seed=seed + 1 + k))
-            for k in range(PHANTOM_REFERENCES)]
+    refs = [
+        make_case(PhantomSpec(height=h, width=w, seed=seed + 1 + k))
+        for k in range(PHANTOM_REFERENCES)
+    ]
     content = robust_unit(case.ge, case.mask)
     styles = [robust_unit(r.uih, r.mask) for r in refs]
     start = None
@@ -69,8 +71,13 @@ def _memory(device: Any) -> dict[str, float]:
     return out
 
 
-def _child(kind: str, config: dict[str, Any], inputs: dict[str, Any],
-           stop_at: dict[tuple[int, int, int], float] | None, threads: int) -> dict[str, Any]:
+def _child(
+    kind: str,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    stop_at: dict[tuple[int, int, int], float] | None,
+    threads: int,
+) -> dict[str, Any]:
     """One measured run (in a spawned process): ``plain`` or ``engine``."""
     import time
 
@@ -101,8 +108,9 @@ def _child(kind: str, config: dict[str, Any], inputs: dict[str, Any],
             "seconds_per_tile_iteration": result.seconds / max(1, n_tiles * result.iterations),
             "final_losses": [list(x) for x in result.final_losses],
             "background": [list(x) for x in result.background],
-            "trace": [[round(p.seconds, 3), p.scale, p.tile, p.iteration, p.loss]
-                      for p in result.trace],
+            "trace": [
+                [round(p.seconds, 3), p.scale, p.tile, p.iteration, p.loss] for p in result.trace
+            ],
             **_memory(device),
         }
     engine = Mr2nstEngine(cfg)
@@ -110,10 +118,18 @@ def _child(kind: str, config: dict[str, Any], inputs: dict[str, Any],
     started = time.perf_counter()
 
     def progress(p: Progress) -> None:
-        trace.append([round(time.perf_counter() - started, 3), p.scale, p.batch, p.iteration, p.loss])
+        trace.append(
+            [round(time.perf_counter() - started, 3), p.scale, p.batch, p.iteration, p.loss]
+        )
 
-    res = engine.transfer(inputs["content"], inputs["mask"], inputs["references"],
-                          init=inputs["init"], progress=progress, stop_at=stop_at)
+    res = engine.transfer(
+        inputs["content"],
+        inputs["mask"],
+        inputs["references"],
+        init=inputs["init"],
+        progress=progress,
+        stop_at=stop_at,
+    )
     seconds = time.perf_counter() - started
     tile_its = sum(sum(x) for x in res.iterations_run)
     return {
@@ -129,9 +145,13 @@ def _child(kind: str, config: dict[str, Any], inputs: dict[str, Any],
     }
 
 
-def spawned(kind: str, config: dict[str, Any], inputs: dict[str, Any],
-             stop_at: dict[tuple[int, int, int], float] | None = None, threads: int = 0,
-             ) -> dict[str, Any]:
+def spawned(
+    kind: str,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    stop_at: dict[tuple[int, int, int], float] | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -140,20 +160,27 @@ def spawned(kind: str, config: dict[str, Any], inputs: dict[str, Any],
     return out
 
 
-def compare(plain: dict[str, Any], engine: dict[str, Any], tiles: list[list[Any]]) -> dict[str, Any]:
+def compare(
+    plain: dict[str, Any], engine: dict[str, Any], tiles: list[list[Any]]
+) -> dict[str, Any]:
     """Per scale: the engine's summed loss against the plain loop's on the same tiles
     (those the engine optimised); per-tile counts are reported alongside."""
     scales = []
     for k, (p_losses, bg, e_losses) in enumerate(
-            zip(plain["final_losses"], plain["background"], engine["final_losses"], strict=True)):
+        zip(plain["final_losses"], plain["background"], engine["final_losses"], strict=True)
+    ):
         active = [loss for loss, skip in zip(p_losses, bg, strict=True) if not skip]
         ok = [e <= p for e, p in zip(e_losses, active, strict=True)]
-        scales.append({
-            "scale": k, "grid": tiles[k][0], "tiles": len(p_losses), "optimised": len(active),
-            "plain_loss": math.fsum(active), "engine_loss": math.fsum(e_losses),
-            "tiles_at_or_below_plain": sum(ok),
-            "reached": math.fsum(e_losses) <= math.fsum(active),
-        })
+        scales.append(
+            {
+                "scale": k,
+                "grid": tiles[k][0],
+                "tiles": len(p_losses),
+                "optimised": len(active),
+                "plain_loss": math.fsum(active),
+                "engine_loss": math.fsum(e_losses),
+                "tiles_at_or_below_plain": sum(ok),
+                "reached": math.fsum(e_losses) <= math.fsum(active),
+            }
+        )
     return {"scales": scales, "reached": all(s["reached"] for s in scales)}
-
-

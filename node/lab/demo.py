@@ -66,8 +66,9 @@ class Sink:
 
     def start(self) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.server = self._ae.start_server(("127.0.0.1", 0), block=False,
-                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.server = self._ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         return int(self.server.server_address[1])
 
     def stop(self) -> None:
@@ -75,22 +76,51 @@ class Sink:
             self.server.shutdown()
 
 
-def demo_config(data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None) -> Config:
-    return parse_config({
-        "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
-                 "min_free_disk_mb": 64},
-        # CPU-sized engine settings (the real recipe, patch 512 x 400 iterations, needs a GPU);
-        # hed-vgg16: learned VGG16 features available offline (ImageNet's are not downloaded here).
-        "engine": {"features": "hed-vgg16", "workers": 1, "lease_s": 60, "references": 5,
-                   "patch_size": DEMO_PATCH, "grids": [1, 2, 4], "iterations": DEMO_ITERATIONS,
-                   "pooling": "avg", "max_batch": 1, **(engine or {})},
-        "bank": {"path": str(bank_dir), "allow_fewer": True},
-        "routes": [{"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"},
-                    "action": "normalize", "method": DEMO_METHOD, "destinations": ["cad"]}],
-        "destinations": {"cad": {"ae_title": "DEMO_CAD", "host": "127.0.0.1", "port": sink_port}},
-        "forwarding": {"poll_s": 0.2, "backoff_initial_s": 1, "max_attempts": 3},
-        "logging": {"format": "json", "level": "info"},
-    }, environ={})
+def demo_config(
+    data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None
+) -> Config:
+    return parse_config(
+        {
+            "node": {
+                "ae_title": "MR2NST",
+                "host": "127.0.0.1",
+                "port": 0,
+                "data_dir": str(data_dir),
+                "min_free_disk_mb": 64,
+            },
+            # CPU-sized engine settings (the real recipe, patch 512 x 400 iterations, needs a GPU);
+            # hed-vgg16: learned VGG16 features available offline
+            # (ImageNet's are not downloaded here).
+            "engine": {
+                "features": "hed-vgg16",
+                "workers": 1,
+                "lease_s": 60,
+                "references": 5,
+                "patch_size": DEMO_PATCH,
+                "grids": [1, 2, 4],
+                "iterations": DEMO_ITERATIONS,
+                "pooling": "avg",
+                "max_batch": 1,
+                **(engine or {}),
+            },
+            "bank": {"path": str(bank_dir), "allow_fewer": True},
+            "routes": [
+                {
+                    "name": "ge-mammo",
+                    "match": {"Modality": "MG", "Manufacturer": "GE*"},
+                    "action": "normalize",
+                    "method": DEMO_METHOD,
+                    "destinations": ["cad"],
+                }
+            ],
+            "destinations": {
+                "cad": {"ae_title": "DEMO_CAD", "host": "127.0.0.1", "port": sink_port}
+            },
+            "forwarding": {"poll_s": 0.2, "backoff_initial_s": 1, "max_attempts": 3},
+            "logging": {"format": "json", "level": "info"},
+        },
+        environ={},
+    )
 
 
 def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str]:
@@ -109,8 +139,11 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
     ref = derived.SourceImageSequence[0]
     if ref.ReferencedSOPInstanceUID != source.SOPInstanceUID:
         problems.append("SourceImageSequence does not reference the source")
-    if "seeded-random" in config.engine.features and DEMO_METHOD == "mr2nst" \
-            and "seeded-random" not in derived.DerivationDescription:
+    if (
+        "seeded-random" in config.engine.features
+        and DEMO_METHOD == "mr2nst"
+        and "seeded-random" not in derived.DerivationDescription
+    ):
         problems.append("DerivationDescription does not say seeded-random")
     if f"method={DEMO_METHOD}" not in derived.DerivationDescription:
         problems.append("DerivationDescription does not name the method")
@@ -119,8 +152,9 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
     return problems
 
 
-def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path,
-                     files: dict[str, Path] | None = None) -> None:
+def before_after_png(
+    pairs: list[tuple[Dataset, Dataset]], path: Path, files: dict[str, Path] | None = None
+) -> None:
     """Per image: source | derived output (| true UIH) with µC-cluster and edge zooms.
 
     ``files`` maps a source SOPInstanceUID to its phantom file ``DIR/ge/NAME.dcm``; the
@@ -154,8 +188,14 @@ def before_after_png(pairs: list[tuple[Dataset, Dataset]], path: Path,
     montage_png(cases, path)
 
 
-def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeout_s: float = 600.0,
-             engine: dict[str, Any] | None = None, n_references: int = N_REFERENCES) -> bool:
+def run_demo(
+    out: Path,
+    n: int = 3,
+    size: tuple[int, int] = (2294, 1914),
+    timeout_s: float = 600.0,
+    engine: dict[str, Any] | None = None,
+    n_references: int = N_REFERENCES,
+) -> bool:
     """Run the whole path once; print a summary and return True when every check passed.
 
     ``engine`` overrides engine settings (the tests use tiny ones).
@@ -169,8 +209,11 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     saved_stderr = os.dup(2)
     os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
     written = write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE", "UIH"))
-    files = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
-             for p in written if p.parent.name == "ge"}
+    files = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+        for p in written
+        if p.parent.name == "ge"
+    }
     sources = [pydicom.dcmread(p) for p in files.values()]
     print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
     write_phantom_set(out / "references", n_references, size=size, seed=1000, vendors=("UIH",))
@@ -181,10 +224,17 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
     node = Node(config).start()
     try:
-        print(f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "
-              f"127.0.0.1:{config.destinations['cad'].port}")
-        outcomes = store_datasets([(str(s.SOPInstanceUID), s) for s in sources], "127.0.0.1", node.port,
-                                  calling="DEMO_MODALITY", called="MR2NST")
+        print(
+            f"demo: node MR2NST listening on 127.0.0.1:{node.port}, sink DEMO_CAD on "
+            f"127.0.0.1:{config.destinations['cad'].port}"
+        )
+        outcomes = store_datasets(
+            [(str(s.SOPInstanceUID), s) for s in sources],
+            "127.0.0.1",
+            node.port,
+            calling="DEMO_MODALITY",
+            called="MR2NST",
+        )
         acked = sum(1 for o in outcomes if o.status == 0)
         print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
         deadline = time.monotonic() + (timeout_s if acked else 0)
@@ -209,18 +259,29 @@ def run_demo(out: Path, n: int = 3, size: tuple[int, int] = (2294, 1914), timeou
     if pairs:
         before_after_png(pairs, out / "before_after.png", files)
     summary = {
-        "sent": len(sources), "acknowledged": acked, "derived_received": len(sink.received),
+        "sent": len(sources),
+        "acknowledged": acked,
+        "derived_received": len(sink.received),
         "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
-        "method": DEMO_METHOD, "problems": {k: v for k, v in problems.items() if v},
-        "iod_errors": errors, "seconds": round(time.monotonic() - started, 1),
-        "before_after_png": str(out / "before_after.png"), "log": str(out / "node.log"),
+        "method": DEMO_METHOD,
+        "problems": {k: v for k, v in problems.items() if v},
+        "iod_errors": errors,
+        "seconds": round(time.monotonic() - started, 1),
+        "before_after_png": str(out / "before_after.png"),
+        "log": str(out / "node.log"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ok = (acked == len(sources) and len(pairs) == len(sources) and not summary["problems"]
-          and all(not e for e in errors.values()))
-    print(f"demo: {len(pairs)}/{len(sources)} derived instances received in "
-          f"{len(summary['derived_series'])} derived series; IOD errors: "
-          f"{sum(e or 0 for e in errors.values())}; problems: {len(summary['problems'])}")
+    ok = (
+        acked == len(sources)
+        and len(pairs) == len(sources)
+        and not summary["problems"]
+        and all(not e for e in errors.values())
+    )
+    print(
+        f"demo: {len(pairs)}/{len(sources)} derived instances received in "
+        f"{len(summary['derived_series'])} derived series; IOD errors: "
+        f"{sum(e or 0 for e in errors.values())}; problems: {len(summary['problems'])}"
+    )
     print(f"demo: before/after picture {out / 'before_after.png'}; summary {out / 'summary.json'}")
     print(f"demo: {'OK' if ok else 'FAILED'} in {summary['seconds']} s")
     return ok

@@ -28,7 +28,8 @@ spectrum, :mod:`.method_spectral`), ``nst_single`` (grids (1,), one reference),
 ``mr2nst_s0/s1/s2``: the stitched scales of that same ``mr2nst`` run (not rerun), mapped
 to the target range like the merged output. ``--refiner`` adds ``mr2nst_trained``: what
 the refiner mixes in that run (the scales, or their bands) merged by the trained refiner,
-then finished like the merged output (detail mode, tone). Report and figures: :mod:`.evaluate_report`.
+then finished like the merged output (detail mode, tone). Report and figures:
+:mod:`.evaluate_report`.
 """
 
 from __future__ import annotations
@@ -45,12 +46,32 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-METHODS = ("passthrough", "ehm", "spectral", "nst_single", "mr2nst_1ref", "mr2nst",
-           "mr2nst_s0", "mr2nst_s1", "mr2nst_s2")
+METHODS = (
+    "passthrough",
+    "ehm",
+    "spectral",
+    "nst_single",
+    "mr2nst_1ref",
+    "mr2nst",
+    "mr2nst_s0",
+    "mr2nst_s1",
+    "mr2nst_s2",
+)
 TRAINED = "mr2nst_trained"
-METRICS = ("style_gram", "hist_w1", "ssim", "psnr", "uc_cnr_ratio", "uc_detected",
-           "spectrum_dist", "sharpness_ratio", "structure_ssim",
-           "domain_target_fraction", "seconds", "peak_mb")
+METRICS = (
+    "style_gram",
+    "hist_w1",
+    "ssim",
+    "psnr",
+    "uc_cnr_ratio",
+    "uc_detected",
+    "spectrum_dist",
+    "sharpness_ratio",
+    "structure_ssim",
+    "domain_target_fraction",
+    "seconds",
+    "peak_mb",
+)
 HELD_OUT_EVERY = 4  # every 4th target file (by name) is held out: 25 %
 W1_POOL = 200_000  # held-out target pixels pooled for the histogram distance (seeded subsample)
 REFERENCE_ROW = "true_target"
@@ -62,7 +83,9 @@ def parse_methods(text: str | None, error: Callable[[str], Exception]) -> tuple[
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise error(f"evaluate: unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+        raise error(
+            f"evaluate: unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}"
+        )
     return names
 
 
@@ -243,8 +266,14 @@ class Runner:
         want = set(self.methods)
         self.ehm = EhmMethod(self.bank, k, True, VERSION)
         self.spectral = SpectralMethod(self.bank, k, True, VERSION, self.config.spectral.core())
-        full = _Recorder(Mr2nstEngine(core)) if want - {"passthrough", "ehm", "spectral", "nst_single"} else None
-        single = _Recorder(Mr2nstEngine(replace(core, grids=(1,)))) if "nst_single" in want else None
+        full = (
+            _Recorder(Mr2nstEngine(core))
+            if want - {"passthrough", "ehm", "spectral", "nst_single"}
+            else None
+        )
+        single = (
+            _Recorder(Mr2nstEngine(replace(core, grids=(1,)))) if "nst_single" in want else None
+        )
         self.full, self.single = full, single
         self.mr2nst = Mr2nstMethod(full, self.bank, k, True, VERSION) if full else None
         if self.mr2nst is not None:
@@ -262,15 +291,22 @@ class Runner:
             seconds = time.perf_counter() - started
         return value, seconds, peak.mb
 
-    def _to_target(self, image: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+    def _to_target(
+        self, image: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.float32]:
         """Engine [0, 1] image -> the bank's range, as Mr2nstMethod maps its merged output."""
         stats = self.bank.stats()
         out = stats.low + np.clip(image, 0.0, 1.0) * np.float32(stats.high - stats.low)
         out[~mask] = np.float32(stats.background)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
-    def run(self, item: Item) -> dict[str, tuple[npt.NDArray[np.float32] | None, float | None, float | None]]:
-        """``{method: (output in the common scale, seconds, peak MB)}``; None where not computable."""
+    def run(
+        self, item: Item
+    ) -> dict[str, tuple[npt.NDArray[np.float32] | None, float | None, float | None]]:
+        """``{method: (output in the common scale, seconds, peak MB)}``.
+
+        None where not computable.
+        """
         want = set(self.methods)
         out: dict[str, tuple[npt.NDArray[np.float32] | None, float | None, float | None]] = {}
         calls: list[tuple[str, Any]] = [("passthrough", lambda: item.image.copy())]
@@ -295,17 +331,22 @@ class Runner:
                 def trained() -> npt.NDArray[np.float32]:
                     assert self.mr2nst is not None and self.mr2nst.last is not None
                     prepared, _ = self.mr2nst.last
-                    unit = self.full.engine.merge(result.merge_inputs, prepared.start, mask, 0.0, self.refiner)
+                    unit = self.full.engine.merge(
+                        result.merge_inputs, prepared.start, mask, 0.0, self.refiner
+                    )
                     return self.mr2nst.finish(unit, prepared, result).image
 
                 image, seconds, mb = self._timed(trained)
                 base = out["mr2nst"]
-                out[TRAINED] = (image, None if base[1] is None else base[1] + seconds,
-                                None if base[2] is None else max(base[2], mb))
+                out[TRAINED] = (
+                    image,
+                    None if base[1] is None else base[1] + seconds,
+                    None if base[2] is None else max(base[2], mb),
+                )
         return {name: out.get(name, (None, None, None)) for name in self.methods}
 
 
-# -- metrics per image ------------------------------------------------------------------------------
+# -- metrics per image -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -319,7 +360,9 @@ class Context:
     classifier: Any = None
 
 
-def score(image: npt.NDArray[np.float32] | None, item: Item, ctx: Context) -> dict[str, float | None]:
+def score(
+    image: npt.NDArray[np.float32] | None, item: Item, ctx: Context
+) -> dict[str, float | None]:
     """All image metrics of one output (None where not computable)."""
     from mr2nst.core import metrics as m
 
@@ -345,8 +388,9 @@ def score(image: npt.NDArray[np.float32] | None, item: Item, ctx: Context) -> di
     return values
 
 
-def _context(config: Any, held: list[Item], domain_source: list[Item], steps: int,
-             device: Any) -> tuple[Context, dict[str, Any]]:
+def _context(
+    config: Any, held: list[Item], domain_source: list[Item], steps: int, device: Any
+) -> tuple[Context, dict[str, Any]]:
     from mr2nst.core import metrics as m
     from mr2nst.core.features import build_features
     from mr2nst.core.lab.domain_classifier import ClassifierSettings, DomainClassifier
@@ -365,21 +409,41 @@ def _context(config: Any, held: list[Item], domain_source: list[Item], steps: in
     classifier = None
     if domain_source:
         settings = ClassifierSettings(steps=steps)
-        classifier = DomainClassifier.train([(d.image, d.mask) for d in domain_source],
-                                            [(h.image, h.mask) for h in held], settings)
-        info["classifier"] = {**asdict(settings), "train_accuracy_last_10_batches": classifier.train_accuracy,
-                              "source_images": len(domain_source), "target_images": len(held)}
-    return Context(features, m.mean_grams(grams), pool.astype(np.float32),
-                   m.mean_spectrum(spectra) if spectra else None, classifier), info
+        classifier = DomainClassifier.train(
+            [(d.image, d.mask) for d in domain_source], [(h.image, h.mask) for h in held], settings
+        )
+        info["classifier"] = {
+            **asdict(settings),
+            "train_accuracy_last_10_batches": classifier.train_accuracy,
+            "source_images": len(domain_source),
+            "target_images": len(held),
+        }
+    return Context(
+        features,
+        m.mean_grams(grams),
+        pool.astype(np.float32),
+        m.mean_spectrum(spectra) if spectra else None,
+        classifier,
+    ), info
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run_evaluation(config: Any, source: Path, target: Path, out: Path, methods: tuple[str, ...], *,
-                   truth: Path | None = None, domain_source: Path | None = None,
-                   refiner: str | None = None, classifier_steps: int = 150, command: str = "",
-                   progress: bool = False) -> dict[str, Any]:
+def run_evaluation(
+    config: Any,
+    source: Path,
+    target: Path,
+    out: Path,
+    methods: tuple[str, ...],
+    *,
+    truth: Path | None = None,
+    domain_source: Path | None = None,
+    refiner: str | None = None,
+    classifier_steps: int = 150,
+    command: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Run every method on every source, score, write metrics.json, run.json, report and figures."""
     from tqdm import tqdm
 
@@ -391,8 +455,11 @@ def run_evaluation(config: Any, source: Path, target: Path, out: Path, methods: 
     sources, targets = _dicoms(source), _dicoms(target)
     bank_files, held_files = split_target(targets)
     if not sources or not bank_files or not held_files:
-        raise NodeError(f"evaluate: need sources ({len(sources)}), bank references ({len(bank_files)}) "
-                        f"and held-out targets ({len(held_files)}); --target needs at least {HELD_OUT_EVERY} files")
+        raise NodeError(
+            f"evaluate: need sources ({len(sources)}), bank references ({len(bank_files)}) "
+            f"and held-out targets ({len(held_files)}); "
+            f"--target needs at least {HELD_OUT_EVERY} files"
+        )
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "bank", ignore_errors=True)
     bank = Bank(out / "bank")
@@ -409,7 +476,8 @@ def run_evaluation(config: Any, source: Path, target: Path, out: Path, methods: 
     truth_files = _truth_files(truth, source, sources) if truth else {}
 
     per_image: dict[str, dict[str, list[float | None]]] = {
-        name: {k: [] for k in METRICS} for name in (*methods, REFERENCE_ROW)}
+        name: {k: [] for k in METRICS} for name in (*methods, REFERENCE_ROW)
+    }
     names: list[str] = []
     montage: list[tuple[Item, dict[str, npt.NDArray[np.float32] | None]]] = []
     for path in tqdm(sources, desc="evaluate", unit="image", disable=not progress):
@@ -421,7 +489,9 @@ def run_evaluation(config: Any, source: Path, target: Path, out: Path, methods: 
             values["seconds"], values["peak_mb"] = seconds, mb
             for k in METRICS:
                 per_image[name][k].append(values[k])
-        ref_values = score(item.truth, item, ctx) if item.truth is not None else dict.fromkeys(METRICS)
+        ref_values = (
+            score(item.truth, item, ctx) if item.truth is not None else dict.fromkeys(METRICS)
+        )
         ref_values["seconds"] = ref_values["peak_mb"] = None
         for k in METRICS:
             per_image[REFERENCE_ROW][k].append(ref_values.get(k))
@@ -433,22 +503,40 @@ def run_evaluation(config: Any, source: Path, target: Path, out: Path, methods: 
 
     metrics = {name: summarise(name) for name in methods}
     anchor = "mr2nst" if "mr2nst" in methods else methods[0]
-    tests = {anchor_name: {name: {k: m.paired_p(per_image[name][k], per_image[anchor_name][k])
-                                  for k in METRICS[:-2]}
-                           for name in methods if name != anchor_name}
-             for anchor_name in dict.fromkeys([anchor, "passthrough"]) if anchor_name in methods}
-    run_info = {
-        "command": command, "sources": len(sources), "source_names": names,
-        "bank_references": len(added.added), "held_out_targets": len(held_files),
-        "held_out_rule": f"sorted by file name, every {HELD_OUT_EVERY}th file (25 %) held out",
-        "domain_source_images": len(domain), "truth": bool(truth),
-        "engine": {**asdict(runner.core), "grids": list(runner.core.grids)},
-        "references": config.engine.references, "refiner": refiner or "",
-        "intensity_scale": "[0, 1] over the full BitsStored range, brighter = denser",
-        **ctx_info, "reference_row": summarise(REFERENCE_ROW),
-        "paired_tests": tests, "per_image": per_image,
+    tests = {
+        anchor_name: {
+            name: {
+                k: m.paired_p(per_image[name][k], per_image[anchor_name][k]) for k in METRICS[:-2]
+            }
+            for name in methods
+            if name != anchor_name
+        }
+        for anchor_name in dict.fromkeys([anchor, "passthrough"])
+        if anchor_name in methods
     }
-    (out / "metrics.json").write_text(json.dumps(report.jsonable(metrics), indent=1) + "\n", encoding="utf-8")
-    (out / "run.json").write_text(json.dumps(report.jsonable(run_info), indent=1) + "\n", encoding="utf-8")
+    run_info = {
+        "command": command,
+        "sources": len(sources),
+        "source_names": names,
+        "bank_references": len(added.added),
+        "held_out_targets": len(held_files),
+        "held_out_rule": f"sorted by file name, every {HELD_OUT_EVERY}th file (25 %) held out",
+        "domain_source_images": len(domain),
+        "truth": bool(truth),
+        "engine": {**asdict(runner.core), "grids": list(runner.core.grids)},
+        "references": config.engine.references,
+        "refiner": refiner or "",
+        "intensity_scale": "[0, 1] over the full BitsStored range, brighter = denser",
+        **ctx_info,
+        "reference_row": summarise(REFERENCE_ROW),
+        "paired_tests": tests,
+        "per_image": per_image,
+    }
+    (out / "metrics.json").write_text(
+        json.dumps(report.jsonable(metrics), indent=1) + "\n", encoding="utf-8"
+    )
+    (out / "run.json").write_text(
+        json.dumps(report.jsonable(run_info), indent=1) + "\n", encoding="utf-8"
+    )
     report.write_report(out, metrics, run_info, montage)
     return metrics

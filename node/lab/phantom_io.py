@@ -1,4 +1,6 @@
-"""Write the synthetic paired phantom (:mod:`mr2nst.core.lab.phantom`) as MG DICOM plus ground truth.
+"""Write the synthetic paired phantom as MG DICOM plus ground truth.
+
+The phantom comes from :mod:`mr2nst.core.lab.phantom`.
 
 Each case ``i`` is one synthetic breast drawn from the set's seed. It is written once per
 vendor, as a "Digital Mammography X-Ray Image Storage - For Presentation" instance that

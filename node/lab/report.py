@@ -33,41 +33,70 @@ import numpy as np
 import numpy.typing as npt
 
 LABELS = {
-    "style_gram": ("Gram dist ↓", "relative Frobenius distance of masked Gram matrices at relu1_1..relu5_1 "
-                   "to the mean Gram of the held-out target images"),
-    "hist_w1": ("W1 hist ↓", "Wasserstein-1 distance of breast pixel values to the pooled held-out "
-                "target breast pixels"),
-    "ssim": ("SSIM ↑", "SSIM map (skimage) averaged inside the breast mask, against the true target rendering"),
+    "style_gram": (
+        "Gram dist ↓",
+        "relative Frobenius distance of masked Gram matrices at relu1_1..relu5_1 "
+        "to the mean Gram of the held-out target images",
+    ),
+    "hist_w1": (
+        "W1 hist ↓",
+        "Wasserstein-1 distance of breast pixel values to the pooled held-out target breast pixels",
+    ),
+    "ssim": (
+        "SSIM ↑",
+        "SSIM map (skimage) averaged inside the breast mask, against the true target rendering",
+    ),
     "psnr": ("PSNR dB ↑", "PSNR of the breast pixels against the true target rendering"),
-    "uc_cnr_ratio": ("µC CNR ratio →1", "mean µC contrast-to-noise ratio (disk vs annulus 2-5 px out) "
-                     "of the output over that of the true target rendering"),
-    "uc_detected": ("µC detected ↑", "fraction of known µCs found by a fixed white top-hat spot "
-                    "detector (disk r=4 px, 4 robust sigmas, match within 2 px)"),
-    "spectrum_dist": ("spectrum dist ↓", "RMS difference of log10 power over 9 radial frequency bins "
-                      "(0.05-0.5 cycles/px) between the high-passed (minus Gaussian σ 3 px), "
-                      "windowed breast (mask eroded 8 px, 2 px taper) and the mean of the held-out "
-                      "target images; needs no truth"),
-    "sharpness_ratio": ("sharpness →1", "RMS of image minus its Gaussian low-pass (σ 2 px) inside "
-                        "the mask eroded 6 px, over the same for the true target rendering "
-                        "(sqrt of the high-frequency energy ratio); below 1 = softer than UIH"),
-    "structure_ssim": ("low-pass SSIM ↑", "SSIM of both images low-passed with a Gaussian of σ 1.5 px, "
-                       "averaged inside the mask, against the true target rendering: structure "
-                       "without scoring independent noise grain"),
-    "domain_target_fraction": ("called target ↑", "fraction of outputs the ResNet18 domain classifier "
-                               "calls target-domain (stands in for the paper's NIMA score)"),
+    "uc_cnr_ratio": (
+        "µC CNR ratio →1",
+        "mean µC contrast-to-noise ratio (disk vs annulus 2-5 px out) "
+        "of the output over that of the true target rendering",
+    ),
+    "uc_detected": (
+        "µC detected ↑",
+        "fraction of known µCs found by a fixed white top-hat spot "
+        "detector (disk r=4 px, 4 robust sigmas, match within 2 px)",
+    ),
+    "spectrum_dist": (
+        "spectrum dist ↓",
+        "RMS difference of log10 power over 9 radial frequency bins "
+        "(0.05-0.5 cycles/px) between the high-passed (minus Gaussian σ 3 px), "
+        "windowed breast (mask eroded 8 px, 2 px taper) and the mean of the held-out "
+        "target images; needs no truth",
+    ),
+    "sharpness_ratio": (
+        "sharpness →1",
+        "RMS of image minus its Gaussian low-pass (σ 2 px) inside "
+        "the mask eroded 6 px, over the same for the true target rendering "
+        "(sqrt of the high-frequency energy ratio); below 1 = softer than UIH",
+    ),
+    "structure_ssim": (
+        "low-pass SSIM ↑",
+        "SSIM of both images low-passed with a Gaussian of σ 1.5 px, "
+        "averaged inside the mask, against the true target rendering: structure "
+        "without scoring independent noise grain",
+    ),
+    "domain_target_fraction": (
+        "called target ↑",
+        "fraction of outputs the ResNet18 domain classifier "
+        "calls target-domain (stands in for the paper's NIMA score)",
+    ),
     "seconds": ("s/image", "wall time per image of the method call"),
-    "peak_mb": ("peak MB", "peak memory per image: CUDA peak allocation on a GPU, rise of the "
-                "process's resident memory over the call on the CPU (sampled every 10 ms)"),
+    "peak_mb": (
+        "peak MB",
+        "peak memory per image: CUDA peak allocation on a GPU, rise of the "
+        "process's resident memory over the call on the CPU (sampled every 10 ms)",
+    ),
 }
 DESCRIPTIONS = {
     "passthrough": "source image unchanged (the GE rendering)",
     "ehm": "exact histogram matching to the selected references",
     "spectral": "EHM, then the breast's radial power spectrum matched to the references' mean by a "
-                "clipped frequency-domain gain, then EHM again (no GPU)",
+    "clipped frequency-domain gain, then EHM again (no GPU)",
     "nst_single": "single-reference, single-scale NST (grid 1 only)",
     "mr2nst_1ref": "mr2NST, all scales, 1 reference",
     "mr2nst": "mr2NST, all scales, engine.references references, untrained refiner "
-              "(engine.merge: average of the scales or sum of their bands)",
+    "(engine.merge: average of the scales or sum of their bands)",
     "mr2nst_s0": "scale 0 of the mr2nst run alone",
     "mr2nst_s1": "scale 1 of the mr2nst run alone",
     "mr2nst_s2": "scale 2 of the mr2nst run alone",
@@ -103,12 +132,16 @@ def _p(value: float | None) -> str:
 def table(metrics: dict[str, dict[str, Any]], reference: dict[str, Any] | None) -> list[str]:
     """The Markdown results table, one row per method (plus the true-target reference row)."""
     keys = list(LABELS)
-    lines = ["| method | n | " + " | ".join(LABELS[k][0] for k in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    lines = [
+        "| method | n | " + " | ".join(LABELS[k][0] for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     rows = list(metrics.items()) + ([("true_target", reference)] if reference else [])
     for name, values in rows:
         n = max((v["n"] for v in values.values() if v), default=0)
-        lines.append(f"| {name} | {n} | " + " | ".join(_cell(values.get(k), k) for k in keys) + " |")
+        lines.append(
+            f"| {name} | {n} | " + " | ".join(_cell(values.get(k), k) for k in keys) + " |"
+        )
     return lines
 
 
@@ -116,50 +149,94 @@ def _tests(tests: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
     lines: list[str] = []
     keys = [k for k in LABELS if k not in ("seconds", "peak_mb")]
     for anchor, rows in tests.items():
-        lines += ["", f"Paired two-sided t-tests (scipy.stats.ttest_rel) against **{anchor}**, p-values "
-                  "over the images where both values exist:", "",
-                  "| method | " + " | ".join(LABELS[k][0] for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+        lines += [
+            "",
+            f"Paired two-sided t-tests (scipy.stats.ttest_rel) against **{anchor}**, p-values "
+            "over the images where both values exist:",
+            "",
+            "| method | " + " | ".join(LABELS[k][0] for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
         for name, ps in rows.items():
             lines.append(f"| {name} | " + " | ".join(_p(ps.get(k)) for k in keys) + " |")
     return lines
 
 
-def write_report(out: Path, metrics: dict[str, dict[str, Any]], run: dict[str, Any],
-                 montage: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]]) -> None:
+def write_report(
+    out: Path,
+    metrics: dict[str, dict[str, Any]],
+    run: dict[str, Any],
+    montage: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]],
+) -> None:
     """report.md, metrics.png and montage.png under ``out``."""
     figures = [f for f in (_distributions(out, run), _montage(out, montage)) if f]
     engine = run["engine"]
     clf = run.get("classifier")
     lines = [
-        "# mr2nst evaluation report", "",
-        f"Command: `{run['command']}`" if run.get("command") else "", "",
-        f"{run['sources']} source images; {run['bank_references']} target images in the reference bank, "
+        "# mr2nst evaluation report",
+        "",
+        f"Command: `{run['command']}`" if run.get("command") else "",
+        "",
+        f"{run['sources']} source images; "
+        f"{run['bank_references']} target images in the reference bank, "
         f"{run['held_out_targets']} held out ({run['held_out_rule']}); true target rendering: "
-        f"{'yes' if run['truth'] else 'no'}.", "",
-        "## Results", "", *table(metrics, run.get("reference_row") if run["truth"] else None), "",
+        f"{'yes' if run['truth'] else 'no'}.",
+        "",
+        "## Results",
+        "",
+        *table(metrics, run.get("reference_row") if run["truth"] else None),
+        "",
         "Mean ± sd over images; — = cannot be computed with the inputs given (never invented). "
-        "mr2nst_s0/s1/s2 are the stitched scales of the same mr2nst run, so they have no cost of their own.",
-        *_tests(run["paired_tests"]), "", "## Methods", "",
+        "mr2nst_s0/s1/s2 are the stitched scales of the same mr2nst run, "
+        "so they have no cost of their own.",
+        *_tests(run["paired_tests"]),
+        "",
+        "## Methods",
+        "",
         *[f"- **{k}**: {v}" for k, v in DESCRIPTIONS.items() if k in metrics or k == "true_target"],
-        "", "## Metrics", "", *[f"- **{v[0]}** (`{k}`): {v[1]}." for k, v in LABELS.items()],
-        "", "## Settings", "",
-        f"- Intensity scale of every comparison: {run['intensity_scale']} (the float image the node writes).",
-        f"- Engine: patch {engine['patch_size']}, grids {engine['grids']}, overlap {engine['overlap']}, "
-        f"iterations {engine['iterations']}, lr {engine['lr']:g}, alpha {engine['alpha']:g}, pooling "
-        f"{engine['pooling']}, init {engine['init']}, features {engine['features']}, device {engine['device']}; "
-        f"references {run['references']}; refiner {run['refiner'] or 'untrained (average of the scales)'}.",
-        f"- Style metric network: {run['metric_features']}. It is never the network the engine optimised: "
-        "an engine on hed-vgg16 is scored by VGG19 with seeded-random weights (seed 7919, or 7920 when "
+        "",
+        "## Metrics",
+        "",
+        *[f"- **{v[0]}** (`{k}`): {v[1]}." for k, v in LABELS.items()],
+        "",
+        "## Settings",
+        "",
+        f"- Intensity scale of every comparison: {run['intensity_scale']} "
+        "(the float image the node writes).",
+        f"- Engine: patch {engine['patch_size']}, grids {engine['grids']}, "
+        f"overlap {engine['overlap']}, "
+        f"iterations {engine['iterations']}, lr {engine['lr']:g}, "
+        f"alpha {engine['alpha']:g}, pooling "
+        f"{engine['pooling']}, init {engine['init']}, features {engine['features']}, "
+        f"device {engine['device']}; "
+        f"references {run['references']}; "
+        f"refiner {run['refiner'] or 'untrained (average of the scales)'}.",
+        f"- Style metric network: {run['metric_features']}. "
+        "It is never the network the engine optimised: "
+        "an engine on hed-vgg16 is scored by VGG19 with seeded-random weights "
+        "(seed 7919, or 7920 when "
         "that is the engine's), any other engine by the learned hed-vgg16."
-        + (" These are random filters, not learned ones." if run["metric_features"].startswith("seeded-random")
-           else ""),
+        + (
+            " These are random filters, not learned ones."
+            if run["metric_features"].startswith("seeded-random")
+            else ""
+        ),
         "- Domain realism takes the role NIMA had in the paper (no NIMA weights here): a ResNet18 "
-        "(torchvision, no pretrained weights, 1 input channel) trained on random native-resolution crops "
-        "of held-apart source images vs the held-out target images; an output counts as target when the "
+        "(torchvision, no pretrained weights, 1 input channel) "
+        "trained on random native-resolution crops "
+        "of held-apart source images vs the held-out target images; "
+        "an output counts as target when the "
         "mean probability over 16 seeded breast crops is above 0.5. "
-        + (f"Settings: {clf}." if clf else "Not trained: no --domain-source was given, so the column is null."),
-        "", "## Figures", "", *[f"![{f}]({f})" for f in figures], "",
+        + (
+            f"Settings: {clf}."
+            if clf
+            else "Not trained: no --domain-source was given, so the column is null."
+        ),
+        "",
+        "## Figures",
+        "",
+        *[f"![{f}]({f})" for f in figures],
+        "",
     ]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
@@ -183,7 +260,7 @@ def _distributions(out: Path, run: dict[str, Any]) -> str | None:
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(LABELS[key][0], fontsize=9)
-    for ax in axes.ravel()[len(keys):]:
+    for ax in axes.ravel()[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=90)
@@ -209,7 +286,9 @@ class MontageCase:
     reference: npt.NDArray[np.floating]  # where the edge zoom is looked for
 
 
-def uc_cluster_centre(calcs: npt.NDArray[np.float64] | None, half: int = ZOOM // 2) -> tuple[float, float] | None:
+def uc_cluster_centre(
+    calcs: npt.NDArray[np.float64] | None, half: int = ZOOM // 2
+) -> tuple[float, float] | None:
     """Mean (row, col) of the known µC with the most others within ``half`` px, and those others."""
     if calcs is None or len(calcs) == 0:
         return None
@@ -220,8 +299,11 @@ def uc_cluster_centre(calcs: npt.NDArray[np.float64] | None, half: int = ZOOM //
     return float(centre[0]), float(centre[1])
 
 
-def edge_centre(reference: npt.NDArray[np.floating], mask: npt.NDArray[np.bool_],
-                calcs: npt.NDArray[np.float64] | None) -> tuple[float, float] | None:
+def edge_centre(
+    reference: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.bool_],
+    calcs: npt.NDArray[np.float64] | None,
+) -> tuple[float, float] | None:
     """(row, col) of the strongest Gaussian gradient (σ ``EDGE_SIGMA``) deep inside the breast,
     away from known µCs (rule in the module docstring); None for an empty mask."""
     from scipy import ndimage as ndi  # type: ignore[import-untyped, unused-ignore]
@@ -270,17 +352,27 @@ def montage_png(cases: Sequence[MontageCase], path: Path, dpi: int = 100) -> Non
     side = ZOOM * ZOOM_FACTOR / dpi  # inches: a zoom panel shows each repeated pixel 1:1
     aspect = max(c.panels[0][1].shape[0] / c.panels[0][1].shape[1] for c in cases)
     heights = [v for _ in cases for v in (side * aspect, side, side)]
-    fig, axes = plt.subplots(3 * len(cases), ncols, squeeze=False,
-                             figsize=(side * ncols * 1.08, sum(heights) * 1.25),
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        3 * len(cases),
+        ncols,
+        squeeze=False,
+        figsize=(side * ncols * 1.08, sum(heights) * 1.25),
+        gridspec_kw={"height_ratios": heights},
+    )
     for k, case in enumerate(cases):
         ref = case.panels[-1][1]
-        zooms = [("µC cluster", uc_cluster_centre(case.calcs), "red"),
-                 ("edge", edge_centre(case.reference, case.mask, case.calcs), "cyan")]
-        origins = [(label, _crop_origin(c, ref.shape) if c else None, colour) for label, c, colour in zooms]
+        zooms = [
+            ("µC cluster", uc_cluster_centre(case.calcs), "red"),
+            ("edge", edge_centre(case.reference, case.mask, case.calcs), "cyan"),
+        ]
+        origins = [
+            (label, _crop_origin(c, ref.shape) if c else None, colour) for label, c, colour in zooms
+        ]
         lo, hi = _window(np.asarray(ref)[case.mask] if case.mask.any() else np.asarray(ref).ravel())
-        windows = [_window(np.asarray(ref)[o[0]:o[0] + ZOOM, o[1]:o[1] + ZOOM]) if o else (0.0, 1.0)
-                   for _, o, _ in origins]
+        windows = [
+            _window(np.asarray(ref)[o[0] : o[0] + ZOOM, o[1] : o[1] + ZOOM]) if o else (0.0, 1.0)
+            for _, o, _ in origins
+        ]
         for c in range(ncols):
             column = [axes[3 * k + j, c] for j in range(3)]
             for ax in column:
@@ -290,14 +382,19 @@ def montage_png(cases: Sequence[MontageCase], path: Path, dpi: int = 100) -> Non
             name, image = case.panels[c]
             column[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
             column[0].set_title(f"{case.name}: {name}" if c == 0 else name, fontsize=7)
-            for j, ((label, origin, colour), (wlo, whi)) in enumerate(zip(origins, windows, strict=True)):
+            for j, ((label, origin, colour), (wlo, whi)) in enumerate(
+                zip(origins, windows, strict=True)
+            ):
                 if origin is None:
                     column[j + 1].set_title(f"{label}: none", fontsize=6)
                     continue
                 r0, c0 = origin
-                column[0].add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), ZOOM, ZOOM, fill=False,
-                                                  color=colour, lw=0.8))
-                crop = np.asarray(image)[r0:r0 + ZOOM, c0:c0 + ZOOM]
+                column[0].add_patch(
+                    plt.Rectangle(
+                        (c0 - 0.5, r0 - 0.5), ZOOM, ZOOM, fill=False, color=colour, lw=0.8
+                    )
+                )
+                crop = np.asarray(image)[r0 : r0 + ZOOM, c0 : c0 + ZOOM]
                 big = np.repeat(np.repeat(crop, ZOOM_FACTOR, axis=0), ZOOM_FACTOR, axis=1)
                 column[j + 1].imshow(big, cmap="gray", vmin=wlo, vmax=whi, interpolation="nearest")
                 column[j + 1].set_title(f"{label} ({r0},{c0}) x{ZOOM_FACTOR}", fontsize=6)
@@ -306,14 +403,18 @@ def montage_png(cases: Sequence[MontageCase], path: Path, dpi: int = 100) -> Non
     plt.close(fig)
 
 
-def _montage(out: Path, cases: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]]) -> str | None:
+def _montage(
+    out: Path, cases: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]]
+) -> str | None:
     """montage.png: source | every method but passthrough (the source itself) | true UIH."""
     if not cases:
         return None
     rows = []
     for item, outputs in cases:
         panels: list[tuple[str, npt.NDArray[np.floating]]] = [("source (GE)", item.image)]
-        panels += [(n, image) for n, image in outputs.items() if n != "passthrough" and image is not None]
+        panels += [
+            (n, image) for n, image in outputs.items() if n != "passthrough" and image is not None
+        ]
         if item.truth is not None:
             panels.append(("true UIH", item.truth))
         reference = item.truth if item.truth is not None else item.image

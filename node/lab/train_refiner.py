@@ -1,4 +1,6 @@
-"""``mr2nst train-refiner``: train the refiner on a site's own images (METHOD.md "Refiner training").
+"""``mr2nst train-refiner``: train the refiner on a site's own images.
+
+See METHOD.md "Refiner training".
 
 1. Check every file first: sources must come from a manufacturer matching
    ``--source-manufacturer`` (default ``GE*``), targets from ``--target-manufacturer``
@@ -69,8 +71,10 @@ def _inputs(folder: str, role: str, glob: str) -> list[_Input]:
         info = source_info(ds)
         found = f"Manufacturer {info.manufacturer or '<none>'!r}, view {info.view or '<none>'!r}"
         if not fnmatchcase(info.manufacturer.upper(), glob.upper()) or info.view not in VIEWS:
-            raise _usage(f"{path}: expected a {role} image from a manufacturer matching {glob!r} "
-                         f"with view CC or MLO, found {found}")
+            raise _usage(
+                f"{path}: expected a {role} image from a manufacturer matching {glob!r} "
+                f"with view CC or MLO, found {found}"
+            )
         uid = str(ds.get("SOPInstanceUID", "")).strip()
         if not uid or any(c not in "0123456789." for c in uid):
             raise _usage(f"{path}: missing or malformed SOPInstanceUID")
@@ -114,8 +118,9 @@ def _decode(path: Path) -> Any:
         raise _usage(f"{path}: {exc}") from None
 
 
-def _source_scales(inputs: list[_Input], method: Any, recorder: _Recorder, folder: Path,
-                   progress: bool) -> tuple[list[Any], int]:
+def _source_scales(
+    inputs: list[_Input], method: Any, recorder: _Recorder, folder: Path, progress: bool
+) -> tuple[list[Any], int]:
     """(TrainImages of S0.., number computed now); the rest come from the cache."""
     import numpy as np
     from tqdm import tqdm
@@ -139,8 +144,11 @@ def _source_scales(inputs: list[_Input], method: Any, recorder: _Recorder, folde
             _save_npy(mask_path, np.asarray(mask, dtype=np.bool_))
             _save_npy(scales_path, np.stack(result.merge_inputs).astype(np.float32))
             computed += 1
-        images.append(TrainImage.from_arrays(np.load(scales_path, mmap_mode="r"),
-                                             np.load(mask_path, mmap_mode="r")))
+        images.append(
+            TrainImage.from_arrays(
+                np.load(scales_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+            )
+        )
     return images, computed
 
 
@@ -162,8 +170,11 @@ def _target_images(inputs: list[_Input], folder: Path, progress: bool) -> list[A
             mask = segment_breast(decoded.image, decoded.info.view).mask
             _save_npy(mask_path, mask)
             _save_npy(image_path, robust_unit(decoded.image, mask)[None])
-        images.append(TrainImage.from_arrays(np.load(image_path, mmap_mode="r"),
-                                             np.load(mask_path, mmap_mode="r")))
+        images.append(
+            TrainImage.from_arrays(
+                np.load(image_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+            )
+        )
     return images
 
 
@@ -189,24 +200,34 @@ def _load_state(path: Path, expected: dict[str, Any], run: dict[str, Any], devic
     except Exception as exc:  # edge: any unreadable state file is a usage problem
         raise _usage(f"cannot resume from {path}: {exc}") from None
     if saved["expectation"] != expected:
-        raise _usage(f"{path} was saved for another engine setup or weights; "
-                     "start over without --resume (delete it first)")
+        raise _usage(
+            f"{path} was saved for another engine setup or weights; "
+            "start over without --resume (delete it first)"
+        )
     for key, value in run.items():
         if saved["run"].get(key) != value:
-            raise _usage(f"--resume: {key} differs from the saved run "
-                         f"(saved {saved['run'].get(key)!r}, now {value!r})")
+            raise _usage(
+                f"--resume: {key} differs from the saved run "
+                f"(saved {saved['run'].get(key)!r}, now {value!r})"
+            )
     return state
 
 
-def _epoch_bar(progress: bool, epoch: int, epochs: int, steps: int) -> tuple[Any, Callable[[Any], None]]:
+def _epoch_bar(
+    progress: bool, epoch: int, epochs: int, steps: int
+) -> tuple[Any, Callable[[Any], None]]:
     from tqdm import tqdm
 
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", disable=not progress)
 
     def update(p: Any) -> None:
         bar.update()
-        bar.set_postfix(loss_d=f"{p.losses.loss_d:.3f}", loss_g=f"{p.losses.loss_g:.3f}",
-                        d_real=f"{p.losses.d_real:.2f}", d_fake=f"{p.losses.d_fake:.2f}")
+        bar.set_postfix(
+            loss_d=f"{p.losses.loss_d:.3f}",
+            loss_g=f"{p.losses.loss_g:.3f}",
+            d_real=f"{p.losses.d_real:.2f}",
+            d_fake=f"{p.losses.d_fake:.2f}",
+        )
 
     return bar, update
 
@@ -232,32 +253,47 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     state_path = out.with_name(out.name + ".state")
     if state_path.exists() and not args.resume:
-        raise _usage(f"{state_path} exists: pass --resume to continue that run, or delete it to start over")
+        raise _usage(
+            f"{state_path} exists: pass --resume to continue that run, or delete it to start over"
+        )
     sources = _inputs(args.source, "source", args.source_manufacturer)
     targets = _inputs(args.target, "target", args.target_manufacturer)
     bank = Bank(config.bank.path)
     if not bank.entries():
-        raise _usage(f"bank {config.bank.path} has no references (add UIH images with `mr2nst bank add`)")
+        raise _usage(
+            f"bank {config.bank.path} has no references (add UIH images with `mr2nst bank add`)"
+        )
     imagenet = None
     if args.d_weights:
         try:
             imagenet = torch.load(args.d_weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # edge: missing or unreadable file
-            raise _usage(f"--d-weights {args.d_weights}: cannot read ({exc.__class__.__name__})") from None
+            raise _usage(
+                f"--d-weights {args.d_weights}: cannot read ({exc.__class__.__name__})"
+            ) from None
 
     weights = ensure_weights(config.engine)
     core = replace(config.engine.core(), weights=weights or "")
     recorder = _Recorder(Mr2nstEngine(core))  # untrained refiner: the scales come before it
-    method = Mr2nstMethod(recorder, bank, config.engine.references,  # type: ignore[arg-type, unused-ignore]
-                          config.bank.allow_fewer, VERSION)
+    method = Mr2nstMethod(
+        recorder,
+        bank,
+        config.engine.references,  # type: ignore[arg-type, unused-ignore]
+        config.bank.allow_fewer,
+        VERSION,
+    )
     expected = recorder.refiner_expectation()
     key = hashlib.sha256(method.fingerprint().encode()).hexdigest()[:16]
     cache = Path(args.cache) if args.cache else out.parent / "refiner-cache"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    src_images, computed = _source_scales(sources, method, recorder, cache / f"scales-{key}", progress)
-    print(f"scales of {len(sources)} sources: {computed} computed, {len(sources) - computed} "
-          f"from the cache ({cache / f'scales-{key}'})")
+    src_images, computed = _source_scales(
+        sources, method, recorder, cache / f"scales-{key}", progress
+    )
+    print(
+        f"scales of {len(sources)} sources: {computed} computed, {len(sources) - computed} "
+        f"from the cache ({cache / f'scales-{key}'})"
+    )
     tgt_key = hashlib.sha256(f"targets:{VERSION}".encode()).hexdigest()[:12]
     tgt_images = _target_images(targets, cache / f"targets-{tgt_key}", progress)
 
@@ -266,16 +302,25 @@ def run(args: argparse.Namespace) -> int:
     if crop < 32:
         raise _usage(f"the smallest image side is {smallest} pixels; crops need at least 32")
     if crop < args.crop:
-        print(f"crop {args.crop} is larger than the smallest image side; using {crop}", file=sys.stderr)
+        print(
+            f"crop {args.crop} is larger than the smallest image side; using {crop}",
+            file=sys.stderr,
+        )
     try:
-        settings = TrainSettings(crop=crop, batch=args.batch, lr_g=args.lr_g, lr_d=args.lr_d,
-                                 seed=args.seed)
+        settings = TrainSettings(
+            crop=crop, batch=args.batch, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed
+        )
     except ValueError as exc:
         raise _usage(str(exc)) from None
     steps = args.steps or max(1, math.ceil(len(sources) * CROPS_PER_SOURCE / settings.batch))
-    run = {"settings": settings.to_dict(), "steps": steps, "sources": [s.uid for s in sources],
-           "targets": [t.uid for t in targets], "scales_key": key,
-           "d_init": Path(args.d_weights).name if args.d_weights else ""}
+    run = {
+        "settings": settings.to_dict(),
+        "steps": steps,
+        "sources": [s.uid for s in sources],
+        "targets": [t.uid for t in targets],
+        "scales_key": key,
+        "d_init": Path(args.d_weights).name if args.d_weights else "",
+    }
     device = resolved_device(core)
     if args.resume and state_path.exists():
         state = _load_state(state_path, expected, run, device)
@@ -287,13 +332,20 @@ def run(args: argparse.Namespace) -> int:
             raise _usage(f"--d-weights {args.d_weights}: {exc}") from None
 
     def training_info() -> dict[str, Any]:
-        return {"mr2nst_version": VERSION, "epochs": state.epoch, "steps": state.step,
-                "steps_per_epoch": steps, "settings": settings.to_dict(),
-                "generator_loss": "non-saturating -log D(R(S))",
-                "discriminator": "resnet18, 1 channel, " + (
-                    f"ImageNet init from {run['d_init']}" if run["d_init"] else "random init"),
-                "sources": len(sources), "targets": len(targets), "scales_key": key,
-                "history": [dict(h) for h in state.history]}
+        return {
+            "mr2nst_version": VERSION,
+            "epochs": state.epoch,
+            "steps": state.step,
+            "steps_per_epoch": steps,
+            "settings": settings.to_dict(),
+            "generator_loss": "non-saturating -log D(R(S))",
+            "discriminator": "resnet18, 1 channel, "
+            + (f"ImageNet init from {run['d_init']}" if run["d_init"] else "random init"),
+            "sources": len(sources),
+            "targets": len(targets),
+            "scales_key": key,
+            "history": [dict(h) for h in state.history],
+        }
 
     while state.epoch < args.epochs:
         bar, update = _epoch_bar(progress, state.epoch, args.epochs, steps)
@@ -301,14 +353,24 @@ def run(args: argparse.Namespace) -> int:
             means = train_epoch(state, src_images, tgt_images, steps, progress=update)
         finally:
             bar.close()
-        _atomic_torch_save({"format": STATE_FORMAT, "train": state.state_dict(),
-                            "expectation": expected, "run": run}, state_path)
+        _atomic_torch_save(
+            {
+                "format": STATE_FORMAT,
+                "train": state.state_dict(),
+                "expectation": expected,
+                "run": run,
+            },
+            state_path,
+        )
         tmp = out.with_name(out.name + ".tmp")
         save_refiner(state.refiner, tmp, expected, training=training_info())
         os.replace(tmp, out)
-        print(f"epoch {state.epoch}/{args.epochs}: loss_d {means['loss_d']:.4f} "
-              f"loss_g {means['loss_g']:.4f} D(real) {means['d_real']:.3f} "
-              f"D(fake) {means['d_fake']:.3f}; saved {out}", flush=True)
+        print(
+            f"epoch {state.epoch}/{args.epochs}: loss_d {means['loss_d']:.4f} "
+            f"loss_g {means['loss_g']:.4f} D(real) {means['d_real']:.3f} "
+            f"D(fake) {means['d_fake']:.3f}; saved {out}",
+            flush=True,
+        )
     if not out.exists():  # resumed a run that had already reached --epochs
         save_refiner(state.refiner, out, expected, training=training_info())
     print(f"refiner trained for {state.epoch} epochs ({state.step} steps): {out}")

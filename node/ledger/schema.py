@@ -107,7 +107,8 @@ def migrate(conn: Connection, now: float) -> int:
         raise LedgerError("ledger has tables but no schema version; refusing to touch it")
     if current > SCHEMA_VERSION:
         raise LedgerError(
-            f"ledger schema version {current} is newer than this mr2nst ({SCHEMA_VERSION}); upgrade mr2nst"
+            f"ledger schema version {current} is newer than this mr2nst ({SCHEMA_VERSION}); "
+            "upgrade mr2nst"
         )
     for version in range(current + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[version - 1](conn)

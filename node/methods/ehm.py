@@ -20,8 +20,13 @@ class EhmMethod(ReferenceMethod):
         """Normalize one image (unit floats in and out)."""
         selection = self.select(image, info)
         provenance = Provenance(
-            method=self.name, engine_version=self.version, references=selection.uids(),
+            method=self.name,
+            engine_version=self.version,
+            references=selection.uids(),
             notes=(f"breast area {selection.area_mm2:.0f} mm2",),
         )
-        return MethodResult(image=self.match_tone(image, selection), provenance=provenance,
-                            target_range=self.bank.stats().stored_range)
+        return MethodResult(
+            image=self.match_tone(image, selection),
+            provenance=provenance,
+            target_range=self.bank.stats().stored_range,
+        )

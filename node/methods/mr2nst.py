@@ -66,8 +66,15 @@ class Mr2nstMethod(ReferenceMethod):
 
     name = "mr2nst"
 
-    def __init__(self, engine: Mr2nstEngine, bank: Bank, references: int, allow_fewer: bool, version: str,
-                 refiner_name: str = "") -> None:
+    def __init__(
+        self,
+        engine: Mr2nstEngine,
+        bank: Bank,
+        references: int,
+        allow_fewer: bool,
+        version: str,
+        refiner_name: str = "",
+    ) -> None:
         super().__init__(bank, references, allow_fewer, version)
         self.engine = engine
         self.refiner_name = refiner_name
@@ -78,7 +85,10 @@ class Mr2nstMethod(ReferenceMethod):
         self.last: tuple[Prepared, EngineResult] | None = None
 
     def fingerprint(self) -> str:
-        return f"mr2nst-{self.version}-{self.engine.fingerprint()}-k{self.references}-bank{self.bank_id()}"
+        return (
+            f"mr2nst-{self.version}-{self.engine.fingerprint()}"
+            f"-k{self.references}-bank{self.bank_id()}"
+        )
 
     def prepare(self, image: FloatImage, info: SourceInfo) -> Prepared:
         """Segment, select the references and scale everything for the engine."""
@@ -101,21 +111,43 @@ class Mr2nstMethod(ReferenceMethod):
         cfg = self.engine.config
         if cfg.tone == "ehm":  # the references' exact breast histogram, ranks from the transfer
             out = self.match_tone(out, Selection(mask, 0.0, refs))
-        notes = (f"patch {cfg.patch_size}", f"iterations {cfg.iterations}", f"alpha {cfg.alpha:g}",
-                 f"lr {cfg.lr:g}", f"pooling {cfg.pooling}", f"init {cfg.init}",
-                 f"merge {cfg.merge}", f"tone {cfg.tone}", *_lever_notes(cfg),
-                 f"refiner {self.refiner_name or 'untrained (average of scales)'}",
-                 f"tiles {result.tiles_optimised} optimised/{result.tiles_skipped} background")
-        provenance = Provenance(method=self.name, engine_version=self.version,
-                                references=tuple(r.entry.sop_instance_uid for r in refs), scales=cfg.grids,
-                                features=self.engine.weights_id, notes=notes)
-        return MethodResult(image=np.clip(out, 0.0, 1.0).astype(np.float32), provenance=provenance,
-                            target_range=stats.stored_range)
+        notes = (
+            f"patch {cfg.patch_size}",
+            f"iterations {cfg.iterations}",
+            f"alpha {cfg.alpha:g}",
+            f"lr {cfg.lr:g}",
+            f"pooling {cfg.pooling}",
+            f"init {cfg.init}",
+            f"merge {cfg.merge}",
+            f"tone {cfg.tone}",
+            *_lever_notes(cfg),
+            f"refiner {self.refiner_name or 'untrained (average of scales)'}",
+            f"tiles {result.tiles_optimised} optimised/{result.tiles_skipped} background",
+        )
+        provenance = Provenance(
+            method=self.name,
+            engine_version=self.version,
+            references=tuple(r.entry.sop_instance_uid for r in refs),
+            scales=cfg.grids,
+            features=self.engine.weights_id,
+            notes=notes,
+        )
+        return MethodResult(
+            image=np.clip(out, 0.0, 1.0).astype(np.float32),
+            provenance=provenance,
+            target_range=stats.stored_range,
+        )
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
         prepared = self.prepare(image, info)
-        result = self.engine.transfer(prepared.content, prepared.mask, prepared.styles, background=0.0,
-                                      init=prepared.init, progress=self.progress)
+        result = self.engine.transfer(
+            prepared.content,
+            prepared.mask,
+            prepared.styles,
+            background=0.0,
+            init=prepared.init,
+            progress=self.progress,
+        )
         if self.keep_last:
             self.last = (prepared, result)
         return self.finish(result.image, prepared, result)

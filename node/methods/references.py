@@ -96,12 +96,18 @@ class ReferenceMethod:
         """
         mask, area, chest_left = breast_area(image, info)
         refs = self.bank.select(
-            info.view, info.laterality, area, self.references,
-            chest_wall_left=chest_left, allow_fewer=self.allow_fewer,
+            info.view,
+            info.laterality,
+            area,
+            self.references,
+            chest_wall_left=chest_left,
+            allow_fewer=self.allow_fewer,
         )
         return Selection(mask, area, list(refs))
 
     def match_tone(self, image: FloatImage, selection: Selection) -> FloatImage:
         """``image``'s breast given the references' pooled histogram exactly (EHM)."""
         background = self.bank.stats().background
-        return exact_histogram_match(image, selection.mask, selection.pooled(), background=background)
+        return exact_histogram_match(
+            image, selection.mask, selection.pooled(), background=background
+        )

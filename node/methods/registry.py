@@ -14,19 +14,27 @@ from mr2nst.node.version import VERSION
 
 MethodFactory = Callable[[Config], Method]
 
+
 def _ehm(config: Config) -> Method:
     from mr2nst.bank.bank import Bank
     from mr2nst.node.methods.ehm import EhmMethod
 
-    return EhmMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION)
+    return EhmMethod(
+        Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION
+    )
 
 
 def _spectral(config: Config) -> Method:
     from mr2nst.bank.bank import Bank
     from mr2nst.node.methods.spectral import SpectralMethod
 
-    return SpectralMethod(Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION,
-                          config.spectral.core())
+    return SpectralMethod(
+        Bank(config.bank.path),
+        config.engine.references,
+        config.bank.allow_fewer,
+        VERSION,
+        config.spectral.core(),
+    )
 
 
 def _mr2nst(config: Config, device: str | None = None) -> Method:
@@ -36,11 +44,19 @@ def _mr2nst(config: Config, device: str | None = None) -> Method:
     from mr2nst.node.methods.weights import ensure_weights
 
     weights = ensure_weights(config.engine)
-    core = replace(config.engine.core(), weights=weights or "", device=device or config.engine.device)
+    core = replace(
+        config.engine.core(), weights=weights or "", device=device or config.engine.device
+    )
     refiner = config.engine.refiner or None
     engine = Mr2nstEngine(core, refiner=refiner)
-    return Mr2nstMethod(engine, Bank(config.bank.path), config.engine.references, config.bank.allow_fewer,
-                        VERSION, refiner_name=Path(refiner).name if refiner else "")
+    return Mr2nstMethod(
+        engine,
+        Bank(config.bank.path),
+        config.engine.references,
+        config.bank.allow_fewer,
+        VERSION,
+        refiner_name=Path(refiner).name if refiner else "",
+    )
 
 
 FACTORIES: dict[str, MethodFactory] = {

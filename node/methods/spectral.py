@@ -23,8 +23,14 @@ class SpectralMethod(ReferenceMethod):
 
     name = "spectral"
 
-    def __init__(self, bank: Bank, references: int, allow_fewer: bool, version: str,
-                 settings: SpectralConfig | None = None) -> None:
+    def __init__(
+        self,
+        bank: Bank,
+        references: int,
+        allow_fewer: bool,
+        version: str,
+        settings: SpectralConfig | None = None,
+    ) -> None:
         super().__init__(bank, references, allow_fewer, version)
         self.settings = settings or SpectralConfig()
         # Radial power per reference image (keyed by UID and checksum; mirroring does not
@@ -32,8 +38,11 @@ class SpectralMethod(ReferenceMethod):
         self._powers: dict[tuple[str, str], npt.NDArray[np.float64]] = {}
 
     def fingerprint(self) -> str:
-        return (f"spectral-{self.version}-k{self.references}-{self.settings.describe().replace(' ', '-')}"
-                f"-bank{self.bank_id()}")
+        return (
+            f"spectral-{self.version}-k{self.references}"
+            f"-{self.settings.describe().replace(' ', '-')}"
+            f"-bank{self.bank_id()}"
+        )
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
         selection = self.select(image, info)
@@ -46,15 +55,30 @@ class SpectralMethod(ReferenceMethod):
             if key not in self._powers:
                 self._powers[key] = radial_power(r.image, r.mask, self.settings)
             powers.append(self._powers[key])
-        result = spectral_match(matched, mask, [(r.image, r.mask) for r in refs], self.settings,
-                                background=stats.background, reference_power=np.mean(powers, axis=0))
+        result = spectral_match(
+            matched,
+            mask,
+            [(r.image, r.mask) for r in refs],
+            self.settings,
+            background=stats.background,
+            reference_power=np.mean(powers, axis=0),
+        )
         s = self.settings
         provenance = Provenance(
-            method=self.name, engine_version=self.version,
+            method=self.name,
+            engine_version=self.version,
             references=selection.uids(),
-            notes=(f"breast area {area:.0f} mm2", f"gain {s.min_gain:g}-{s.max_gain:g}",
-                   f"cut-off {s.low_cutoff:g} cycles/px", f"bins {s.bins}", f"smooth {s.smooth_bins:g}",
-                   f"fill {s.fill_sigma:g} px", f"passes {s.iterations}",
-                   f"max gain applied {float(result.gain.max()):.2f}"),
+            notes=(
+                f"breast area {area:.0f} mm2",
+                f"gain {s.min_gain:g}-{s.max_gain:g}",
+                f"cut-off {s.low_cutoff:g} cycles/px",
+                f"bins {s.bins}",
+                f"smooth {s.smooth_bins:g}",
+                f"fill {s.fill_sigma:g} px",
+                f"passes {s.iterations}",
+                f"max gain applied {float(result.gain.max()):.2f}",
+            ),
         )
-        return MethodResult(image=result.image, provenance=provenance, target_range=stats.stored_range)
+        return MethodResult(
+            image=result.image, provenance=provenance, target_range=stats.stored_range
+        )

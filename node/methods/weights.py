@@ -60,7 +60,9 @@ def ensure_weights(engine: EngineSection, download: Downloader | None = None) ->
         log.info("weights_download", url=IMAGENET_URL, dest=str(path))
         try:
             download(IMAGENET_URL, path)
-        except Exception as exc:  # edge: no network, proxy, disk: report and fall through to the check
+        except (
+            Exception
+        ) as exc:  # edge: no network, proxy, disk: report and fall through to the check
             log.warning("weights_download_failed", error=f"{exc.__class__.__name__}: {exc}")
     verify_weights_file(path)  # WeightsError with instructions when missing or corrupt
     return str(path)

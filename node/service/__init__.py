@@ -1,1 +1,4 @@
-"""The running node: SCP, routing, spool, workers and their pipeline, forwarder, destinations, metrics."""
+"""The running node.
+
+SCP, routing, spool, workers and their pipeline, forwarder, destinations, metrics.
+"""

@@ -14,8 +14,25 @@ from mr2nst.node.config import Destination as DestinationConfig
 from mr2nst.node.dicom.scu import read_file, store_datasets
 
 # C-STORE statuses from a peer that retrying cannot fix (PS3.4 B.2.3, PS3.7 C).
-PERMANENT_STATUS_PREFIXES = (0xA9, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9,
-                             0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF)
+PERMANENT_STATUS_PREFIXES = (
+    0xA9,
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC3,
+    0xC4,
+    0xC5,
+    0xC6,
+    0xC7,
+    0xC8,
+    0xC9,
+    0xCA,
+    0xCB,
+    0xCC,
+    0xCD,
+    0xCE,
+    0xCF,
+)
 PERMANENT_STATUSES = frozenset({0x0122, 0x0124})  # SOP class not supported, not authorized
 # Success, the C-STORE warnings (B000 coercion, B006 elements discarded, B007 data set does
 # not match SOP class), the general DIMSE warnings (0001, 0107 attribute list, 0116 value out
@@ -49,7 +66,9 @@ class Destination(Protocol):
 class DicomStoreDestination:
     """Sends one file per association with C-STORE SCU (pynetdicom)."""
 
-    def __init__(self, name: str, cfg: DestinationConfig, calling_ae: str, timeout_s: float) -> None:
+    def __init__(
+        self, name: str, cfg: DestinationConfig, calling_ae: str, timeout_s: float
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.calling_ae = calling_ae
@@ -60,10 +79,17 @@ class DicomStoreDestination:
             ds = read_file(path)
         except ValueError as exc:
             return SendResult(False, None, True, str(exc))
-        [outcome] = store_datasets([(path, ds)], self.cfg.host, self.cfg.port, calling=self.calling_ae,
-                                   called=self.cfg.ae_title, timeout_s=self.timeout_s)
+        [outcome] = store_datasets(
+            [(path, ds)],
+            self.cfg.host,
+            self.cfg.port,
+            calling=self.calling_ae,
+            called=self.cfg.ae_title,
+            timeout_s=self.timeout_s,
+        )
         if outcome.status is None:
-            # No context for this SOP class / syntax is a configuration matter: retrying cannot help.
+            # No context for this SOP class / syntax is a configuration matter:
+            # retrying cannot help.
             return SendResult(False, None, outcome.no_context, outcome.error)
         return classify(outcome.status)
 
@@ -72,9 +98,15 @@ DestinationFactory = Callable[[str, DestinationConfig, Config], Destination]
 
 REGISTRY: dict[str, DestinationFactory] = {
     "dicom": lambda name, cfg, config: DicomStoreDestination(
-        name, cfg, config.forwarding.calling_ae or config.node.ae_title, config.node.network_timeout_s),
+        name,
+        cfg,
+        config.forwarding.calling_ae or config.node.ae_title,
+        config.node.network_timeout_s,
+    ),
 }
 
 
 def build_destinations(config: Config) -> Mapping[str, Destination]:
-    return {name: REGISTRY[cfg.kind](name, cfg, config) for name, cfg in config.destinations.items()}
+    return {
+        name: REGISTRY[cfg.kind](name, cfg, config) for name, cfg in config.destinations.items()
+    }

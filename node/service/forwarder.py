@@ -30,7 +30,10 @@ log = get_logger("mr2nst.forwarder")
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d], d = min(max, initial * 2^(attempt-1))."""
+    """Exponential backoff with jitter.
+
+    Uniform in [d/2, d], d = min(max, initial * 2^(attempt-1)).
+    """
     delay = min(max_s, initial_s * 2 ** max(0, attempt - 1))
     return rng.uniform(delay / 2, delay)
 
@@ -38,9 +41,15 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
 class Forwarder:
     """Owns the scheduler, the send pool and the cleanup job."""
 
-    def __init__(self, config: Config, ledger: Ledger, spool: Spool,
-                 destinations: Mapping[str, Destination], rng: random.Random | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        spool: Spool,
+        destinations: Mapping[str, Destination],
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.ledger = ledger
@@ -49,7 +58,9 @@ class Forwarder:
         self.rng = rng or random.Random()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:forwarder"
         self.lease_s = max(60.0, 3 * config.node.network_timeout_s)
-        self._pool = ThreadPoolExecutor(config.forwarding.concurrency, thread_name_prefix="mr2nst-send")
+        self._pool = ThreadPoolExecutor(
+            config.forwarding.concurrency, thread_name_prefix="mr2nst-send"
+        )
         self._inflight: set[int] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -57,11 +68,23 @@ class Forwarder:
 
     def start(self) -> None:
         fwd = self.config.forwarding
-        self._scheduler.add_job(self.dispatch, "interval", seconds=fwd.poll_s, id="dispatch",
-                                max_instances=1, coalesce=True)
+        self._scheduler.add_job(
+            self.dispatch,
+            "interval",
+            seconds=fwd.poll_s,
+            id="dispatch",
+            max_instances=1,
+            coalesce=True,
+        )
         retention_s = self.config.node.retention_hours * 3600
-        self._scheduler.add_job(self.cleanup, "interval", seconds=max(10.0, min(600.0, retention_s / 10 or 10)),
-                                id="cleanup", max_instances=1, coalesce=True)
+        self._scheduler.add_job(
+            self.cleanup,
+            "interval",
+            seconds=max(10.0, min(600.0, retention_s / 10 or 10)),
+            id="cleanup",
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -80,7 +103,9 @@ class Forwarder:
             if free <= 0 or self._stopping:
                 return 0
             try:
-                jobs = self.ledger.claim_deliveries(self.owner, free, self.lease_s, exclude=self._inflight)
+                jobs = self.ledger.claim_deliveries(
+                    self.owner, free, self.lease_s, exclude=self._inflight
+                )
             except Exception as exc:  # edge: scheduler job; the ledger may be briefly unavailable
                 log.error("dispatch_failed", error=f"{exc.__class__.__name__}: {exc}")
                 return 0
@@ -91,18 +116,33 @@ class Forwarder:
 
     def _deliver_logged(self, job: DeliveryJob) -> None:
         try:
-            with instance_context(job_id=job.instance_id, study_uid=job.study_uid, series_uid=job.series_uid,
-                                  sop_uid=job.sop_instance_uid, route=job.route):
+            with instance_context(
+                job_id=job.instance_id,
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+                sop_uid=job.sop_instance_uid,
+                route=job.route,
+            ):
                 if self._stopping:
                     self.ledger.release_delivery(job.id)
                     return
                 try:
                     self.deliver(job)
                 except Exception as exc:  # edge: an unexpected error counts as a failed attempt
-                    self._record_failure(job, SendResult(False, None, False, f"{exc.__class__.__name__}: {exc}"),
-                                         {"destination": job.destination, "attempt": job.attempts})
-        except Exception as exc:  # edge: the ledger itself failed; the lease brings the delivery back
-            log.error("stage_forward", outcome="error", delivery_id=job.id, error=f"{exc.__class__.__name__}: {exc}")
+                    self._record_failure(
+                        job,
+                        SendResult(False, None, False, f"{exc.__class__.__name__}: {exc}"),
+                        {"destination": job.destination, "attempt": job.attempts},
+                    )
+        except (
+            Exception
+        ) as exc:  # edge: the ledger itself failed; the lease brings the delivery back
+            log.error(
+                "stage_forward",
+                outcome="error",
+                delivery_id=job.id,
+                error=f"{exc.__class__.__name__}: {exc}",
+            )
         finally:
             with self._lock:
                 self._inflight.discard(job.id)
@@ -112,14 +152,21 @@ class Forwarder:
         started = time.perf_counter()
         dest = self.destinations.get(job.destination)
         if dest is None:
-            result = SendResult(False, None, True, f"destination {job.destination!r} is no longer configured")
+            result = SendResult(
+                False, None, True, f"destination {job.destination!r} is no longer configured"
+            )
         else:
             result = dest.send(job.path)
         if self.metrics is not None:
-            self.metrics.send_seconds.labels(destination=job.destination).observe(time.perf_counter() - started)
-        fields = {"destination": job.destination, "attempt": job.attempts,
-                  "status": None if result.status is None else f"0x{result.status:04X}",
-                  "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+            self.metrics.send_seconds.labels(destination=job.destination).observe(
+                time.perf_counter() - started
+            )
+        fields = {
+            "destination": job.destination,
+            "attempt": job.attempts,
+            "status": None if result.status is None else f"0x{result.status:04X}",
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
         if result.ok:
             self.ledger.mark_sent(job.id, result.status or 0)
             if self.metrics is not None:
@@ -129,16 +176,26 @@ class Forwarder:
         self._record_failure(job, result, fields)
         return result
 
-    def _record_failure(self, job: DeliveryJob, result: SendResult, fields: dict[str, object]) -> None:
+    def _record_failure(
+        self, job: DeliveryJob, result: SendResult, fields: dict[str, object]
+    ) -> None:
         fwd = self.config.forwarding
         retry_at = None
         if not result.permanent and job.attempts < fwd.max_attempts:
-            retry_at = time.time() + backoff_delay(job.attempts, fwd.backoff_initial_s, fwd.backoff_max_s, self.rng)
+            retry_at = time.time() + backoff_delay(
+                job.attempts, fwd.backoff_initial_s, fwd.backoff_max_s, self.rng
+            )
         state = self.ledger.mark_delivery_failed(job.id, result.status, result.error, retry_at)
         if self.metrics is not None:
             self.metrics.sends.labels(destination=job.destination, outcome=state).inc()
-        log.warning("stage_forward", outcome=state, error=result.error, permanent=result.permanent,
-                    retry_in_s=None if retry_at is None else round(retry_at - time.time(), 1), **fields)
+        log.warning(
+            "stage_forward",
+            outcome=state,
+            error=result.error,
+            permanent=result.permanent,
+            retry_in_s=None if retry_at is None else round(retry_at - time.time(), 1),
+            **fields,
+        )
 
     def cleanup(self) -> int:
         """Remove spool and outbox files of settled instances older than the retention."""

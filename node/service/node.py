@@ -53,7 +53,9 @@ class Node:
     def start(self) -> Node:
         cfg = self.config
         if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
-            check_engine(cfg)  # weights, refiner, settings: stop now with a reason, not fail every job
+            check_engine(
+                cfg
+            )  # weights, refiner, settings: stop now with a reason, not fail every job
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)
@@ -62,17 +64,37 @@ class Node:
             self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self.workers = WorkerPool(cfg)
         self.workers.start()
-        self.forwarder = Forwarder(cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics)
+        self.forwarder = Forwarder(
+            cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics
+        )
         self.forwarder.start()
-        service = StoreService(self.spool, self.ledger, self.router, cfg.node.min_free_disk_mb,
-                               Allowlist.parse(cfg.node.allowed_callers), self.metrics)
+        service = StoreService(
+            self.spool,
+            self.ledger,
+            self.router,
+            cfg.node.min_free_disk_mb,
+            Allowlist.parse(cfg.node.allowed_callers),
+            self.metrics,
+        )
         self.server = start_scp(cfg, service)
-        log.info("node_started", version=VERSION, ae_title=cfg.node.ae_title, host=cfg.node.host, port=self.port,
-                 workers=cfg.engine.workers, features=cfg.engine.features, routes=[r.name for r in cfg.routes],
-                 removed_partial_files=stale, queue=self.ledger.counts())
+        log.info(
+            "node_started",
+            version=VERSION,
+            ae_title=cfg.node.ae_title,
+            host=cfg.node.host,
+            port=self.port,
+            workers=cfg.engine.workers,
+            features=cfg.engine.features,
+            routes=[r.name for r in cfg.routes],
+            removed_partial_files=stale,
+            queue=self.ledger.counts(),
+        )
         if cfg.engine.features == "seeded-random":
-            log.warning("seeded_random_features", reason="engine.features = seeded-random: engine outputs are "
-                        "for tests and demos only and say so in DerivationDescription")
+            log.warning(
+                "seeded_random_features",
+                reason="engine.features = seeded-random: engine outputs are "
+                "for tests and demos only and say so in DerivationDescription",
+            )
         return self
 
     def stop(self) -> None:

@@ -47,8 +47,16 @@ class Pipeline:
         target = output_range(decoded, result.target_range)
         stored = target.from_unit(result.image)
         fingerprint = f"{method.fingerprint()}:{self.config.fingerprint()}"
-        return build_derived(source, stored, target, result.provenance, fingerprint=fingerprint,
-                             settings=self.config.derived, equipment=self.equipment, now=now)
+        return build_derived(
+            source,
+            stored,
+            target,
+            result.provenance,
+            fingerprint=fingerprint,
+            settings=self.config.derived,
+            equipment=self.equipment,
+            now=now,
+        )
 
     def run(self, job: Job, spool: Spool) -> Output:
         """Process a claimed job; the derived file is written durably to the outbox."""
@@ -59,8 +67,11 @@ class Pipeline:
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             raise PixelError(f"cannot read stored instance: {exc}") from exc
         # Stamped with the receipt time, so redoing a job (a lost lease) gives identical bytes.
-        derived = self.derive(source, job.method or "", datetime.fromtimestamp(job.received_at, UTC))
+        derived = self.derive(
+            source, job.method or "", datetime.fromtimestamp(job.received_at, UTC)
+        )
         sop_uid = str(derived.SOPInstanceUID)
-        path = spool.write(spool.outbox, f"{sop_uid}.dcm",
-                           lambda fh: derived.save_as(fh, enforce_file_format=True))
+        path = spool.write(
+            spool.outbox, f"{sop_uid}.dcm", lambda fh: derived.save_as(fh, enforce_file_format=True)
+        )
         return Output(path=str(path), series_uid=str(derived.SeriesInstanceUID), sop_uid=sop_uid)

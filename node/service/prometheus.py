@@ -26,10 +26,14 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.ledger.counts()
-        instances = GaugeMetricFamily("mr2nst_instances", "Instances in the ledger by state", labels=["state"])
+        instances = GaugeMetricFamily(
+            "mr2nst_instances", "Instances in the ledger by state", labels=["state"]
+        )
         for state in InstanceState:
             instances.add_metric([state], counts.get(state, 0))
-        deliveries = GaugeMetricFamily("mr2nst_deliveries", "Deliveries in the ledger by state", labels=["state"])
+        deliveries = GaugeMetricFamily(
+            "mr2nst_deliveries", "Deliveries in the ledger by state", labels=["state"]
+        )
         for state in DeliveryState:
             deliveries.add_metric([state], counts.get(f"delivery_{state}", 0))
         yield instances
@@ -41,15 +45,30 @@ class Metrics:
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.stores = Counter("mr2nst_cstore", "C-STORE requests handled, by returned status",
-                              ["status"], registry=self.registry)
-        self.store_seconds = Histogram("mr2nst_cstore_seconds", "Time to persist and record one C-STORE",
-                                       registry=self.registry)
-        self.sends = Counter("mr2nst_forward", "Delivery attempts, by destination and outcome",
-                             ["destination", "outcome"], registry=self.registry)
-        self.send_seconds = Histogram("mr2nst_forward_seconds", "Time of one delivery attempt",
-                                      ["destination"], registry=self.registry,
-                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.stores = Counter(
+            "mr2nst_cstore",
+            "C-STORE requests handled, by returned status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.store_seconds = Histogram(
+            "mr2nst_cstore_seconds",
+            "Time to persist and record one C-STORE",
+            registry=self.registry,
+        )
+        self.sends = Counter(
+            "mr2nst_forward",
+            "Delivery attempts, by destination and outcome",
+            ["destination", "outcome"],
+            registry=self.registry,
+        )
+        self.send_seconds = Histogram(
+            "mr2nst_forward_seconds",
+            "Time of one delivery attempt",
+            ["destination"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
         if ledger is not None:
             self.registry.register(LedgerCollector(ledger))
 

@@ -41,7 +41,9 @@ def check_routes(routes: Sequence[Route]) -> None:
     for index, route in enumerate(routes):
         for key in route.match:
             if key not in AE_KEYS and tag_for_keyword(key) is None:
-                raise ConfigError(f"routes[{index}].match.{key}: not a DICOM keyword (nor calling_ae/called_ae)")
+                raise ConfigError(
+                    f"routes[{index}].match.{key}: not a DICOM keyword (nor calling_ae/called_ae)"
+                )
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
@@ -81,7 +83,9 @@ class Router:
             if not matches(route.match, ds, calling_ae, called_ae):
                 continue
             if route.action == "normalize" and sop_class not in NORMALIZABLE_SOP_CLASSES:
-                skipped.append(f"{route.name}: SOP class {sop_class or '?'} is not an image to normalize")
+                skipped.append(
+                    f"{route.name}: SOP class {sop_class or '?'} is not an image to normalize"
+                )
                 continue
             method = route.method if route.action == "normalize" else None
             return Decision(route.name, route.action, method, route.destinations, tuple(skipped))

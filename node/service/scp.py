@@ -89,11 +89,17 @@ def handle_requested(event: Any, service: StoreService) -> None:
     requestor = event.assoc.requestor
     ae_title, address = str(requestor.primitive.calling_ae_title).strip(), str(requestor.address)
     if not service.allowlist.allows(ae_title, address):
-        log.warning("association_rejected", calling_ae=ae_title, peer=address,
-                    reason="calling AE not on node.allowed_callers")
-        event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER,
-                                     REJECT_CALLING_AE_NOT_RECOGNISED)
-        event.assoc.kill()  # as pynetdicom does after its own rejections: lets the A-ASSOCIATE-RJ go out
+        log.warning(
+            "association_rejected",
+            calling_ae=ae_title,
+            peer=address,
+            reason="calling AE not on node.allowed_callers",
+        )
+        event.assoc.acse.send_reject(
+            REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED
+        )
+        # As pynetdicom does after its own rejections: lets the A-ASSOCIATE-RJ go out.
+        event.assoc.kill()
 
 
 def handle_echo(event: Any) -> int:
@@ -106,19 +112,27 @@ def handle_store(event: Any, service: StoreService) -> int:
     started = time.perf_counter()
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     called_ae = str(event.assoc.acceptor.ae_title).strip()
-    with instance_context(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID or "")):
+    with instance_context(
+        calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID or "")
+    ):
         status, fields = _store(event, service, calling_ae, called_ae)
         if service.metrics is not None:
             service.metrics.stores.labels(status=f"0x{status:04X}").inc()
             service.metrics.store_seconds.observe(time.perf_counter() - started)
         level = "info" if status == SUCCESS else "warning"
-        getattr(log, level)("stage_receive", status=f"0x{status:04X}",
-                            outcome="stored" if status == SUCCESS else "refused",
-                            duration_ms=round((time.perf_counter() - started) * 1000, 1), **fields)
+        getattr(log, level)(
+            "stage_receive",
+            status=f"0x{status:04X}",
+            outcome="stored" if status == SUCCESS else "refused",
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            **fields,
+        )
         return status
 
 
-def _store(event: Any, service: StoreService, calling_ae: str, called_ae: str) -> tuple[int, dict[str, Any]]:
+def _store(
+    event: Any, service: StoreService, calling_ae: str, called_ae: str
+) -> tuple[int, dict[str, Any]]:
     if service.spool.free_mb() < service.min_free_mb:
         return OUT_OF_RESOURCES, {"reason": "free disk below node.min_free_disk_mb"}
     try:
@@ -129,35 +143,58 @@ def _store(event: Any, service: StoreService, calling_ae: str, called_ae: str) -
         series_uid = str(ds.get("SeriesInstanceUID", ""))
     except Exception as exc:  # edge: any parse failure of peer data is "cannot understand"
         return CANNOT_UNDERSTAND, {"reason": f"cannot decode dataset: {exc.__class__.__name__}"}
-    if sop_class != str(event.context.abstract_syntax) or sop_instance != str(event.request.AffectedSOPInstanceUID):
-        return DATASET_DOES_NOT_MATCH_SOP_CLASS, {"reason": "SOP Class/Instance UID differ from the request"}
+    if sop_class != str(event.context.abstract_syntax) or sop_instance != str(
+        event.request.AffectedSOPInstanceUID
+    ):
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, {
+            "reason": "SOP Class/Instance UID differ from the request"
+        }
     try:
         decision = service.router.decide(ds, calling_ae, called_ae)
     except Exception as exc:  # edge: a malformed element read by a route match
         return CANNOT_UNDERSTAND, {"reason": f"cannot evaluate routes: {exc.__class__.__name__}"}
-    fields: dict[str, Any] = {"route": decision.route, "action": decision.action,
-                              "study_uid": study_uid, "series_uid": series_uid}
+    fields: dict[str, Any] = {
+        "route": decision.route,
+        "action": decision.action,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+    }
     if decision.skipped:
         fields["skipped"] = list(decision.skipped)
     path: str | None = None
-    state = {"drop": InstanceState.DROPPED, "none": InstanceState.UNROUTED}.get(decision.action, InstanceState.RECEIVED)
+    state = {"drop": InstanceState.DROPPED, "none": InstanceState.UNROUTED}.get(
+        decision.action, InstanceState.RECEIVED
+    )
     if state != InstanceState.DROPPED:
         try:
             path = str(service.spool.write_incoming(event.encoded_dataset(include_meta=True)))
         except SpoolError as exc:
             return OUT_OF_RESOURCES, {**fields, "reason": str(exc)}
     record = Received(
-        sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study_uid, series_uid=series_uid,
-        transfer_syntax=str(event.context.transfer_syntax), calling_ae=calling_ae, called_ae=called_ae,
-        peer=str(event.assoc.requestor.address), route=decision.route, action=decision.action,
-        method=decision.method, destinations=decision.destinations, state=state, spool_path=path,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        peer=str(event.assoc.requestor.address),
+        route=decision.route,
+        action=decision.action,
+        method=decision.method,
+        destinations=decision.destinations,
+        state=state,
+        spool_path=path,
     )
     try:
         fields["job_id"] = service.ledger.record(record)
     except Exception as exc:  # edge: the ledger is down; refuse so the peer keeps its copy
         if path:
             service.spool.discard(path)
-        return OUT_OF_RESOURCES, {**fields, "reason": f"ledger unavailable: {exc.__class__.__name__}"}
+        return OUT_OF_RESOURCES, {
+            **fields,
+            "reason": f"ledger unavailable: {exc.__class__.__name__}",
+        }
     return SUCCESS, fields
 
 
@@ -174,7 +211,9 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def start_scp(config: Config, service: StoreService, port: int | None = None) -> ThreadedAssociationServer:
+def start_scp(
+    config: Config, service: StoreService, port: int | None = None
+) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server, whose ``server_address`` has the port."""
     ae = build_ae(config)
     handlers = [
@@ -182,7 +221,10 @@ def start_scp(config: Config, service: StoreService, port: int | None = None) ->
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [service]),
     ]
-    server = ae.start_server((config.node.host, config.node.port if port is None else port),
-                             block=False, evt_handlers=handlers)
+    server = ae.start_server(
+        (config.node.host, config.node.port if port is None else port),
+        block=False,
+        evt_handlers=handlers,
+    )
     assert isinstance(server, ThreadedAssociationServer)
     return server

@@ -68,7 +68,9 @@ class Spool:
 
     def write_incoming(self, data: bytes) -> Path:
         """Durably store a received instance (bytes with file meta) under a fresh name."""
-        return self.write(self.incoming, f"{uuid.uuid4().hex}.dcm", lambda fh: fh.write(data) and None)
+        return self.write(
+            self.incoming, f"{uuid.uuid4().hex}.dcm", lambda fh: fh.write(data) and None
+        )
 
     def bury(self, path: Path) -> Path:
         """Move a file that cannot be processed to dead/ for an admin to inspect."""

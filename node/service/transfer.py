@@ -15,11 +15,14 @@ from mr2nst.node.methods.registry import FACTORIES, MethodCache
 from mr2nst.node.service.pipeline import Pipeline
 
 
-def run_transfer(config: Config, inputs: Sequence[str], out: Path, *, method: str,
-                 progress: bool = False) -> list[dict[str, Any]]:
+def run_transfer(
+    config: Config, inputs: Sequence[str], out: Path, *, method: str, progress: bool = False
+) -> list[dict[str, Any]]:
     """Transform every input file; one result dict per file (``error`` empty on success)."""
     if method not in FACTORIES:
-        raise ConfigError(f"--method: {method!r} is not available (available: {', '.join(sorted(FACTORIES))})")
+        raise ConfigError(
+            f"--method: {method!r} is not available (available: {', '.join(sorted(FACTORIES))})"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tiles = tqdm(desc="tiles", unit="tile", disable=not progress, position=1, leave=False)
 

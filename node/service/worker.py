@@ -41,9 +41,16 @@ PERMANENT_ERRORS = (PixelError, ImageError, BankError)
 def _log_progress(progress: Any) -> None:
     """Engine progress -> one log line per finished batch of tiles."""
     if progress.iteration == progress.iterations:
-        log.info("transfer_progress", scale=progress.scale, grid=progress.grid, batch=progress.batch + 1,
-                 batches=progress.n_batches, tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
-                 loss=round(progress.loss, 6))
+        log.info(
+            "transfer_progress",
+            scale=progress.scale,
+            grid=progress.grid,
+            batch=progress.batch + 1,
+            batches=progress.n_batches,
+            tiles_done=progress.tiles_done,
+            tiles_total=progress.tiles_total,
+            loss=round(progress.loss, 6),
+        )
 
 
 class _Heartbeat(threading.Thread):
@@ -59,7 +66,9 @@ class _Heartbeat(threading.Thread):
         while not self.stopped.wait(lease_s / 3):
             try:
                 ledger.renew_lease(job_id, owner, lease_s)
-            except Exception as exc:  # edge: keep working; the lease may lapse and the job be redone
+            except (
+                Exception
+            ) as exc:  # edge: keep working; the lease may lapse and the job be redone
                 log.warning("lease_renew_failed", job_id=job_id, error=str(exc))
 
 
@@ -78,8 +87,14 @@ class Worker:
         job = self.ledger.claim_job(self.owner, self.config.engine.lease_s)
         if job is None:
             return False
-        with instance_context(job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid,
-                              sop_uid=job.sop_instance_uid, calling_ae=job.calling_ae, route=job.route):
+        with instance_context(
+            job_id=job.id,
+            study_uid=job.study_uid,
+            series_uid=job.series_uid,
+            sop_uid=job.sop_instance_uid,
+            calling_ae=job.calling_ae,
+            route=job.route,
+        ):
             self._process(job)
         return True
 
@@ -92,22 +107,43 @@ class Worker:
         except Exception as exc:  # edge: every failure becomes a ledger state and a log event
             permanent = isinstance(exc, PERMANENT_ERRORS)
             state = self.ledger.mark_job_error(
-                job.id, self.owner, f"{exc.__class__.__name__}: {exc}", permanent=permanent,
-                max_attempts=self.config.engine.max_attempts, retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)))
+                job.id,
+                self.owner,
+                f"{exc.__class__.__name__}: {exc}",
+                permanent=permanent,
+                max_attempts=self.config.engine.max_attempts,
+                retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)),
+            )
             if state == InstanceState.FAILED and job.spool_path and Path(job.spool_path).exists():
                 self.ledger.set_paths(job.id, spool_path=str(self.spool.bury(Path(job.spool_path))))
-            log.error("stage_transform", outcome=state, attempt=job.attempts, method=job.method,
-                      error=f"{exc.__class__.__name__}: {exc}",
-                      duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            log.error(
+                "stage_transform",
+                outcome=state,
+                attempt=job.attempts,
+                method=job.method,
+                error=f"{exc.__class__.__name__}: {exc}",
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
             return
         finally:
             beat.stopped.set()
-        recorded = self.ledger.mark_transformed(job.id, self.owner, output_path=out.path,
-                                                out_series_uid=out.series_uid, out_sop_uid=out.sop_uid,
-                                                destinations=job.destinations)
-        log.info("stage_transform", outcome="transformed" if recorded else "lease_lost", action=job.action,
-                 method=job.method, attempt=job.attempts, out_sop_uid=out.sop_uid,
-                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        recorded = self.ledger.mark_transformed(
+            job.id,
+            self.owner,
+            output_path=out.path,
+            out_series_uid=out.series_uid,
+            out_sop_uid=out.sop_uid,
+            destinations=job.destinations,
+        )
+        log.info(
+            "stage_transform",
+            outcome="transformed" if recorded else "lease_lost",
+            action=job.action,
+            method=job.method,
+            attempt=job.attempts,
+            out_sop_uid=out.sop_uid,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
 
     def loop(self, stop: EventType, parent_pid: int) -> None:
         while not stop.is_set() and os.getppid() == parent_pid:
@@ -122,7 +158,10 @@ class Worker:
 
 
 def pin_gpu(config: Config, index: int) -> Config:
-    """Worker ``index`` gets GPU ``index mod count`` when the device is auto/cuda and there are several."""
+    """Worker ``index`` gets GPU ``index mod count``.
+
+    Only when the device is auto/cuda and there are several GPUs.
+    """
     if config.engine.device not in ("auto", "cuda"):
         return config
     import torch
@@ -144,7 +183,9 @@ def share_cpu_threads(workers: int) -> int:
     return threads
 
 
-def worker_main(config: Config, name: str, stop: EventType, parent_pid: int, index: int = 0) -> None:
+def worker_main(
+    config: Config, name: str, stop: EventType, parent_pid: int, index: int = 0
+) -> None:
     """Entry point of a worker process.
 
     Workers ignore SIGINT and SIGTERM: a Ctrl-C or a signal to the whole process group
@@ -176,8 +217,11 @@ class WorkerPool:
         self._procs: list[mp.process.BaseProcess] = []
 
     def _spawn(self, index: int) -> mp.process.BaseProcess:
-        proc = self._ctx.Process(target=worker_main, name=f"mr2nst-worker-{index}",
-                                 args=(self.config, f"w{index}", self._stop, os.getpid(), index))
+        proc = self._ctx.Process(
+            target=worker_main,
+            name=f"mr2nst-worker-{index}",
+            args=(self.config, f"w{index}", self._stop, os.getpid(), index),
+        )
         proc.start()
         return proc
 

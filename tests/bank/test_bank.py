@@ -19,7 +19,15 @@ def refs(tmp_path):
     for view in ("CC", "MLO"):
         for lat in ("L", "R"):
             for photometric, bits in (("MONOCHROME1", 14), ("MONOCHROME2", 12)):
-                write(folder, f"r{i}", view=view, laterality=lat, seed=i, photometric=photometric, bits=bits)
+                write(
+                    folder,
+                    f"r{i}",
+                    view=view,
+                    laterality=lat,
+                    seed=i,
+                    photometric=photometric,
+                    bits=bits,
+                )
                 i += 1
     return folder
 
@@ -30,7 +38,12 @@ def test_ingest_all_variants(tmp_path, refs):
     report = bank.add([refs])
     assert len(report.added) == 8 and not report.rejected
     entries = bank.entries()
-    assert {(e.view, e.laterality) for e in entries} == {("CC", "L"), ("CC", "R"), ("MLO", "L"), ("MLO", "R")}
+    assert {(e.view, e.laterality) for e in entries} == {
+        ("CC", "L"),
+        ("CC", "R"),
+        ("MLO", "L"),
+        ("MLO", "R"),
+    }
     assert {e.photometric for e in entries} == {"MONOCHROME1", "MONOCHROME2"}
     assert {e.bits_stored for e in entries} == {12, 14}
     for e in entries:  # the breast covers a good part of the image, in mm² from the spacing

@@ -13,7 +13,13 @@ from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.features import build_features
 from mr2nst.core.lab.baseline import PlainResult, plain_transfer
 
-TINY = EngineConfig(**{**PAPER_RECIPE, "lr": 0.02}, patch_size=32, grids=(1, 2), iterations=3, features="seeded-random")
+TINY = EngineConfig(
+    **{**PAPER_RECIPE, "lr": 0.02},
+    patch_size=32,
+    grids=(1, 2),
+    iterations=3,
+    features="seeded-random",
+)
 
 
 def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -63,12 +69,14 @@ def test_loss_matches_the_engines_on_the_same_tiles(
     features = build_features("seeded-random")
     one = replace(TINY, iterations=1, max_batch=1, amp=False)
     content, ref = _image((64, 64), 3), _image((72, 60), 4)
-    base = plain_transfer(features, torch.from_numpy(content), half_mask,
-                          [torch.from_numpy(ref)], one)
+    base = plain_transfer(
+        features, torch.from_numpy(content), half_mask, [torch.from_numpy(ref)], one
+    )
     engine = Mr2nstEngine(one).transfer(content, half_mask, [ref])
     active = [
         [v for v, bg in zip(losses, flags, strict=True) if not bg]
         for losses, flags in zip(base.final_losses, base.background, strict=True)
     ]
-    np.testing.assert_allclose(np.concatenate(active), np.concatenate(engine.final_losses),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.concatenate(active), np.concatenate(engine.final_losses), rtol=1e-4
+    )

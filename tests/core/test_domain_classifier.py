@@ -13,8 +13,10 @@ from mr2nst.core.lab.domain_classifier import (
 def _images(level, seed, n=3):
     gen = np.random.default_rng(seed)
     mask = np.ones((80, 80), dtype=bool)
-    return [(np.clip(level + 0.05 * gen.standard_normal((80, 80)), 0, 1).astype(np.float32), mask)
-            for _ in range(n)]
+    return [
+        (np.clip(level + 0.05 * gen.standard_normal((80, 80)), 0, 1).astype(np.float32), mask)
+        for _ in range(n)
+    ]
 
 
 def test_model_takes_one_channel():

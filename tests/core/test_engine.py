@@ -18,10 +18,17 @@ from mr2nst.core.refiner import Refiner, save_refiner
 
 # METHOD.md's recipe (average of the scales, whole-tile resampling, no detail mode, linear
 # tone): most tests here check that recipe's mechanics; the levers have their own tests.
-TINY = EngineConfig(**{
-    **PAPER_RECIPE, "patch_size": 32, "grids": (1, 2), "iterations": 4, "lr": 0.02,
-    "features": "seeded-random", "report_every": 1,
-})
+TINY = EngineConfig(
+    **{
+        **PAPER_RECIPE,
+        "patch_size": 32,
+        "grids": (1, 2),
+        "iterations": 4,
+        "lr": 0.02,
+        "features": "seeded-random",
+        "report_every": 1,
+    }
+)
 
 
 def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -130,8 +137,10 @@ def test_batch_size_does_not_change_the_result() -> None:
 def test_phantom_crop_with_two_references() -> None:
     """A 128x112 phantom (GE rendering) styled with two UIH-like phantoms of other sizes."""
     case = make_case(PhantomSpec(height=128, width=112, seed=11, n_clusters=1))
-    refs = [make_case(PhantomSpec(height=h, width=w, seed=s)).uih
-            for h, w, s in ((136, 120, 12), (120, 104, 13))]
+    refs = [
+        make_case(PhantomSpec(height=h, width=w, seed=s)).uih
+        for h, w, s in ((136, 120, 12), (120, 104, 13))
+    ]
     engine = Mr2nstEngine(replace(TINY, iterations=3))
     result = engine.transfer(case.ge, case.mask, refs, background=0.0)
     assert result.image.shape == case.ge.shape and np.isfinite(result.image).all()
@@ -154,7 +163,9 @@ def test_fingerprint_follows_what_shapes_the_output(engine: Mr2nstEngine) -> Non
     assert Mr2nstEngine(TINY, refiner=trained).fingerprint() != fp
 
 
-def test_refiner_checkpoint_is_checked_against_the_engine(tmp_path: Path, engine: Mr2nstEngine) -> None:
+def test_refiner_checkpoint_is_checked_against_the_engine(
+    tmp_path: Path, engine: Mr2nstEngine
+) -> None:
     """A checkpoint for this setup loads by path; one for another alpha is refused."""
     path = tmp_path / "refiner.pt"
     save_refiner(Refiner(2), path, engine.refiner_expectation())
@@ -185,14 +196,23 @@ def test_bad_inputs_are_refused(engine: Mr2nstEngine) -> None:
 def test_bad_config_names_the_setting() -> None:
     """Invalid settings raise EngineConfigError naming engine.<key>."""
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"patch_size": 40}, "patch_size"), ({"grids": ()}, "grids"), ({"overlap": 0.5}, "overlap"),
-        ({"lr": 0.0}, "lr"), ({"device": "tpu"}, "device"), ({"features": "random"}, "features"),
+        ({"patch_size": 40}, "patch_size"),
+        ({"grids": ()}, "grids"),
+        ({"overlap": 0.5}, "overlap"),
+        ({"lr": 0.0}, "lr"),
+        ({"device": "tpu"}, "device"),
+        ({"features": "random"}, "features"),
         ({"content_layers": ("relu4_2", "relu4_2")}, "content_layers"),
-        ({"content_layers": ()}, "content_layers"), ({"content_layers": ("conv1",)}, "content_layers"),
-        ({"style_weights": (1.0,)}, "style_weights"), ({"style_weights": (0.0,) * 5}, "style_weights"),
-        ({"pixel_weight": -1.0}, "pixel_weight"), ({"histogram_weight": -0.1}, "histogram_weight"),
-        ({"detail_sigma": -1.0}, "detail_sigma"), ({"lr_schedule": "cosine"}, "lr_schedule"),
-        ({"merge": "max"}, "merge"), ({"tone": "gamma"}, "tone"),
+        ({"content_layers": ()}, "content_layers"),
+        ({"content_layers": ("conv1",)}, "content_layers"),
+        ({"style_weights": (1.0,)}, "style_weights"),
+        ({"style_weights": (0.0,) * 5}, "style_weights"),
+        ({"pixel_weight": -1.0}, "pixel_weight"),
+        ({"histogram_weight": -0.1}, "histogram_weight"),
+        ({"detail_sigma": -1.0}, "detail_sigma"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
+        ({"merge": "max"}, "merge"),
+        ({"tone": "gamma"}, "tone"),
     ]
     for kw, key in cases:
         with pytest.raises(EngineConfigError, match=f"engine.{key}"):
@@ -255,8 +275,10 @@ def test_stop_at_ends_a_scale_once_its_summed_loss_is_reached() -> None:
     cfg = replace(TINY, grids=(2,), iterations=8, max_batch=2)
     full = Mr2nstEngine(cfg).transfer(content, mask, refs)
     assert full.iterations_run == ((8, 8, 8, 8),)
-    goals = {(0, i, j): 1.5 * loss for (i, j), loss in zip(
-        ((0, 0), (0, 1), (1, 0), (1, 1)), full.final_losses[0], strict=True)}
+    goals = {
+        (0, i, j): 1.5 * loss
+        for (i, j), loss in zip(((0, 0), (0, 1), (1, 0), (1, 1)), full.final_losses[0], strict=True)
+    }
     early = Mr2nstEngine(cfg).transfer(content, mask, refs, stop_at=goals)
     assert max(early.iterations_run[0]) < 8
     assert sum(early.final_losses[0]) <= sum(goals.values())
@@ -272,15 +294,18 @@ def test_batches_follow_the_memory_budget() -> None:
     cpu = torch.device("cpu")
     cfg = replace(TINY, patch_size=512, max_batch=16, amp=False)
     per_tile_mb = 512 * 512 * 2400 / 2**20
-    assert batch_limit((512, 512), replace(cfg, memory_budget_mb=4096), cpu) == int(4096 // per_tile_mb)
+    assert batch_limit((512, 512), replace(cfg, memory_budget_mb=4096), cpu) == int(
+        4096 // per_tile_mb
+    )
     assert batch_limit((512, 512), replace(cfg, memory_budget_mb=1), cpu) == 1
     assert batch_limit((32, 32), replace(cfg, memory_budget_mb=4096), cpu) == 16
     bf16 = batch_limit((512, 512), replace(cfg, amp=True), cpu)  # bf16 halves the estimate
     assert bf16 == int(4096 // (512 * 512 * (1300 if cpu_has_bf16() else 2400) / 2**20))
     engine = Mr2nstEngine(replace(TINY, max_batch=3))
     seen: list[Progress] = []
-    engine.transfer(_image((64, 64), 0), np.ones((64, 64), bool), [_image((64, 64), 1)],
-                    progress=seen.append)
+    engine.transfer(
+        _image((64, 64), 0), np.ones((64, 64), bool), [_image((64, 64), 1)], progress=seen.append
+    )
     assert {p.n_batches for p in seen if p.scale == 1} == {2}
 
 
@@ -289,7 +314,14 @@ def test_step_schedule_lowers_adams_step() -> None:
     from mr2nst.core.engine import optimize_settings
 
     settings = optimize_settings(replace(TINY, iterations=8, lr=0.1, lr_schedule="step"))
-    assert [round(settings.lr_at(i), 6) for i in (0, 3, 4, 5, 6, 7)] == [0.1, 0.1, 0.03, 0.03, 0.009, 0.009]
+    assert [round(settings.lr_at(i), 6) for i in (0, 3, 4, 5, 6, 7)] == [
+        0.1,
+        0.1,
+        0.03,
+        0.03,
+        0.009,
+        0.009,
+    ]
     assert optimize_settings(replace(TINY, lr=0.1)).lr_at(7) == 0.1
 
 
@@ -301,8 +333,14 @@ def test_levers_together_lower_the_loss_and_keep_the_detail_modes_low_band() -> 
     content, refs = _image((64, 48), 3), [_image((64, 64), 4), _image((50, 60), 5)]
     mask = np.ones(content.shape, bool)
     cfg = replace(
-        TINY, content_layers=("relu1_1", "relu4_2"), pixel_weight=10.0, histogram_weight=1e-3,
-        merge="bands", detail_sigma=2.0, style_weights=(2.0, 1.0, 1.0, 0.5, 0.5), lr=0.002,
+        TINY,
+        content_layers=("relu1_1", "relu4_2"),
+        pixel_weight=10.0,
+        histogram_weight=1e-3,
+        merge="bands",
+        detail_sigma=2.0,
+        style_weights=(2.0, 1.0, 1.0, 0.5, 0.5),
+        lr=0.002,
     )
     before = Mr2nstEngine(replace(cfg, iterations=0)).transfer(content, mask, refs)
     after = Mr2nstEngine(replace(cfg, iterations=6)).transfer(content, mask, refs)

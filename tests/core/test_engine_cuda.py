@@ -13,8 +13,14 @@ from mr2nst.core.engine_config import PAPER_RECIPE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = EngineConfig(**{**PAPER_RECIPE, "lr": 0.02}, patch_size=64, grids=(1, 2), iterations=6, features="seeded-random",
-                    device="cuda")
+TINY = EngineConfig(
+    **{**PAPER_RECIPE, "lr": 0.02},
+    patch_size=64,
+    grids=(1, 2),
+    iterations=6,
+    features="seeded-random",
+    device="cuda",
+)
 
 
 def _image(shape: tuple[int, int], seed: int) -> np.ndarray:

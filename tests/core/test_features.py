@@ -63,9 +63,15 @@ def test_output_layer_shapes(net: VGGFeatures) -> None:
     """Each named layer has the expected channels and resolution (halved per pooling)."""
     out = net(torch.rand(2, 1, 64, 48), LAYERS.keys())
     expected = {
-        "relu1_1": (64, 64, 48), "relu1_2": (64, 64, 48), "relu2_1": (128, 32, 24),
-        "relu2_2": (128, 32, 24), "relu3_1": (256, 16, 12), "relu3_2": (256, 16, 12),
-        "relu4_1": (512, 8, 6), "relu4_2": (512, 8, 6), "relu5_1": (512, 4, 3),
+        "relu1_1": (64, 64, 48),
+        "relu1_2": (64, 64, 48),
+        "relu2_1": (128, 32, 24),
+        "relu2_2": (128, 32, 24),
+        "relu3_1": (256, 16, 12),
+        "relu3_2": (256, 16, 12),
+        "relu4_1": (512, 8, 6),
+        "relu4_2": (512, 8, 6),
+        "relu5_1": (512, 4, 3),
     }
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, *s) for k, s in expected.items()}
     assert all(net.channels(k) == s[0] for k, s in expected.items())
@@ -122,7 +128,10 @@ def test_missing_weights_file_says_how_to_provide_it(tmp_path: Path) -> None:
 
 
 def test_missing_hub_cache_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without engine.weights the torch hub cache is used; an empty cache is an error, not a fallback."""
+    """Without engine.weights the torch hub cache is used.
+
+    An empty cache is an error, not a fallback.
+    """
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert hub_weights_path() == tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
     with pytest.raises(WeightsError, match="not found"):
@@ -138,7 +147,9 @@ def test_hash_prefix_mismatch_raises(tmp_path: Path, net: VGGFeatures) -> None:
     assert "expected dcbb9e9d" in str(err.value) and f"actual {actual}" in str(err.value)
 
 
-def test_unnamed_file_is_checked_against_the_imagenet_prefix(tmp_path: Path, net: VGGFeatures) -> None:
+def test_unnamed_file_is_checked_against_the_imagenet_prefix(
+    tmp_path: Path, net: VGGFeatures
+) -> None:
     """A file without a hash in its name must still match dcbb9e9d."""
     path = _checkpoint(tmp_path, _torchvision_keys(net), name="vgg19.pth")
     with pytest.raises(WeightsError, match="expected dcbb9e9d"):
@@ -222,8 +233,14 @@ def test_hed_vgg16_layer_shapes(hed_net: VGGFeatures) -> None:
     """hed-vgg16 gives 64/128/256/512/512 channels at strides 1/2/4/8/16 on a 64x64 input."""
     out = hed_net(torch.rand(1, 1, 64, 64), VGG16_LAYERS.keys())
     expected = {
-        "relu1_1": (64, 64), "relu1_2": (64, 64), "relu2_1": (128, 32), "relu2_2": (128, 32),
-        "relu3_1": (256, 16), "relu3_2": (256, 16), "relu4_1": (512, 8), "relu4_2": (512, 8),
+        "relu1_1": (64, 64),
+        "relu1_2": (64, 64),
+        "relu2_1": (128, 32),
+        "relu2_2": (128, 32),
+        "relu3_1": (256, 16),
+        "relu3_2": (256, 16),
+        "relu4_1": (512, 8),
+        "relu4_2": (512, 8),
         "relu5_1": (512, 4),
     }
     assert {k: tuple(v.shape) for k, v in out.items()} == {
@@ -261,8 +278,9 @@ def test_hed_edge_map_peaks_on_a_step_edge(hed_file: Path) -> None:
     assert float(column.max()) > 0.5 and float(column.median()) < 0.05
 
 
-def test_hed_explicit_copy_loads_like_the_package_file(tmp_path: Path, hed_file: Path,
-                                                       hed_net: VGGFeatures) -> None:
+def test_hed_explicit_copy_loads_like_the_package_file(
+    tmp_path: Path, hed_file: Path, hed_net: VGGFeatures
+) -> None:
     """engine.weights may name a verified copy of the .h5; it gives the same features."""
     copy = Path(shutil.copyfile(hed_file, tmp_path / "hed.h5"))
     loaded = build_features("hed-vgg16", weights=str(copy))

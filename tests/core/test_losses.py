@@ -104,8 +104,10 @@ def test_transfer_loss_levers_by_hand() -> None:
     loss = TransferLoss(
         content_target={"relu1_1": torch.zeros_like(F1), "relu4_2": torch.zeros_like(F1)},
         style_targets={"relu1_1": torch.zeros(2, 2), "relu2_1": torch.zeros(2, 2)},
-        alpha=10.0, style_weights={"relu1_1": 2.0, "relu2_1": 0.0},
-        pixel_target=torch.zeros(1, 1, 2, 2), pixel_weight=3.0,
+        alpha=10.0,
+        style_weights={"relu1_1": 2.0, "relu2_1": 0.0},
+        pixel_target=torch.zeros(1, 1, 2, 2),
+        pixel_weight=3.0,
     )
     style1 = 59.625 / 16
     content, style = loss.parts(feats)

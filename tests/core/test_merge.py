@@ -50,7 +50,9 @@ def test_detail_mode_takes_the_low_band_from_the_start() -> None:
     """with_detail_of keeps the start's low band and the merged image's detail."""
     merged, start = _texture(6), _texture(7)
     out = with_detail_of(merged, start, 1.5)
-    torch.testing.assert_close(out - (merged - gaussian_blur(merged, 1.5)), gaussian_blur(start, 1.5))
+    torch.testing.assert_close(
+        out - (merged - gaussian_blur(merged, 1.5)), gaussian_blur(start, 1.5)
+    )
     assert torch.equal(with_detail_of(merged, start, 0.0), merged)
 
 

@@ -116,7 +116,9 @@ def test_crops_share_one_window_across_scales_and_sit_on_the_breast() -> None:
         assert pixels.shape == (3, CROP, CROP) and m.shape == (1, CROP, CROP)
         assert torch.equal(pixels[1], pixels[0] + 1) and torch.equal(pixels[2], pixels[0] + 2)
         top, left = divmod(int(pixels[0, 0, 0]), w)
-        assert m.any() and torch.equal(m[0], torch.from_numpy(mask[top:top + CROP, left:left + CROP]))
+        assert m.any() and torch.equal(
+            m[0], torch.from_numpy(mask[top : top + CROP, left : left + CROP])
+        )
     with pytest.raises(ValueError, match="larger than the image"):
         crop(image, 96, gen)
 

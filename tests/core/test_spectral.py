@@ -60,7 +60,10 @@ def blurred_pair():
 
 
 def test_blurred_source_gets_the_references_texture_back(blurred_pair):
-    """A blurred source's texture-band energy moves from <0.6 of the reference's to 0.7-1.3 of it."""
+    """A blurred source's texture-band energy moves towards the reference's.
+
+    From <0.6 of the reference's to 0.7-1.3 of it.
+    """
     ref, mask, source, matched = blurred_pair
     want = band_energy(ref, mask)
     assert band_energy(source, mask) / want < 0.5
@@ -70,7 +73,10 @@ def test_blurred_source_gets_the_references_texture_back(blurred_pair):
 
 
 def test_output_histogram_equals_target_exactly(blurred_pair):
-    """Inside the mask the output has the pooled reference pixels' distribution, outside the background."""
+    """Inside the mask the output has the pooled reference pixels' distribution.
+
+    Outside the mask it has the background.
+    """
     ref, mask, _, matched = blurred_pair
     other = texture((180, 240), 2)
     other_mask = half_ellipse(other.shape)
@@ -102,10 +108,16 @@ def test_gains_are_clipped():
 
 
 def test_non_square_and_different_shape_references_work():
-    """A wide source with tall, differently sized references keeps its own shape and matches exactly."""
+    """A wide source with tall, differently sized references.
+
+    It keeps its own shape and matches exactly.
+    """
     source = ndi.gaussian_filter(texture((150, 260), 3), 1.0).astype(np.float32)
     mask = half_ellipse(source.shape)
-    refs = [(texture(shape, 10 + i), half_ellipse(shape)) for i, shape in enumerate([(300, 170), (97, 131)])]
+    refs = [
+        (texture(shape, 10 + i), half_ellipse(shape))
+        for i, shape in enumerate([(300, 170), (97, 131)])
+    ]
     result = spectral_match(source, mask, refs, background=0.0)
     assert result.image.shape == source.shape and np.isfinite(result.image).all()
     pooled = np.concatenate([r[m] for r, m in refs])
@@ -141,8 +153,17 @@ def test_empty_mask_is_an_image_error(blurred_pair):
         spectral_match(matched, mask, [])
 
 
-@pytest.mark.parametrize(("key", "value"), [("bins", 2), ("min_gain", 0.0), ("max_gain", 0.9),
-                                            ("low_cutoff", 0.5), ("fill_sigma", 0), ("iterations", 0)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bins", 2),
+        ("min_gain", 0.0),
+        ("max_gain", 0.9),
+        ("low_cutoff", 0.5),
+        ("fill_sigma", 0),
+        ("iterations", 0),
+    ],
+)
 def test_bad_settings_name_the_key(key, value):
     """An out-of-range setting raises EngineConfigError naming spectral.<key>."""
     with pytest.raises(EngineConfigError, match=f"spectral.{key}"):

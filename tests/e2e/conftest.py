@@ -17,9 +17,11 @@ def phantoms(tmp_path_factory) -> dict[str, list[Path]]:
     root = tmp_path_factory.mktemp("phantoms")
     write_phantom_set(root / "plain", 2, size=(256, 208), seed=3)
     write_phantom_set(root / "j2k", 1, size=(256, 208), seed=4, vendors=("GE",), j2k=True)
-    return {"ge": sorted((root / "plain" / "ge").glob("*.dcm")),
-            "uih": sorted((root / "plain" / "uih").glob("*.dcm")),
-            "ge_j2k": sorted((root / "j2k" / "ge").glob("*.dcm"))}
+    return {
+        "ge": sorted((root / "plain" / "ge").glob("*.dcm")),
+        "uih": sorted((root / "plain" / "uih").glob("*.dcm")),
+        "ge_j2k": sorted((root / "j2k" / "ge").glob("*.dcm")),
+    }
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""Real peers for end-to-end tests: `mr2nst serve` as a subprocess, DCMTK's storescu/storescp/echoscu."""
+"""Real peers for end-to-end tests.
+
+`mr2nst serve` as a subprocess, DCMTK's storescu/storescp/echoscu.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition"
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -48,7 +53,11 @@ def render_toml(cfg: dict) -> str:
                 lines.append("[[routes]]")
                 for k, v in route.items():
                     if isinstance(v, dict):
-                        v = "{ " + ", ".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()) + " }"
+                        v = (
+                            "{ "
+                            + ", ".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+                            + " }"
+                        )
                         lines.append(f"{k} = {v}")
                     else:
                         lines.append(f"{k} = {toml_value(v)}")
@@ -65,21 +74,41 @@ def render_toml(cfg: dict) -> str:
 class Serve:
     """`mr2nst serve` in a subprocess with a generated config."""
 
-    def __init__(self, workdir: Path, routes: list[dict], destinations: dict[str, int], **sections: dict) -> None:
+    def __init__(
+        self, workdir: Path, routes: list[dict], destinations: dict[str, int], **sections: dict
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "node.toml"
         cfg = {
-            "node": {"ae_title": "MR2NST", "host": "127.0.0.1", "port": self.port,
-                     "data_dir": str(workdir / "data"), "min_free_disk_mb": 1, "network_timeout_s": 10,
-                     **sections.pop("node", {})},
-            "engine": {"workers": 1, "lease_s": 2, "features": "seeded-random", **sections.pop("engine", {})},
-            "forwarding": {"poll_s": 0.2, "backoff_initial_s": 0.3, "backoff_max_s": 1, "max_attempts": 50,
-                           **sections.pop("forwarding", {})},
+            "node": {
+                "ae_title": "MR2NST",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "data_dir": str(workdir / "data"),
+                "min_free_disk_mb": 1,
+                "network_timeout_s": 10,
+                **sections.pop("node", {}),
+            },
+            "engine": {
+                "workers": 1,
+                "lease_s": 2,
+                "features": "seeded-random",
+                **sections.pop("engine", {}),
+            },
+            "forwarding": {
+                "poll_s": 0.2,
+                "backoff_initial_s": 0.3,
+                "backoff_max_s": 1,
+                "max_attempts": 50,
+                **sections.pop("forwarding", {}),
+            },
             "logging": {"format": "json", "level": "info"},
             "routes": routes,
-            "destinations": {n: {"ae_title": n.upper(), "host": "127.0.0.1", "port": p}
-                             for n, p in destinations.items()},
+            "destinations": {
+                n: {"ae_title": n.upper(), "host": "127.0.0.1", "port": p}
+                for n, p in destinations.items()
+            },
             **sections,
         }
         self.config_path.write_text(render_toml(cfg))
@@ -88,9 +117,17 @@ class Serve:
 
     def start(self) -> Serve:
         self.log = self.log_path.open("a")
-        self.proc = subprocess.Popen([MR2NST, "serve", "--config", str(self.config_path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: echo(self.port).returncode == 0 or self.proc.poll() is not None, 60, "serve to listen")
+        self.proc = subprocess.Popen(
+            [MR2NST, "serve", "--config", str(self.config_path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: echo(self.port).returncode == 0 or self.proc.poll() is not None,
+            60,
+            "serve to listen",
+        )
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         return self
 
@@ -109,8 +146,12 @@ class Serve:
         self.log.close()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([MR2NST, *args, "--config", str(self.config_path)], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [MR2NST, *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def queue(self) -> dict:
         out = self.cli("queue", "list", "--all", "--json")
@@ -138,9 +179,14 @@ class StoreSCP:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
-        self.proc = subprocess.Popen(["storescp", "-aet", self.ae_title, "-od", str(self.dir), "+xa",
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: echo(self.port, aec=self.ae_title).returncode == 0, 20, "storescp to listen")
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.dir), "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(
+            lambda: echo(self.port, aec=self.ae_title).returncode == 0, 20, "storescp to listen"
+        )
         return self
 
     def files(self) -> list[Path]:
@@ -153,14 +199,34 @@ class StoreSCP:
 
 
 def echo(port: int, aet: str = "E2E", aec: str = "MR2NST") -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
-def storescu(port: int, files: list[Path], aet: str = "MODALITY", aec: str = "MR2NST",
-             extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", *(extra or []), "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
-                           *map(str, files)],
-                          capture_output=True, text=True, timeout=120)
-
-
+def storescu(
+    port: int,
+    files: list[Path],
+    aet: str = "MODALITY",
+    aec: str = "MR2NST",
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "storescu",
+            *(extra or []),
+            "-aet",
+            aet,
+            "-aec",
+            aec,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

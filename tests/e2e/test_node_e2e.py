@@ -21,8 +21,13 @@ from mr2nst.node.dicom.pixels import decode_stored
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not DCMTK, reason="DCMTK not installed")]
 
-GE_ROUTE = {"name": "ge-mammo", "match": {"Modality": "MG", "Manufacturer": "GE*"}, "action": "normalize",
-            "method": "passthrough", "destinations": ["cad"]}
+GE_ROUTE = {
+    "name": "ge-mammo",
+    "match": {"Modality": "MG", "Manufacturer": "GE*"},
+    "action": "normalize",
+    "method": "passthrough",
+    "destinations": ["cad"],
+}
 
 
 def read(path):
@@ -39,13 +44,20 @@ def test_normalize_route_delivers_valid_derived_series(tmp_path, phantoms, clean
     cleanup(node)
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     files = wait_for(lambda: len(cad.files()) == 2 and cad.files(), 60, "2 derived instances")
-    scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    scraped = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
     assert 'mr2nst_cstore_total{status="0x0000"} 2.0' in scraped
     sources = {str(read(p).SOPInstanceUID): read(p) for p in phantoms["ge"]}
     for path in files:
         out = read(path)
         src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
-        assert out.SeriesInstanceUID != src.SeriesInstanceUID and out.SOPInstanceUID != src.SOPInstanceUID
+        assert (
+            out.SeriesInstanceUID != src.SeriesInstanceUID
+            and out.SOPInstanceUID != src.SOPInstanceUID
+        )
         assert out.StudyInstanceUID == src.StudyInstanceUID and out.ImageType[0] == "DERIVED"
         assert out.SeriesNumber == src.SeriesNumber + 1000
         assert out.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
@@ -60,21 +72,36 @@ def test_drop_route_and_forward_original(tmp_path, phantoms, cleanup):
     """A drop route delivers nothing; a forward route delivers the original unchanged."""
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
-    routes = [{"name": "drop-uih-cc", "match": {"Manufacturer": "UIH*", "ViewPosition": "CC"}, "action": "drop"},
-              {"name": "fwd-uih", "match": {"Manufacturer": "UIH*"}, "action": "forward", "destinations": ["cad"]}]
+    routes = [
+        {
+            "name": "drop-uih-cc",
+            "match": {"Manufacturer": "UIH*", "ViewPosition": "CC"},
+            "action": "drop",
+        },
+        {
+            "name": "fwd-uih",
+            "match": {"Manufacturer": "UIH*"},
+            "action": "forward",
+            "destinations": ["cad"],
+        },
+    ]
     node = Serve(tmp_path, routes, {"cad": cad.port}).start()
     cleanup(node)
     views = {str(read(p).ViewPosition) for p in phantoms["uih"]}
     assert storescu(node.port, phantoms["uih"]).returncode == 0
     expected = 1 if "CC" in views else 2
-    files = wait_for(lambda: len(cad.files()) >= expected and cad.files(), 60, "forwarded originals")
+    files = wait_for(
+        lambda: len(cad.files()) >= expected and cad.files(), 60, "forwarded originals"
+    )
     originals = {str(read(p).SOPInstanceUID): read(p) for p in phantoms["uih"]}
     for path in files:
         out = read(path)
         src = originals[str(out.SOPInstanceUID)]
         assert out.SeriesInstanceUID == src.SeriesInstanceUID and out.PixelData == src.PixelData
     # The peer has the file a moment before the ledger records the delivery.
-    counts = wait_for(lambda: (c := node.queue()["counts"]).get("done") == expected and c, 30, "done")
+    counts = wait_for(
+        lambda: (c := node.queue()["counts"]).get("done") == expected and c, 30, "done"
+    )
     assert counts.get("dropped", 0) == 2 - expected
 
 
@@ -82,7 +109,11 @@ def test_two_destinations(tmp_path, phantoms, cleanup):
     """A route with two destinations delivers to both."""
     a, b = StoreSCP(tmp_path, "CAD").start(), StoreSCP(tmp_path, "VIEWER").start()
     cleanup(a), cleanup(b)
-    node = Serve(tmp_path, [{**GE_ROUTE, "destinations": ["cad", "viewer"]}], {"cad": a.port, "viewer": b.port})
+    node = Serve(
+        tmp_path,
+        [{**GE_ROUTE, "destinations": ["cad", "viewer"]}],
+        {"cad": a.port, "viewer": b.port},
+    )
     cleanup(node.start())
     assert storescu(node.port, phantoms["ge"][:1]).returncode == 0
     wait_for(lambda: len(a.files()) == 1 and len(b.files()) == 1, 60, "both destinations")
@@ -117,8 +148,9 @@ class RejectingSCP:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax)
         self.port = free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle)]
+        )
 
     def handle(self, event) -> int:
         if self.status == 0:
@@ -154,7 +186,9 @@ def test_kill_9_between_receive_and_forward_loses_nothing(tmp_path, phantoms, cl
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     node.kill9()
     psutil.wait_procs(children, timeout=15)
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), "orphan worker"
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), (
+        "orphan worker"
+    )
     cleanup(cad.start())
     cleanup(node.start())
     wait_for(lambda: len(cad.files()) == 2, 90, "both instances after restart")
@@ -163,8 +197,9 @@ def test_kill_9_between_receive_and_forward_loses_nothing(tmp_path, phantoms, cl
 
 def test_caller_not_on_allowlist_is_rejected(tmp_path, phantoms, cleanup):
     """A calling AE not on allowed_callers cannot associate; an allowed one can."""
-    node = Serve(tmp_path, [GE_ROUTE], {"cad": free_port()},
-                 node={"allowed_callers": ["MODALITY", "E2E"]}).start()
+    node = Serve(
+        tmp_path, [GE_ROUTE], {"cad": free_port()}, node={"allowed_callers": ["MODALITY", "E2E"]}
+    ).start()
     cleanup(node)
     bad = echo(node.port, aet="INTRUDER")
     assert bad.returncode != 0 and "Rejected" in (bad.stdout + bad.stderr)
@@ -203,9 +238,23 @@ def test_mr2nst_send_and_echo_cli(tmp_path, phantoms, cleanup):
     """`mr2nst echo` and `mr2nst send` talk to a real storescp."""
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
-    assert subprocess.run([MR2NST, "echo", "127.0.0.1", str(cad.port), "--aec", "CAD"]).returncode == 0
-    out = subprocess.run([MR2NST, "send", "127.0.0.1", str(cad.port), "--aec", "CAD", "--json",
-                          str(phantoms["ge"][0].parent)], capture_output=True, text=True)
+    assert (
+        subprocess.run([MR2NST, "echo", "127.0.0.1", str(cad.port), "--aec", "CAD"]).returncode == 0
+    )
+    out = subprocess.run(
+        [
+            MR2NST,
+            "send",
+            "127.0.0.1",
+            str(cad.port),
+            "--aec",
+            "CAD",
+            "--json",
+            str(phantoms["ge"][0].parent),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and '"sent": 2' in out.stdout
     assert len(cad.files()) == 2
 
@@ -245,8 +294,13 @@ def test_ehm_route_delivers_uih_scaled_series(tmp_path, phantoms, cleanup):
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
     route = {**GE_ROUTE, "method": "ehm"}
-    node = Serve(tmp_path, [route], {"cad": cad.port}, bank={"path": str(bank.layout.root), "allow_fewer": True},
-                 engine={"references": 5}).start()
+    node = Serve(
+        tmp_path,
+        [route],
+        {"cad": cad.port},
+        bank={"path": str(bank.layout.root), "allow_fewer": True},
+        engine={"references": 5},
+    ).start()
     cleanup(node)
     assert storescu(node.port, phantoms["ge"]).returncode == 0
     files = wait_for(lambda: len(cad.files()) == 2 and cad.files(), 60, "2 ehm-derived instances")
@@ -267,14 +321,26 @@ def test_mr2nst_route_end_to_end(tmp_path, phantoms, cleanup):
     bank.add([uih_bank_files(tmp_path / "uih")])
     cad = StoreSCP(tmp_path, "CAD").start()
     cleanup(cad)
-    node = Serve(tmp_path, [{**GE_ROUTE, "method": "mr2nst"}], {"cad": cad.port},
-                 bank={"path": str(bank.layout.root), "allow_fewer": True},
-                 engine={"features": "seeded-random", "patch_size": 32, "grids": [1, 2], "iterations": 2,
-                         "lease_s": 30}).start()
+    node = Serve(
+        tmp_path,
+        [{**GE_ROUTE, "method": "mr2nst"}],
+        {"cad": cad.port},
+        bank={"path": str(bank.layout.root), "allow_fewer": True},
+        engine={
+            "features": "seeded-random",
+            "patch_size": 32,
+            "grids": [1, 2],
+            "iterations": 2,
+            "lease_s": 30,
+        },
+    ).start()
     cleanup(node)
     assert storescu(node.port, phantoms["ge"][:1]).returncode == 0
     [path] = wait_for(lambda: cad.files(), 120, "the mr2nst-derived instance")
     out = read(path)
-    assert "method=mr2nst" in out.DerivationDescription and "seeded-random" in out.DerivationDescription
+    assert (
+        "method=mr2nst" in out.DerivationDescription
+        and "seeded-random" in out.DerivationDescription
+    )
     assert out.BitsStored == 14 and iod_errors(path) == []
     assert any(e.get("event") == "transfer_progress" for e in node.events())

@@ -94,7 +94,10 @@ def make_mg(
     seed: int = 0,
     **overrides: Any,
 ) -> Dataset:
-    """A minimal, IOD-valid MG instance; keyword ``overrides`` set (or, with None, delete) attributes."""
+    """A minimal, IOD-valid MG instance.
+
+    Keyword ``overrides`` set (or, with None, delete) attributes.
+    """
     arr = phantom_stored(rows, cols, bits_stored, photometric, seed) if pixels is None else pixels
     for_presentation = "PRESENTATION" in UID(sop_class).name.upper()
     ds = Dataset()

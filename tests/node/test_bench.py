@@ -8,9 +8,28 @@ from mr2nst.node.cli.main import main
 def test_bench_json_compares_the_engine_with_the_plain_loop(tmp_path, capsys):
     """A tiny bench exits 0 with per-tile losses of both runs and a per-scale comparison."""
     out = tmp_path / "bench.json"
-    code = main(["bench", "--size", "128", "112", "--patch-size", "32", "--iterations", "4",
-                 "--grids", "1", "2", "--device", "cpu", "--threads", "1", "--json",
-                 "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--size",
+            "128",
+            "112",
+            "--patch-size",
+            "32",
+            "--iterations",
+            "4",
+            "--grids",
+            "1",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())

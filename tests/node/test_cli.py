@@ -38,18 +38,38 @@ def test_queue_list_retry_purge(tmp_path, capsys):
     spool = Spool(cfg.node.data_dir).create()
     ledger = Ledger.open(cfg.ledger_url)
     src = spool.write_incoming(b"x")
-    job = ledger.record(Received("1.2", "1.2.3", "1", "2", "ts", "MOD", "MR2NST", "p", "r", "forward", None,
-                                 ("cad",), "received", str(src)))
+    job = ledger.record(
+        Received(
+            "1.2",
+            "1.2.3",
+            "1",
+            "2",
+            "ts",
+            "MOD",
+            "MR2NST",
+            "p",
+            "r",
+            "forward",
+            None,
+            ("cad",),
+            "received",
+            str(src),
+        )
+    )
     ledger.claim_job("w", 30)
-    ledger.mark_transformed(job, "w", output_path=str(src), out_series_uid=None, out_sop_uid=None,
-                            destinations=["cad"])
+    ledger.mark_transformed(
+        job, "w", output_path=str(src), out_series_uid=None, out_sop_uid=None, destinations=["cad"]
+    )
     [d] = ledger.claim_deliveries("f", 1, 30)
     ledger.mark_delivery_failed(d.id, 0xC000, "rejected", retry_at=None)
     ledger.close()
 
     assert main(["queue", "list", "--json", "--config", str(conf)]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed["counts"]["delivery_dead"] == 1 and listed["items"][0]["deliveries"][0]["state"] == "dead"
+    assert (
+        listed["counts"]["delivery_dead"] == 1
+        and listed["items"][0]["deliveries"][0]["state"] == "dead"
+    )
     assert main(["queue", "retry", "--json", "--config", str(conf)]) == 0
     assert json.loads(capsys.readouterr().out) == {"revived": 1}
 
@@ -65,7 +85,9 @@ def test_queue_list_retry_purge(tmp_path, capsys):
 def test_phantom_cli_writes_pairs_and_rejects_bad_size(tmp_path, capsys):
     """`phantom` writes GE/UIH pairs with ground truth; a too-small size exits 2."""
     assert main(["phantom", str(tmp_path / "p"), "--n", "1", "--size", "128", "112"]) == 0
-    assert (tmp_path / "p" / "ge" / "case0000.dcm").exists() and (tmp_path / "p" / "uih" / "case0000.dcm").exists()
+    assert (tmp_path / "p" / "ge" / "case0000.dcm").exists() and (
+        tmp_path / "p" / "uih" / "case0000.dcm"
+    ).exists()
     assert (tmp_path / "p" / "truth" / "case0000.json").exists()
     assert main(["phantom", str(tmp_path / "q"), "--size", "8", "8"]) == 2
 
@@ -89,8 +111,23 @@ def test_python_dash_m_reports_usage_errors_in_one_line(tmp_path):
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "mr2nst.node.cli.main", "evaluate", "--source", str(tmp_path / "none"),
-         "--target", str(tmp_path), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "mr2nst.node.cli.main",
+            "evaluate",
+            "--source",
+            str(tmp_path / "none"),
+            "--target",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"mr2nst: evaluate: --source {tmp_path / 'none'}: not a directory"]
+    assert done.stderr.strip().splitlines() == [
+        f"mr2nst: evaluate: --source {tmp_path / 'none'}: not a directory"
+    ]

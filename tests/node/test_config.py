@@ -38,7 +38,9 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_written_once():
     """A config with no file gives the documented defaults."""
     cfg = load_config(None, environ={})
-    assert cfg.node.ae_title == "MR2NST" and cfg.node.port == 11112 and cfg.engine.grids == (1, 2, 4)
+    assert (
+        cfg.node.ae_title == "MR2NST" and cfg.node.port == 11112 and cfg.engine.grids == (1, 2, 4)
+    )
     assert cfg.forwarding.max_attempts == 8 and cfg.derived.series_number_offset == 1000
     assert cfg.ledger_url.endswith("mr2nst-data/ledger.db")
 
@@ -84,8 +86,10 @@ def test_bad_value_names_key(tmp_path, text, key):
 
 def test_env_overrides_file(tmp_path):
     """MR2NST_SECTION__KEY overrides the file, parsed as a TOML value."""
-    cfg = load_config(write(tmp_path, GOOD), environ={"MR2NST_NODE__PORT": "11300",
-                                                      "MR2NST_LOGGING__LEVEL": "debug"})
+    cfg = load_config(
+        write(tmp_path, GOOD),
+        environ={"MR2NST_NODE__PORT": "11300", "MR2NST_LOGGING__LEVEL": "debug"},
+    )
     assert cfg.node.port == 11300 and cfg.logging.level == "debug"
 
 
@@ -99,15 +103,19 @@ def test_fingerprint_tracks_engine_settings():
     """The fingerprint changes with output-shaping settings, not with worker count."""
     base = parse_config({}, environ={})
     assert base.fingerprint() == parse_config({"engine": {"workers": 4}}, environ={}).fingerprint()
-    assert base.fingerprint() != parse_config({"engine": {"iterations": 10}}, environ={}).fingerprint()
+    assert (
+        base.fingerprint() != parse_config({"engine": {"iterations": 10}}, environ={}).fingerprint()
+    )
 
 
 def test_config_check_cli(tmp_path, capsys):
     """`mr2nst config check` exits 0 on a good file and 2 with a one-line reason on a bad one."""
     assert main(["config", "check", str(write(tmp_path, GOOD))]) == 0
     bad = tmp_path / "bad.toml"
-    bad.write_text("[[routes]]\nname='r'\nmatch={NotAKeyword='x'}\ndestinations=['d']\n"
-                   "[destinations.d]\nae_title='D'\nhost='h'\nport=1\n")
+    bad.write_text(
+        "[[routes]]\nname='r'\nmatch={NotAKeyword='x'}\ndestinations=['d']\n"
+        "[destinations.d]\nae_title='D'\nhost='h'\nport=1\n"
+    )
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "routes[0].match.NotAKeyword" in err

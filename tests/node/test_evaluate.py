@@ -26,9 +26,25 @@ def run(tmp_path_factory):
     write_phantom_set(root / "tgt", 8, size=(160, 128), seed=907)
     (root / "tiny.toml").write_text(TINY, encoding="utf-8")
     out = root / "out"
-    code = main(["evaluate", "--source", str(root / "src" / "ge"), "--target", str(root / "tgt" / "uih"),
-                 "--truth", str(root / "src"), "--out", str(out), "--config", str(root / "tiny.toml"),
-                 "--domain-source", str(root / "tgt" / "ge"), "--classifier-steps", "2"])
+    code = main(
+        [
+            "evaluate",
+            "--source",
+            str(root / "src" / "ge"),
+            "--target",
+            str(root / "tgt" / "uih"),
+            "--truth",
+            str(root / "src"),
+            "--out",
+            str(out),
+            "--config",
+            str(root / "tiny.toml"),
+            "--domain-source",
+            str(root / "tgt" / "ge"),
+            "--classifier-steps",
+            "2",
+        ]
+    )
     return code, out
 
 
@@ -66,7 +82,9 @@ def test_report_and_figures_exist(run):
     details = json.loads((out / "run.json").read_text())
     assert details["held_out_targets"] == 2 and details["bank_references"] == 6
     assert set(details["paired_tests"]) == {"mr2nst", "passthrough"}
-    assert details["metric_features"].startswith("hed-vgg16")  # engine seeded-random: not its own net
+    assert details["metric_features"].startswith(
+        "hed-vgg16"
+    )  # engine seeded-random: not its own net
     assert "low-pass SSIM" in report and "spectrum dist" in report
 
 
@@ -101,8 +119,19 @@ def test_montage_zooms_find_the_cluster_and_an_edge_away_from_it():
 
 def test_unknown_method_is_a_usage_error(tmp_path, capsys):
     """An unknown --methods entry exits 2 with a one-line reason."""
-    code = main(["evaluate", "--source", str(tmp_path), "--target", str(tmp_path), "--out",
-                 str(tmp_path / "o"), "--methods", "passthrough,cyclegan"])
+    code = main(
+        [
+            "evaluate",
+            "--source",
+            str(tmp_path),
+            "--target",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--methods",
+            "passthrough,cyclegan",
+        ]
+    )
     assert code == 2 and "cyclegan" in capsys.readouterr().err
 
 
@@ -130,14 +159,31 @@ def test_refiner_adds_a_trained_row_from_the_same_scales(tmp_path):
     expected = Mr2nstEngine(load_config(str(config)).engine.core()).refiner_expectation()
     save_refiner(refiner, tmp_path / "refiner.pt", expected)
     out = tmp_path / "out"
-    code = main(["evaluate", "--source", str(tmp_path / "src" / "ge"), "--target",
-                 str(tmp_path / "tgt" / "uih"), "--truth", str(tmp_path / "src"), "--out", str(out),
-                 "--config", str(config), "--methods", "mr2nst,mr2nst_s0",
-                 "--refiner", str(tmp_path / "refiner.pt")])
+    code = main(
+        [
+            "evaluate",
+            "--source",
+            str(tmp_path / "src" / "ge"),
+            "--target",
+            str(tmp_path / "tgt" / "uih"),
+            "--truth",
+            str(tmp_path / "src"),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            "--methods",
+            "mr2nst,mr2nst_s0",
+            "--refiner",
+            str(tmp_path / "refiner.pt"),
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["mr2nst", "mr2nst_s0", "mr2nst_trained"]
-    trained, merged, s0 = (metrics[m]["ssim"]["mean"] for m in ("mr2nst_trained", "mr2nst", "mr2nst_s0"))
+    trained, merged, s0 = (
+        metrics[m]["ssim"]["mean"] for m in ("mr2nst_trained", "mr2nst", "mr2nst_s0")
+    )
     assert trained != merged
     assert trained == pytest.approx(s0, abs=1e-6)
     assert metrics["mr2nst_trained"]["seconds"]["mean"] >= metrics["mr2nst"]["seconds"]["mean"]

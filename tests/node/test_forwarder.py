@@ -25,9 +25,13 @@ class FakeDestination:
 
 @pytest.fixture
 def setup(tmp_path):
-    cfg = parse_config({"node": {"data_dir": str(tmp_path / "d"), "retention_hours": 0},
-                        "forwarding": {"max_attempts": 3, "backoff_initial_s": 0.001, "backoff_max_s": 0.002}},
-                       environ={})
+    cfg = parse_config(
+        {
+            "node": {"data_dir": str(tmp_path / "d"), "retention_hours": 0},
+            "forwarding": {"max_attempts": 3, "backoff_initial_s": 0.001, "backoff_max_s": 0.002},
+        },
+        environ={},
+    )
     spool = Spool(cfg.node.data_dir).create()
     ledger = Ledger.open(cfg.ledger_url)
     yield cfg, spool, ledger
@@ -36,12 +40,34 @@ def setup(tmp_path):
 
 def transformed(ledger, spool, dests=("cad",)):
     src = spool.write_incoming(b"source")
-    job_id = ledger.record(Received("1.2", "1.2.3", "1", "2", "1.2.840.10008.1.2.1", "MOD", "MR2NST", "127.0.0.1",
-                                    "r", "normalize", "passthrough", tuple(dests), "received", str(src)))
+    job_id = ledger.record(
+        Received(
+            "1.2",
+            "1.2.3",
+            "1",
+            "2",
+            "1.2.840.10008.1.2.1",
+            "MOD",
+            "MR2NST",
+            "127.0.0.1",
+            "r",
+            "normalize",
+            "passthrough",
+            tuple(dests),
+            "received",
+            str(src),
+        )
+    )
     ledger.claim_job("w", 30)
     out = spool.write(spool.outbox, "out.dcm", lambda fh: fh.write(b"derived") and None)
-    ledger.mark_transformed(job_id, "w", output_path=str(out), out_series_uid="9", out_sop_uid="9.1",
-                            destinations=list(dests))
+    ledger.mark_transformed(
+        job_id,
+        "w",
+        output_path=str(out),
+        out_series_uid="9",
+        out_sop_uid="9.1",
+        destinations=list(dests),
+    )
     return job_id, src, out
 
 
@@ -101,8 +127,24 @@ def test_cleanup_removes_only_settled_files(setup):
     _, src1, out1 = transformed(ledger, spool)
     drain(fwd, ledger)
     waiting_src = spool.write_incoming(b"other")
-    ledger.record(Received("1.2", "1.2.4", "1", "2", "ts", "MOD", "MR2NST", "p", "r", "normalize", "passthrough",
-                           ("cad",), "received", str(waiting_src)))
+    ledger.record(
+        Received(
+            "1.2",
+            "1.2.4",
+            "1",
+            "2",
+            "ts",
+            "MOD",
+            "MR2NST",
+            "p",
+            "r",
+            "normalize",
+            "passthrough",
+            ("cad",),
+            "received",
+            str(waiting_src),
+        )
+    )
     time.sleep(0.01)
     assert fwd.cleanup() == 2
     assert not src1.exists() and not out1.exists() and waiting_src.exists()
@@ -130,11 +172,18 @@ def test_exception_in_send_is_a_counted_attempt(setup):
         for job in ledger.claim_deliveries(fwd.owner, 10, 60):
             fwd._deliver_logged(job)
     [delivery] = ledger.queue()[0]["deliveries"]
-    assert delivery["state"] == "dead" and delivery["attempts"] == 3 and "cannot encode" in delivery["error"]
+    assert (
+        delivery["state"] == "dead"
+        and delivery["attempts"] == 3
+        and "cannot encode" in delivery["error"]
+    )
 
 
 def test_stop_hands_back_unstarted_deliveries(setup):
-    """A delivery claimed but not started when the forwarder stops is released without using an attempt."""
+    """A delivery claimed but not started when the forwarder stops is released.
+
+    Releasing it does not use an attempt.
+    """
     cfg, spool, ledger = setup
     fwd = Forwarder(cfg, ledger, spool, {"cad": FakeDestination([])})
     transformed(ledger, spool)

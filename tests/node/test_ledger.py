@@ -23,8 +23,15 @@ def clock():
     return Clock()
 
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
-    postgres_url() is None, reason="no PostgreSQL server (run under pg_virtualenv)"))]
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            postgres_url() is None, reason="no PostgreSQL server (run under pg_virtualenv)"
+        ),
+    ),
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -36,10 +43,22 @@ def ledger(request, tmp_path, clock):
 
 
 def received(n: int = 0, action: str = "normalize", dests=("cad",), state="received") -> Received:
-    return Received(sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", sop_instance_uid=f"1.2.3.{n}", study_uid="1.2",
-                    series_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="MOD", called_ae="MR2NST",
-                    peer="127.0.0.1", route="r", action=action, method="passthrough", destinations=tuple(dests),
-                    state=state, spool_path=f"/spool/{n}.dcm")
+    return Received(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+        sop_instance_uid=f"1.2.3.{n}",
+        study_uid="1.2",
+        series_uid="1.2.3",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        calling_ae="MOD",
+        called_ae="MR2NST",
+        peer="127.0.0.1",
+        route="r",
+        action=action,
+        method="passthrough",
+        destinations=tuple(dests),
+        state=state,
+        spool_path=f"/spool/{n}.dcm",
+    )
 
 
 def test_schema_version_recorded_and_reopen_is_noop(tmp_path, clock):
@@ -105,16 +124,28 @@ def test_expired_lease_is_reclaimed(ledger, clock):
     clock.t += 31
     job = ledger.claim_job("w2", 30)
     assert job.id == job_id and job.attempts == 2
-    assert not ledger.mark_transformed(job_id, "dead-worker", output_path="x", out_series_uid=None,
-                                       out_sop_uid=None, destinations=["cad"])
+    assert not ledger.mark_transformed(
+        job_id,
+        "dead-worker",
+        output_path="x",
+        out_series_uid=None,
+        out_sop_uid=None,
+        destinations=["cad"],
+    )
 
 
 def test_transform_creates_deliveries_and_done_after_all_sent(ledger):
     """Deliveries are created per destination; the instance is done when all are sent."""
     job_id = ledger.record(received(dests=("a", "b")))
     ledger.claim_job("w", 30)
-    assert ledger.mark_transformed(job_id, "w", output_path="/out/x.dcm", out_series_uid="9.1",
-                                   out_sop_uid="9.2", destinations=["a", "b"])
+    assert ledger.mark_transformed(
+        job_id,
+        "w",
+        output_path="/out/x.dcm",
+        out_series_uid="9.1",
+        out_sop_uid="9.2",
+        destinations=["a", "b"],
+    )
     claimed = ledger.claim_deliveries("f", 10, 60)
     assert {d.destination for d in claimed} == {"a", "b"} and claimed[0].path == "/out/x.dcm"
     ledger.mark_sent(claimed[0].id, 0)
@@ -127,8 +158,9 @@ def test_failed_delivery_waits_for_backoff_then_dead_and_retry(ledger, clock):
     """A failed delivery is due only at its retry time; dead ones come back with queue retry."""
     job_id = ledger.record(received())
     ledger.claim_job("w", 30)
-    ledger.mark_transformed(job_id, "w", output_path="p", out_series_uid=None, out_sop_uid=None,
-                            destinations=["cad"])
+    ledger.mark_transformed(
+        job_id, "w", output_path="p", out_series_uid=None, out_sop_uid=None, destinations=["cad"]
+    )
     [d] = ledger.claim_deliveries("f", 10, 60)
     ledger.mark_delivery_failed(d.id, None, "down", retry_at=clock.t + 10)
     assert ledger.claim_deliveries("f", 10, 60) == []
@@ -147,11 +179,17 @@ def test_job_error_retries_then_fails(ledger, clock):
     """A transient processing error requeues with a delay; at max attempts it fails."""
     job_id = ledger.record(received())
     ledger.claim_job("w", 30)
-    assert ledger.mark_job_error(job_id, "w", "boom", permanent=False, max_attempts=2, retry_in_s=5) == "received"
+    assert (
+        ledger.mark_job_error(job_id, "w", "boom", permanent=False, max_attempts=2, retry_in_s=5)
+        == "received"
+    )
     assert ledger.claim_job("w", 30) is None
     clock.t += 6
     ledger.claim_job("w", 30)
-    assert ledger.mark_job_error(job_id, "w", "boom", permanent=False, max_attempts=2, retry_in_s=5) == "failed"
+    assert (
+        ledger.mark_job_error(job_id, "w", "boom", permanent=False, max_attempts=2, retry_in_s=5)
+        == "failed"
+    )
     assert ledger.queue()[0]["error"] == "boom"
 
 
@@ -159,8 +197,9 @@ def test_settled_files_excludes_open_and_failed(ledger, clock):
     """Cleanup never offers files with open deliveries, nor failed jobs unless purging."""
     open_id = ledger.record(received(1))
     ledger.claim_job("w", 30)
-    ledger.mark_transformed(open_id, "w", output_path="o1", out_series_uid=None, out_sop_uid=None,
-                            destinations=["cad"])
+    ledger.mark_transformed(
+        open_id, "w", output_path="o1", out_series_uid=None, out_sop_uid=None, destinations=["cad"]
+    )
     failed_id = ledger.record(received(2))
     ledger.claim_job("w", 30)
     ledger.mark_job_error(failed_id, "w", "bad", permanent=True, max_attempts=3, retry_in_s=0)
@@ -172,8 +211,9 @@ def test_queue_listing_has_deliveries(ledger):
     """queue() shows unfinished instances with their deliveries."""
     job_id = ledger.record(received())
     ledger.claim_job("w", 30)
-    ledger.mark_transformed(job_id, "w", output_path="p", out_series_uid=None, out_sop_uid=None,
-                            destinations=["cad"])
+    ledger.mark_transformed(
+        job_id, "w", output_path="p", out_series_uid=None, out_sop_uid=None, destinations=["cad"]
+    )
     [row] = ledger.queue()
     assert row["state"] == "transformed" and row["deliveries"][0]["destination"] == "cad"
     assert row["destinations"] == ["cad"]

@@ -62,10 +62,14 @@ def test_unknown_context_key_rejected():
 
 def test_no_phi_in_logs_of_a_real_store(tmp_path, captured):
     """A full C-STORE at debug level logs the instance but none of its PHI."""
-    cfg = parse_config({"node": {"host": "127.0.0.1", "data_dir": str(tmp_path), "min_free_disk_mb": 0}},
-                       environ={})
+    cfg = parse_config(
+        {"node": {"host": "127.0.0.1", "data_dir": str(tmp_path), "min_free_disk_mb": 0}},
+        environ={},
+    )
     ledger = Ledger.open(cfg.ledger_url)
-    service = scp.StoreService(Spool(tmp_path).create(), ledger, Router(()), 0, scp.Allowlist.parse([]))
+    service = scp.StoreService(
+        Spool(tmp_path).create(), ledger, Router(()), 0, scp.Allowlist.parse([])
+    )
     server = scp.start_scp(cfg, service, port=0)
     try:
         ds = make_mg()

@@ -17,7 +17,11 @@ from mr2nst.node.service.pipeline import Pipeline
 
 def test_breast_gets_the_references_histogram(tmp_path, bank):
     """Inside the breast the output equals the pooled reference distribution exactly."""
-    src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO", laterality="R")))
+    src = decode(
+        pydicom.dcmread(
+            write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO", laterality="R")
+        )
+    )
     method = EhmMethod(bank, references=3, allow_fewer=False, version="t")
     result = method(src.image, src.info)
     refs = result.provenance.references
@@ -43,18 +47,29 @@ def test_fingerprint_follows_bank_content(tmp_path, bank):
 
 
 def test_derived_is_in_target_bit_depth_and_source_photometric(tmp_path, bank):
-    """The derived image is written with the bank's bit depth, in the source's photometric interpretation."""
+    """The derived image is written with the bank's bit depth.
+
+    It keeps the source's photometric interpretation.
+    """
     path = write_phantom(tmp_path / "ge", "g", vendor="GE", bits=12, photometric="MONOCHROME2")
-    cfg = parse_config({"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={})
+    cfg = parse_config(
+        {"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={}
+    )
     derived = Pipeline(cfg, MethodCache(cfg)).derive(pydicom.dcmread(path), "ehm")
     assert derived.BitsStored == bank.stats().bits_stored == 14
     assert derived.PhotometricInterpretation == "MONOCHROME2"
-    assert "method=ehm" in derived.DerivationDescription and "references=2" in derived.DerivationDescription
+    assert (
+        "method=ehm" in derived.DerivationDescription
+        and "references=2" in derived.DerivationDescription
+    )
     assert decode_stored(derived).max() <= 2**14 - 1
 
 
 def test_too_few_references_is_reported(tmp_path):
-    """An empty-of-this-view bank gives NotEnoughReferences, which the worker treats as permanent."""
+    """An empty-of-this-view bank gives NotEnoughReferences.
+
+    The worker treats it as permanent.
+    """
     bank = Bank(tmp_path / "bank")
     bank.add([write_phantom(tmp_path / "uih", "only-cc", view="CC")])
     src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO")))

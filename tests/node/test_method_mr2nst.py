@@ -12,7 +12,13 @@ from mr2nst.node.dicom.pixels import decode
 from mr2nst.node.methods.registry import MethodCache
 from mr2nst.node.service.pipeline import Pipeline
 
-TINY = {"features": "seeded-random", "patch_size": 32, "grids": [1, 2], "iterations": 2, "references": 2}
+TINY = {
+    "features": "seeded-random",
+    "patch_size": 32,
+    "grids": [1, 2],
+    "iterations": 2,
+    "references": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +30,13 @@ def bank(tmp_path_factory):
 
 
 def config(bank, **engine):
-    return parse_config({"bank": {"path": str(bank.layout.root), "allow_fewer": True},
-                         "engine": {**TINY, **engine}}, environ={})
+    return parse_config(
+        {
+            "bank": {"path": str(bank.layout.root), "allow_fewer": True},
+            "engine": {**TINY, **engine},
+        },
+        environ={},
+    )
 
 
 def test_robust_unit_spans_the_breast():
@@ -43,7 +54,9 @@ def test_transfer_result_is_in_the_target_domain(tmp_path, bank):
     and records how it was made."""
     cfg = config(bank, tone="linear")
     method = MethodCache(cfg).get("mr2nst")
-    src = decode(pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="CC", laterality="R")))
+    src = decode(
+        pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="CC", laterality="R"))
+    )
     result = method(src.image, src.info)
     stats = bank.stats()
     assert result.image.shape == src.image.shape and result.target_range == stats.stored_range
@@ -51,7 +64,11 @@ def test_transfer_result_is_in_the_target_domain(tmp_path, bank):
     assert result.image.max() <= stats.high + 1e-6
     assert method.last is None  # a node's method keeps no job's images after the job
     prov = result.provenance
-    assert prov.method == "mr2nst" and prov.scales == (1, 2) and prov.features == "seeded-random:seed=0"
+    assert (
+        prov.method == "mr2nst"
+        and prov.scales == (1, 2)
+        and prov.features == "seeded-random:seed=0"
+    )
     views = {e.sop_instance_uid: e.view for e in bank.entries()}
     assert len(prov.references) == 2 and {views[uid] for uid in prov.references} == {"CC"}
     described = prov.describe()
@@ -64,7 +81,10 @@ def test_derived_dataset_says_seeded_random(tmp_path, bank):
     src = pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="MLO"))
     derived = Pipeline(cfg, MethodCache(cfg)).derive(src, "mr2nst")
     assert "features=seeded-random" in derived.DerivationDescription
-    assert "init ehm" in derived.DerivationDescription and derived.BitsStored == bank.stats().bits_stored
+    assert (
+        "init ehm" in derived.DerivationDescription
+        and derived.BitsStored == bank.stats().bits_stored
+    )
 
 
 def test_fingerprint_changes_with_engine_settings(bank):
@@ -82,13 +102,17 @@ def test_tone_ehm_gives_the_references_breast_histogram_exactly(tmp_path, bank):
 
     cfg = config(bank, tone="ehm", merge="bands", content_layers=["relu1_1", "relu4_2"])
     method = MethodCache(cfg).get("mr2nst")
-    src = decode(pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="CC", laterality="R")))
+    src = decode(
+        pydicom.dcmread(write_phantom(tmp_path, "g", vendor="GE", view="CC", laterality="R"))
+    )
     result = method(src.image, src.info)
     mask, area, chest_left = breast_area(src.image, src.info)
     refs = bank.select("CC", "R", area, 2, chest_wall_left=chest_left, allow_fewer=True)
     pooled = np.concatenate([r.image[r.mask] for r in refs])
     expected = target_quantiles(pooled, int(mask.sum()))
     assert np.array_equal(np.sort(result.image[mask]), np.sort(expected))
-    assert "tone ehm" in result.provenance.describe() and "merge bands" in result.provenance.describe()
+    assert (
+        "tone ehm" in result.provenance.describe() and "merge bands" in result.provenance.describe()
+    )
     linear = MethodCache(config(bank, tone="linear")).get("mr2nst")(src.image, src.info)
     assert not np.array_equal(np.sort(linear.image[mask]), np.sort(expected))

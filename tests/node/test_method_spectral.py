@@ -1,4 +1,7 @@
-"""Tests of the `spectral` method: EHM plus a clipped spectral gain towards the bank's references."""
+"""Tests of the `spectral` method.
+
+EHM plus a clipped spectral gain towards the bank's references.
+"""
 
 import numpy as np
 import pydicom
@@ -21,19 +24,28 @@ CAD = {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 104}}
 
 def test_runs_on_a_phantom_bank(tmp_path, bank):
     """The method returns the bank's target range, the references' histogram, and names itself."""
-    src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO", laterality="R")))
+    src = decode(
+        pydicom.dcmread(
+            write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO", laterality="R")
+        )
+    )
     method = SpectralMethod(bank, references=2, allow_fewer=False, version="t")
     result = method(src.image, src.info)
     assert result.target_range == bank.stats().stored_range
     assert result.provenance.method == "spectral" and len(result.provenance.references) == 2
-    assert "method=spectral" in result.provenance.describe() and "gain 0.5-3" in result.provenance.describe()
+    assert (
+        "method=spectral" in result.provenance.describe()
+        and "gain 0.5-3" in result.provenance.describe()
+    )
     entries = {e.sop_instance_uid: e for e in bank.entries()}
     loaded = [bank._load(entries[uid], False) for uid in result.provenance.references]
     mask = segment_breast(src.image, "MLO").mask
     pooled = np.concatenate([r.image[r.mask] for r in loaded])
     assert np.array_equal(np.sort(result.image[mask]), target_quantiles(pooled, int(mask.sum())))
     assert np.all(result.image[~mask] == np.float32(bank.stats().background))
-    assert np.array_equal(method(src.image, src.info).image, result.image)  # cached spectra, same output
+    assert np.array_equal(
+        method(src.image, src.info).image, result.image
+    )  # cached spectra, same output
 
 
 def test_fingerprint_follows_settings_and_bank(tmp_path, bank):
@@ -52,10 +64,16 @@ def test_spectral_section_defaults_come_from_core():
     assert parse_config({}, environ={}).spectral.core() == SpectralConfig()
 
 
-@pytest.mark.parametrize(("section", "key"), [({"bogus": 1}, "spectral.bogus"), ({"max_gain": 0.5}, "spectral.max_gain"),
-                                              ({"bins": "many"}, "spectral.bins"),
-                                              ({"smooth_bins": 99}, "spectral.smooth_bins"),
-                                              ({"low_cutoff": 0.6}, "spectral.low_cutoff")])
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"bogus": 1}, "spectral.bogus"),
+        ({"max_gain": 0.5}, "spectral.max_gain"),
+        ({"bins": "many"}, "spectral.bins"),
+        ({"smooth_bins": 99}, "spectral.smooth_bins"),
+        ({"low_cutoff": 0.6}, "spectral.low_cutoff"),
+    ],
+)
 def test_bad_spectral_setting_names_the_key(section, key):
     """A bad key or value in [spectral] is a ConfigError naming spectral.<key>."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -72,7 +90,9 @@ def test_route_with_spectral_passes_check_methods():
 def test_transfer_with_method_spectral(tmp_path, bank):
     """`mr2nst transfer --method spectral` writes a derived image saying method=spectral."""
     path = write_phantom(tmp_path / "ge", "g", vendor="GE", view="CC", laterality="L")
-    cfg = parse_config({"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={})
+    cfg = parse_config(
+        {"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={}
+    )
     [result] = run_transfer(cfg, [str(path)], tmp_path / "out", method="spectral")
     assert result["error"] == ""
     derived = pydicom.dcmread(result["output"])

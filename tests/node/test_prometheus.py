@@ -18,15 +18,33 @@ def test_endpoint_reports_ledger_states_and_counters(tmp_path):
     """/metrics shows queue depths from the ledger and the process's counters."""
     cfg = parse_config({"node": {"data_dir": str(tmp_path)}}, environ={})
     ledger = Ledger.open(cfg.ledger_url)
-    ledger.record(Received("1.2", "1.2.3", "1", "2", "ts", "MOD", "MR2NST", "p", "r", "normalize", "passthrough",
-                           ("cad",), "received", "/x"))
+    ledger.record(
+        Received(
+            "1.2",
+            "1.2.3",
+            "1",
+            "2",
+            "ts",
+            "MOD",
+            "MR2NST",
+            "p",
+            "r",
+            "normalize",
+            "passthrough",
+            ("cad",),
+            "received",
+            "/x",
+        )
+    )
     metrics = Metrics(ledger)
     metrics.stores.labels(status="0x0000").inc()
     metrics.sends.labels(destination="cad", outcome="dead").inc()
     port = free_port()
     server = metrics.serve("127.0.0.1", port)
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
     finally:
         server.shutdown()
         ledger.close()

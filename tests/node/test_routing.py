@@ -18,9 +18,16 @@ def ds(**kw) -> Dataset:
 
 
 def router(*routes) -> Router:
-    cfg = parse_config({"routes": list(routes), "destinations": {
-        "cad": {"ae_title": "CAD", "host": "h", "port": 1}, "pacs": {"ae_title": "P", "host": "h", "port": 2}}},
-        environ={})
+    cfg = parse_config(
+        {
+            "routes": list(routes),
+            "destinations": {
+                "cad": {"ae_title": "CAD", "host": "h", "port": 1},
+                "pacs": {"ae_title": "P", "host": "h", "port": 2},
+            },
+        },
+        environ={},
+    )
     return Router(cfg.routes)
 
 
@@ -37,18 +44,32 @@ def test_glob_and_multivalue_matching():
 
 def test_first_matching_route_wins():
     """Routes are tried in order and the first match decides."""
-    r = router({"name": "ge", "match": {"Manufacturer": "GE*"}, "method": "passthrough", "destinations": ["cad"]},
-               {"name": "all", "match": {}, "action": "forward", "destinations": ["pacs"]})
+    r = router(
+        {
+            "name": "ge",
+            "match": {"Manufacturer": "GE*"},
+            "method": "passthrough",
+            "destinations": ["cad"],
+        },
+        {"name": "all", "match": {}, "action": "forward", "destinations": ["pacs"]},
+    )
     d = r.decide(ds(Manufacturer="GE"), "A", "B")
-    assert (d.route, d.action, d.method, d.destinations) == ("ge", "normalize", "passthrough", ("cad",))
+    assert (d.route, d.action, d.method, d.destinations) == (
+        "ge",
+        "normalize",
+        "passthrough",
+        ("cad",),
+    )
     d = r.decide(ds(Manufacturer="Hologic"), "A", "B")
     assert (d.route, d.action, d.method, d.destinations) == ("all", "forward", None, ("pacs",))
 
 
 def test_normalize_route_skips_non_images():
     """A normalize route passes over an SR with a reason; the next route applies."""
-    r = router({"name": "ge", "match": {}, "method": "passthrough", "destinations": ["cad"]},
-               {"name": "rest", "match": {}, "action": "forward", "destinations": ["pacs"]})
+    r = router(
+        {"name": "ge", "match": {}, "method": "passthrough", "destinations": ["cad"]},
+        {"name": "rest", "match": {}, "action": "forward", "destinations": ["pacs"]},
+    )
     d = r.decide(ds(SOPClassUID=BasicTextSRStorage), "A", "B")
     assert d.route == "rest" and d.skipped and "ge:" in d.skipped[0]
 

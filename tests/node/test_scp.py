@@ -18,7 +18,12 @@ from mr2nst.node.service.spool import Spool
 ROUTES = {
     "routes": [
         {"name": "junk", "match": {"SeriesDescription": "JUNK*"}, "action": "drop"},
-        {"name": "mg", "match": {"Modality": "MG"}, "method": "passthrough", "destinations": ["cad"]},
+        {
+            "name": "mg",
+            "match": {"Modality": "MG"},
+            "method": "passthrough",
+            "destinations": ["cad"],
+        },
     ],
     "destinations": {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 1}},
 }
@@ -27,15 +32,32 @@ ROUTES = {
 @pytest.fixture
 def node(tmp_path):
     def start(**node_overrides):
-        cfg = parse_config({**ROUTES, "node": {"host": "127.0.0.1", "data_dir": str(tmp_path / "data"),
-                                               "min_free_disk_mb": 0, **node_overrides}}, environ={})
+        cfg = parse_config(
+            {
+                **ROUTES,
+                "node": {
+                    "host": "127.0.0.1",
+                    "data_dir": str(tmp_path / "data"),
+                    "min_free_disk_mb": 0,
+                    **node_overrides,
+                },
+            },
+            environ={},
+        )
         spool = Spool(cfg.node.data_dir).create()
         ledger = Ledger.open(cfg.ledger_url)
-        service = scp.StoreService(spool, ledger, Router(cfg.routes), cfg.node.min_free_disk_mb,
-                                   scp.Allowlist.parse(cfg.node.allowed_callers))
+        service = scp.StoreService(
+            spool,
+            ledger,
+            Router(cfg.routes),
+            cfg.node.min_free_disk_mb,
+            scp.Allowlist.parse(cfg.node.allowed_callers),
+        )
         server = scp.start_scp(cfg, service, port=0)
         started.append((server, ledger))
-        return SimpleNamespace(port=server.server_address[1], ledger=ledger, spool=spool, service=service)
+        return SimpleNamespace(
+            port=server.server_address[1], ledger=ledger, spool=spool, service=service
+        )
 
     started: list = []
     yield start
@@ -121,9 +143,13 @@ def fake_event(ds, *, abstract=None, affected=None, raise_on_dataset=False):
             return b"\x00" * 128 + b"DICM"
 
     ev = Ev()
-    ev.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="MOD", address="127.0.0.1"),
-                               acceptor=SimpleNamespace(ae_title="MR2NST"))
-    ev.context = SimpleNamespace(abstract_syntax=abstract or ds.SOPClassUID, transfer_syntax=ExplicitVRLittleEndian)
+    ev.assoc = SimpleNamespace(
+        requestor=SimpleNamespace(ae_title="MOD", address="127.0.0.1"),
+        acceptor=SimpleNamespace(ae_title="MR2NST"),
+    )
+    ev.context = SimpleNamespace(
+        abstract_syntax=abstract or ds.SOPClassUID, transfer_syntax=ExplicitVRLittleEndian
+    )
     ev.request = SimpleNamespace(AffectedSOPInstanceUID=affected or ds.SOPInstanceUID)
     return ev
 
@@ -131,15 +157,20 @@ def fake_event(ds, *, abstract=None, affected=None, raise_on_dataset=False):
 def test_sop_class_mismatch_a900(node):
     """A dataset whose SOP Class differs from the negotiated one gets 0xA900."""
     n = node()
-    assert scp.handle_store(fake_event(make_mg(), abstract=CTImageStorage), n.service) == \
-        scp.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert (
+        scp.handle_store(fake_event(make_mg(), abstract=CTImageStorage), n.service)
+        == scp.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    )
     assert n.ledger.counts() == {}
 
 
 def test_undecodable_dataset_c000(node):
     """A dataset that cannot be decoded gets 0xC000 and leaves nothing behind."""
     n = node()
-    assert scp.handle_store(fake_event(make_mg(), raise_on_dataset=True), n.service) == scp.CANNOT_UNDERSTAND
+    assert (
+        scp.handle_store(fake_event(make_mg(), raise_on_dataset=True), n.service)
+        == scp.CANNOT_UNDERSTAND
+    )
     assert list(n.spool.incoming.iterdir()) == []
 
 

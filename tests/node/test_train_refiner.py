@@ -15,8 +15,9 @@ from mr2nst.bank.bank import Bank
 from mr2nst.core.refiner import checkpoint_info
 from mr2nst.node.cli.main import main
 
-ENGINE = ('features = "seeded-random"\ndevice = "cpu"\npatch_size = 32\ngrids = [1, 2]\n'
-          'references = 2\n')
+ENGINE = (
+    'features = "seeded-random"\ndevice = "cpu"\npatch_size = 32\ngrids = [1, 2]\nreferences = 2\n'
+)
 FAST = ["--epochs", "1", "--crop", "64", "--batch", "2", "--steps", "2", "--seed", "4"]
 
 
@@ -31,8 +32,10 @@ def one_thread():
 
 def _config(folder, bank, iterations=2, refiner=""):
     path = folder / f"config-{iterations}-{bool(refiner)}.toml"
-    path.write_text(f"[engine]\n{ENGINE}iterations = {iterations}\nrefiner = {str(refiner)!r}\n"
-                    f"[bank]\npath = {str(bank)!r}\nallow_fewer = true\n")
+    path.write_text(
+        f"[engine]\n{ENGINE}iterations = {iterations}\nrefiner = {str(refiner)!r}\n"
+        f"[bank]\npath = {str(bank)!r}\nallow_fewer = true\n"
+    )
     return path
 
 
@@ -65,8 +68,19 @@ def trained(site):
 
 
 def _train(site, out, *extra, cache=None):
-    args = ["train-refiner", "--source", str(site / "ge"), "--target", str(site / "uih"),
-            "--out", str(out), "--config", str(_config(site, site / "bank")), *FAST, *extra]
+    args = [
+        "train-refiner",
+        "--source",
+        str(site / "ge"),
+        "--target",
+        str(site / "uih"),
+        "--out",
+        str(out),
+        "--config",
+        str(_config(site, site / "bank")),
+        *FAST,
+        *extra,
+    ]
     if cache is not None:
         args += ["--cache", str(cache)]
     return main(args)
@@ -119,7 +133,10 @@ def test_resumed_run_equals_an_uninterrupted_one(site, trained, capsys):
 
 
 def test_existing_state_needs_resume_and_same_settings(site, trained, capsys):
-    """Without --resume an existing state is not overwritten; --resume with other settings is refused."""
+    """Without --resume an existing state is not overwritten.
+
+    --resume with other settings is refused.
+    """
     out, _ = trained
     assert _train(site, out) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -129,8 +146,20 @@ def test_existing_state_needs_resume_and_same_settings(site, trained, capsys):
 
 def test_wrong_vendor_is_refused(site, tmp_path, capsys):
     """UIH images given as sources are refused with exit 2, naming the file and the vendor."""
-    code = main(["train-refiner", "--source", str(site / "uih"), "--target", str(site / "uih"),
-                 "--out", str(tmp_path / "r.pt"), "--config", str(_config(site, site / "bank")), *FAST])
+    code = main(
+        [
+            "train-refiner",
+            "--source",
+            str(site / "uih"),
+            "--target",
+            str(site / "uih"),
+            "--out",
+            str(tmp_path / "r.pt"),
+            "--config",
+            str(_config(site, site / "bank")),
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "u0.dcm" in err and "'GE*'" in err and "Manufacturer 'UIH'" in err
     assert len(err.strip().splitlines()) == 1
@@ -140,8 +169,20 @@ def test_wrong_view_is_refused(site, tmp_path, capsys):
     """A source that is not CC or MLO is refused with exit 2, naming the view found."""
     shutil.copytree(site / "ge", tmp_path / "ge")
     write_phantom(tmp_path / "ge", "ml", vendor="GE", view="MLO", seed=5, ViewPosition="ML")
-    code = main(["train-refiner", "--source", str(tmp_path / "ge"), "--target", str(site / "uih"),
-                 "--out", str(tmp_path / "r.pt"), "--config", str(_config(site, site / "bank")), *FAST])
+    code = main(
+        [
+            "train-refiner",
+            "--source",
+            str(tmp_path / "ge"),
+            "--target",
+            str(site / "uih"),
+            "--out",
+            str(tmp_path / "r.pt"),
+            "--config",
+            str(_config(site, site / "bank")),
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "ml.dcm" in err and "view 'ML'" in err
 
@@ -149,8 +190,18 @@ def test_wrong_view_is_refused(site, tmp_path, capsys):
 def test_transfer_uses_the_trained_refiner(site, trained, tmp_path, capsys):
     """engine.refiner = OUT makes `mr2nst transfer` use it, and DerivationDescription names it."""
     config = _config(tmp_path, site / "bank", refiner=trained[0])
-    code = main(["transfer", str(site / "ge" / "g0.dcm"), "--out", str(tmp_path / "out"),
-                 "--config", str(config), "--method", "mr2nst"])
+    code = main(
+        [
+            "transfer",
+            str(site / "ge" / "g0.dcm"),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(config),
+            "--method",
+            "mr2nst",
+        ]
+    )
     capsys.readouterr()
     assert code == 0
     (derived,) = (tmp_path / "out").glob("*.dcm")
@@ -160,7 +211,17 @@ def test_transfer_uses_the_trained_refiner(site, trained, tmp_path, capsys):
 def test_refiner_for_another_engine_setup_is_refused(site, trained, tmp_path, capsys):
     """Loading the refiner into an engine with other settings exits 2, naming the setting."""
     config = _config(tmp_path, site / "bank", iterations=3, refiner=trained[0])
-    code = main(["transfer", str(site / "ge" / "g0.dcm"), "--out", str(tmp_path / "out"),
-                 "--config", str(config), "--method", "mr2nst"])
+    code = main(
+        [
+            "transfer",
+            str(site / "ge" / "g0.dcm"),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(config),
+            "--method",
+            "mr2nst",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "engine_config.iterations" in err

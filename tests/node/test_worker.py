@@ -17,7 +17,9 @@ from mr2nst.node.service.worker import Worker
 
 @pytest.fixture
 def env(tmp_path):
-    cfg = parse_config({"node": {"data_dir": str(tmp_path / "d")}, "engine": {"max_attempts": 2}}, environ={})
+    cfg = parse_config(
+        {"node": {"data_dir": str(tmp_path / "d")}, "engine": {"max_attempts": 2}}, environ={}
+    )
     spool = Spool(cfg.node.data_dir).create()
     ledger = Ledger.open(cfg.ledger_url)
     yield cfg, spool, ledger, Worker(cfg, ledger, spool, "t")
@@ -26,8 +28,24 @@ def env(tmp_path):
 
 def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough") -> int:
     path = spool.write_incoming(data)
-    return ledger.record(Received("1.2.840.10008.5.1.4.1.1.1.2", "1.2.3", "1", "2", "ts", "MOD", "MR2NST", "p", "r",
-                                  action, method if action == "normalize" else None, ("cad",), "received", str(path)))
+    return ledger.record(
+        Received(
+            "1.2.840.10008.5.1.4.1.1.1.2",
+            "1.2.3",
+            "1",
+            "2",
+            "ts",
+            "MOD",
+            "MR2NST",
+            "p",
+            "r",
+            action,
+            method if action == "normalize" else None,
+            ("cad",),
+            "received",
+            str(path),
+        )
+    )
 
 
 def dicom_bytes(ds, tmp_path: Path) -> bytes:
@@ -37,7 +55,10 @@ def dicom_bytes(ds, tmp_path: Path) -> bytes:
 
 
 def test_passthrough_job_writes_derived_to_outbox(env, tmp_path):
-    """A normalize job ends `transformed` with a derived file in the outbox and a pending delivery."""
+    """A normalize job ends `transformed` with a derived file in the outbox.
+
+    It also leaves a pending delivery.
+    """
     cfg, spool, ledger, worker = env
     src = make_mg()
     enqueue(ledger, spool, dicom_bytes(src, tmp_path))
@@ -45,7 +66,9 @@ def test_passthrough_job_writes_derived_to_outbox(env, tmp_path):
     [row] = ledger.queue()
     assert row["state"] == "transformed" and row["deliveries"][0]["state"] == "pending"
     out = pydicom.dcmread(row["output_path"])
-    assert Path(row["output_path"]).parent == spool.outbox and out.SOPInstanceUID == row["out_sop_uid"]
+    assert (
+        Path(row["output_path"]).parent == spool.outbox and out.SOPInstanceUID == row["out_sop_uid"]
+    )
     assert np.array_equal(decode_stored(out), decode_stored(src))
 
 
@@ -82,7 +105,10 @@ def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch):
     with ledger.engine.begin() as conn:  # skip the retry delay
         conn.exec_driver_sql(f"UPDATE instances SET lease_until = 0 WHERE id = {job_id}")
     worker.run_once()
-    assert ledger.queue()[0]["state"] == "failed" and "CUDA out of memory" in ledger.queue()[0]["error"]
+    assert (
+        ledger.queue()[0]["state"] == "failed"
+        and "CUDA out of memory" in ledger.queue()[0]["error"]
+    )
 
 
 def test_transfer_offline_writes_derived_files(tmp_path):
@@ -97,7 +123,10 @@ def test_transfer_offline_writes_derived_files(tmp_path):
     bad = [r for r in results if r["error"]]
     assert len(ok) == 1 and len(bad) == 1 and "junk.dcm" in bad[0]["input"]
     out = pydicom.dcmread(ok[0]["output"])
-    assert out.ImageType[0] == "DERIVED" and out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert (
+        out.ImageType[0] == "DERIVED"
+        and out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    )
 
 
 def test_workers_spread_over_gpus(monkeypatch):
