@@ -108,7 +108,7 @@ class EngineConfig:
     memory_budget_mb: int = 4096
     optimizer: Optimizer = "adam"  # L-BFGS (line search) no better, 2.4x slower (t5-optimizer)
     warm_start: bool = False  # lowers SSIM and µC detection (docs/evaluation.md, 2026-11 run)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
     features: FeatureSource = "imagenet"  # the paper's network, the clinical default
     weights: str = ""  # vgg19-dcbb9e9d.pth; empty = torch hub cache

@@ -97,7 +97,7 @@ class LedgerSection(_Section):
 class EngineSection(_Section):
     """Deployment settings, plus the algorithm's, whose defaults come from the core engine."""
 
-    device: str = "auto"
+    device: str = _ENGINE.device
     workers: int = Field(default=1, ge=1, le=64)
     features: FeatureSource = _ENGINE.features
     weights: str = _ENGINE.weights

@@ -14,14 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mr2nst.node.errors import SpoolError
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from mr2nst.node.files import atomic_write
 
 
 class Spool:
@@ -52,19 +45,11 @@ class Spool:
 
     def write(self, directory: Path, name: str, writer: Callable[[BinaryIO], None]) -> Path:
         """Durably write ``directory/name`` through ``writer``; return the final path."""
-        tmp_path = self.tmp / f"{uuid.uuid4().hex}.part"
         final = directory / name
         try:
-            with open(tmp_path, "wb") as fh:
-                writer(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_path, final)
-            _fsync_dir(directory)
+            return atomic_write(final, writer, tmp_dir=self.tmp)
         except OSError as exc:
-            tmp_path.unlink(missing_ok=True)
             raise SpoolError(f"cannot write {final}: {exc.strerror or exc}") from exc
-        return final
 
     def write_incoming(self, data: bytes) -> Path:
         """Durably store a received instance (bytes with file meta) under a fresh name."""
