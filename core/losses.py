@@ -1,6 +1,6 @@
 """The mr2NST losses (METHOD.md, "Losses") as small modules with buffered targets.
 
-Every loss returns one value *per sample* (shape ``(N,)``): the engine optimises a batch
+Every loss returns one value *per sample* (shape ``(N,)``): the engine optimizes a batch
 of independent tiles at once, and summing per-tile losses keeps each tile's gradient its
 own. All arithmetic is float32, also when the features come from a bf16/fp16 forward.
 
@@ -32,7 +32,13 @@ from .features import CONTENT_LAYER
 
 
 def gram(features: Tensor) -> Tensor:
-    """Per-sample Gram matrices ``(N, C, C)`` of ``(N, C, H, W)`` features, divided by H·W."""
+    """Per-sample Gram matrices ``(N, C, C)`` of ``(N, C, H, W)`` features, divided by H·W.
+
+    Computed in float32 whatever the features' dtype.
+
+    Raises:
+        ValueError: features that are not 4-D.
+    """
     if features.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) features, got {tuple(features.shape)}")
     n, c, h, w = features.shape
@@ -50,6 +56,7 @@ class ContentLoss(nn.Module):
         self.register_buffer("target", target.detach().float())
 
     def forward(self, features: Tensor) -> Tensor:
+        """The loss ``(N,)`` of ``(N, ...)`` features, in float32."""
         diff = features.float() - self.target
         return diff.square().flatten(1).mean(dim=1)
 
@@ -69,6 +76,7 @@ class StyleLoss(nn.Module):
         self.register_buffer("target", target.detach().float())
 
     def forward(self, features: Tensor) -> Tensor:
+        """The loss ``(N,)`` of ``(N, C, H, W)`` features, in float32."""
         g = gram(features)
         c = g.shape[-1]
         return (g - self.target).square().sum(dim=(1, 2)) / (4.0 * c * c)
@@ -84,6 +92,7 @@ class PixelLoss(nn.Module):
         self.register_buffer("target", target.detach().float())
 
     def forward(self, image: Tensor) -> Tensor:
+        """The loss ``(N,)`` of an ``(N, ...)`` image, in float32."""
         return (image.float() - self.target).square().flatten(1).mean(dim=1)
 
 
@@ -107,6 +116,11 @@ class HistogramLoss(nn.Module):
         self.register_buffer("target", target.detach().float())
 
     def forward(self, features: Tensor) -> Tensor:
+        """The loss ``(N,)`` of ``(N, C, H, W)`` features.
+
+        Raises:
+            ValueError: when ``H·W`` differs from the target's number of positions M.
+        """
         flat = features.float().flatten(2)
         if flat.shape[-1] != self.target.shape[-1]:
             raise ValueError(
@@ -179,7 +193,15 @@ class TransferLoss(nn.Module):
         return content, style
 
     def forward(self, features: Mapping[str, Tensor], image: Tensor | None = None) -> Tensor:
-        """The per-sample total; ``image`` (the iterate) is needed when the pixel term is on."""
+        """The per-sample total ``(N,)``.
+
+        Args:
+            features: named features of the iterate, at least :attr:`layers`.
+            image: the iterate itself, needed when the pixel term is on.
+
+        Raises:
+            ValueError: the pixel term is on and ``image`` is None.
+        """
         content, style = self.parts(features)
         total = content + self.alpha * style
         if self.pixel is not None:

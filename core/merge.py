@@ -9,13 +9,13 @@
   ``n · band_k``, so the untrained refiner (weights 1/n) gives ``Σ_k band_k``; for
   identical scales that sum telescopes back to the scale itself.
 
-``L_k``'s σ follows the resolution scale k was optimised at: a tile whose longer side is
-``T`` px is optimised at ``r = min(1, patch_size / T)`` of native resolution, which
+``L_k``'s σ follows the resolution scale k was optimized at: a tile whose longer side is
+``T`` px is optimized at ``r = min(1, patch_size / T)`` of native resolution, which
 resolves frequencies up to about ``r/2`` cycles per pixel; ``σ_k = BAND_SIGMA / r`` puts
 the Gaussian's half-power point near ``r/4``, below the resize filter's roll-off.
 
 ``detail_sigma > 0`` (detail mode): the NST works on the high-pass layer, and the low
-band comes from the start. During the optimisation the feature network sees
+band comes from the start. During the optimization the feature network sees
 ``x − L_d(x) + 1/2`` (:class:`HighPassView`, σ_d in patch pixels), for the iterate, the
 content and the references alike, so the Gram and histogram targets describe texture
 and grain rather than tone; afterwards the low band ``L_d`` of the *start* image (the
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: σ (native px) of the band boundary of a scale optimised at full resolution.
+#: σ (native px) of the band boundary of a scale optimized at full resolution.
 BAND_SIGMA = 0.75
 
 
@@ -61,7 +61,17 @@ def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
 
 
 def merge_inputs(scales: Tensor, merge: str, sigmas: Sequence[float]) -> Tensor:
-    """What the refiner mixes, ``(n, H, W)``, for stitched ``scales`` ``(n, H, W)``."""
+    """What the refiner mixes, ``(n, H, W)``, for stitched ``scales`` ``(n, H, W)``.
+
+    Args:
+        scales: the stitched scales, coarse to fine.
+        merge: ``"average"`` (the scales themselves) or ``"bands"`` (``n ·`` each scale's
+            band; see the module doc).
+        sigmas: the ``n − 1`` low-pass σs of the bands (:func:`band_sigmas`).
+
+    Raises:
+        ValueError: an unknown ``merge``, or not ``n − 1`` sigmas for ``"bands"``.
+    """
     n = scales.shape[0]
     if merge == "average":
         return scales
@@ -94,6 +104,7 @@ class HighPassView(nn.Module):
         self.sigma = float(sigma)
 
     def forward(self, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        """The wrapped network's ``layers`` of ``image``'s detail layer."""
         detail = image - gaussian_blur(image, self.sigma) + 0.5
         out: dict[str, Tensor] = self.features(detail, layers)
         return out

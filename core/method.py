@@ -70,7 +70,9 @@ class Method(Protocol):
         """A stable id of everything that shapes the output (weights, settings)."""
         ...
 
-    def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult: ...
+    def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
+        """Normalize one float image in [0, 1] described by ``info``."""
+        ...
 
 
 class Passthrough:
@@ -82,9 +84,11 @@ class Passthrough:
         self._version = engine_version
 
     def fingerprint(self) -> str:
+        """``passthrough-<engine version>``."""
         return f"passthrough-{self._version}"
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
+        """A float32 copy of ``image``."""
         return MethodResult(
             image=np.array(image, dtype=np.float32, copy=True),
             provenance=Provenance(method=self.name, engine_version=self._version),

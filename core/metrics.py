@@ -5,47 +5,13 @@ harness uses [0, 1] over the full stored range of the image's DICOM, brighter = 
 and every metric is taken *inside a breast mask*. A metric that cannot be computed for
 its inputs returns ``None``; nothing here invents a value.
 
-- :func:`gram_distance`: style distance. Per style layer (relu1_1..relu5_1) the Gram
-  matrix of the features *inside the mask* (mask downsampled to each layer's grid),
-  compared with a target Gram (e.g. the mean over held-out target images) by the
-  relative Frobenius distance ``||G - G_t||_F / ||G_t||_F``, averaged over the layers.
-  The relative form keeps layers of very different magnitude comparable.
-- :func:`hist_w1`: the 1-D Wasserstein distance (scipy) between the masked pixels of an
-  image and a pool of target-domain pixels.
-- :func:`masked_ssim` / :func:`masked_psnr`: fidelity to a reference; SSIM is computed as
-  a full map (skimage) and averaged inside the mask, PSNR from the masked pixels only.
-- :func:`uc_cnr`, :func:`uc_cnr_ratio`: contrast-to-noise ratio of each known µC (a disk
-  of its diameter, at least one pixel in radius) against an annulus 2..5 px outside it,
-  with other µCs excluded from the annulus; the ratio compares an output with the true
-  target rendering (ratio of the mean CNRs, so one faint µC cannot blow it up).
-- :func:`detect_spots`, :func:`uc_detected`: a fixed, simple spot detector (white top-hat
-  with a disk of radius 4 px, threshold ``k`` robust sigmas (MAD) of the top-hat inside
-  the mask) and the fraction of known µCs with a detection within ``r`` px.
-- :func:`radial_spectrum`, :func:`mean_spectrum`, :func:`spectrum_dist`: texture without a
-  paired truth. The breast is high-passed (image minus a Gaussian low-pass of σ
-  ``SPECTRUM_SIGMA`` = 3 px, the low-pass taken by normalised convolution inside the mask
-  so the background does not leak in), then windowed by the mask eroded by
-  ``SPECTRUM_MARGIN`` = 8 px and smoothed with a Gaussian of ``SPECTRUM_TAPER`` = 2 px (a
-  soft-edged window that stays inside the breast, so the skin line does not dominate).
-  Its 2-D power spectrum (normalised by the window's energy) is averaged over radial
-  frequency bins (edges ``SPECTRUM_BINS``: 0.05..0.5 cycles/px in 9 equal bins) and taken
-  as log10. The target spectrum is the mean of the held-out target images' log spectra;
-  the distance is the RMS difference of the log10 power over the bins (0 = same texture).
-- :func:`sharpness_ratio`: high-frequency energy ``E = mean((x - G_σ x)²)`` with σ =
-  ``SHARP_SIGMA`` = 2 px, inside the mask eroded by ``SHARP_MARGIN`` = 6 px, reported as the
-  amplitude ratio ``sqrt(E_image / E_truth)`` (ratio of the RMS high-frequency
-  amplitudes; 1 = as sharp as the true target, below 1 softer). On 384x320 phantoms EHM
-  scores 0.61-0.66 and GE 0.29, as the METHOD probe's "0.66 of the true UIH's" did.
-- :func:`structure_ssim`: SSIM (skimage, data range 1) of the two images after a Gaussian
-  low-pass of σ ``STRUCTURE_SIGMA`` = 1.5 px, averaged inside the mask: structure without
-  scoring the independent noise grain of either image as damage.
-- :func:`metric_network`: which feature network scores :func:`gram_distance`, so that no
-  engine is scored by the network it optimised: an engine on ``"hed-vgg16"`` is scored by
-  VGG19 ``"seeded-random"`` seeded ``METRIC_SEED`` (7919; 7920 if the engine's seed is
-  7919), any other engine (``"imagenet"``, ``"seeded-random"``) by the learned
-  ``"hed-vgg16"``.
-- :func:`summary`, :func:`paired_p`: mean/sd/n of per-image values (None dropped) and the
-  paired two-sided t-test (scipy.stats.ttest_rel) of two methods on the same images.
+The metrics, by what they measure: style (:func:`gram_distance` of :func:`masked_grams`,
+scored by :func:`metric_network`), intensity histogram (:func:`hist_w1`), fidelity to
+the true target (:func:`masked_ssim`, :func:`masked_psnr`, :func:`structure_ssim`),
+microcalcifications (:func:`uc_cnr_ratio`, :func:`uc_detected`), texture
+(:func:`spectrum_dist`, :func:`sharpness_ratio`) and statistics over images
+(:func:`summary`, :func:`paired_p`). Their full definitions, with the parameters held in
+the constants below, are in ``docs/evaluation.md`` ("Design", Metrics).
 """
 
 from __future__ import annotations
@@ -110,7 +76,12 @@ def _check_pair(a: Array, b: Array, mask: BoolImage) -> None:
 
 
 def metric_network(engine_features: str, engine_seed: int) -> tuple[FeatureSource, int]:
-    """(features, seed) of the style metric's network: never the network the engine optimised."""
+    """(features, seed) of the style metric's network: never the network the engine optimized.
+
+    An engine on ``"hed-vgg16"`` is scored by VGG19 ``"seeded-random"`` seeded
+    ``METRIC_SEED`` (``METRIC_SEED + 1`` if the engine's seed is ``METRIC_SEED``); any
+    other engine by the learned ``"hed-vgg16"``.
+    """
     if engine_features == "hed-vgg16":
         return "seeded-random", METRIC_SEED + 1 if engine_seed == METRIC_SEED else METRIC_SEED
     return "hed-vgg16", 0
@@ -125,7 +96,9 @@ def masked_grams(
 ) -> dict[str, npt.NDArray[np.float64]] | None:
     """Per-layer Gram matrices ``F_m F_mᵀ / M`` over the feature positions inside ``mask``.
 
-    None when the mask is empty at some layer's resolution.
+    The mask is downsampled to each layer's grid; images whose long side exceeds
+    ``max_side`` are downsampled first. None when the mask is empty at some layer's
+    resolution.
     """
     if image.ndim != 2 or mask.shape != image.shape:
         raise ImageError(f"image {image.shape} and mask {mask.shape} must be equal 2-D shapes")
@@ -162,7 +135,10 @@ def mean_grams(
 def gram_distance(
     grams: Mapping[str, npt.NDArray[np.float64]], target: Mapping[str, npt.NDArray[np.float64]]
 ) -> float:
-    """Mean over layers of ``||G - G_t||_F / ||G_t||_F`` (0 when equal)."""
+    """Mean over layers of ``||G - G_t||_F / ||G_t||_F`` (0 when equal).
+
+    The relative form keeps layers of very different magnitude comparable.
+    """
     terms = []
     for name, g_t in target.items():
         norm = float(np.linalg.norm(g_t))
@@ -344,7 +320,11 @@ def uc_cnr(image: Array, calcs: npt.NDArray[np.float64]) -> npt.NDArray[np.float
 
 
 def uc_cnr_ratio(image: Array, true_target: Array, calcs: npt.NDArray[np.float64]) -> float | None:
-    """Mean µC CNR of ``image`` over that of the true target rendering (None if undefined)."""
+    """Mean µC CNR of ``image`` over that of the true target rendering (None if undefined).
+
+    A ratio of the mean CNRs, so one faint µC cannot blow it up; None too when the true
+    target's mean CNR is below ``MIN_TRUE_CNR`` (its µCs are not visible).
+    """
     out, ref = uc_cnr(image, calcs), uc_cnr(true_target, calcs)
     ok = np.isfinite(out) & np.isfinite(ref)
     if not ok.any():

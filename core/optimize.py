@@ -1,55 +1,35 @@
-"""Gatys-style optimisation of a batch of tiles (METHOD.md, "Losses" and "Multi-resolution").
+"""Gatys-style optimization of a batch of same-shaped tiles (METHOD.md, "Losses").
 
-One call optimises a batch of same-shaped tiles of one scale together. Each tile has its
-own buffered content features and style targets, and the loss is a sum of per-tile
-losses, so the tiles do not interact (Adam is element-wise): batching is only for speed.
-
-- **Targets once.** Reference Grams, their multi-reference target and the content
-  features are computed once per batch, in float32 under ``torch.inference_mode()``, and
-  cloned out of it before they become loss buffers.
-- **Parametrisation.** Pixels are optimised directly, starting from the content image
-  (Normative) or a caller-provided ``init`` (the EHM start, or the previous scale with
-  the engine's warm start), and clamped to [0, 1] after every step. ``lr`` is Adam's,
-  in grey levels of the [0, 1] image.
-- **Optimiser.** Adam (METHOD.md) by default, with an optional step schedule of its
-  learning rate (``lr_schedule = "step"``: ×0.3 at 50 % and 75 % of the iterations).
-  ``optimizer = "lbfgs"`` is L-BFGS as Gatys et al. used it: :class:`torch.optim.LBFGS`
-  with a strong-Wolfe line search, one tile at a time (so tiles stay independent), in
-  float32, unclamped during the run and clamped to [0, 1] at the end; ``iterations`` are
-  L-BFGS iterations (each may evaluate the loss more than once). No graph outlives an
-  iteration (``x.grad`` is dropped and the loss is only read through ``detach``).
-- **Early stop.** (Adam only.) ``stop_at`` ends the batch at the first iterate whose summed loss is
-  at or below it (the bench uses it to time how fast the engine reaches the plain
-  loop's loss on each scale).
-- **Precision.** With ``amp``, the VGG forward runs under autocast: on CUDA in bf16 (fp16
-  with a gradient scaler where bf16 is unsupported) and channels-last, on a CPU with
-  native bf16 (AVX512-BF16 or AMX; :func:`cpu_has_bf16`) in bf16, elsewhere in float32.
-  Grams and losses are computed outside autocast in float32, and the final loss of each
-  tile is always a float32 evaluation. Nothing in the optimisation draws random numbers,
-  so a run is deterministic on a given machine.
-- **Progress.** ``progress`` receives a :class:`Progress` every ``report_every``
-  iterations (the mean per-tile loss of the iterate that step started from) and once at
-  the end (the mean float32 loss of the final, clamped result).
+:func:`optimize` optimizes the ``(B, 1, h, w)`` tiles of one scale together (the tiles
+never interact: each has its own loss buffers, and the loss is a sum of per-tile losses).
+It chooses each tile's start, runs Adam (or per-tile L-BFGS), optionally stops early at a
+loss goal (:class:`~mr2nst.core.early_stop.LossGoal`), and reports :class:`Progress`
+through a callback. The float32 targets come from :mod:`.targets`, built once per batch.
+Why it works this way (targets once, mixed precision, the early stop, determinism):
+``docs/engine.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .features import CONTENT_LAYER, STYLE_LAYERS, VGGFeatures
-from .losses import TransferLoss, gram
-from .targets import multi_reference_target, quantile_indices
+from .early_stop import LossGoal
+from .engine_config import EngineConfig, LrSchedule, Optimizer
+from .features import STYLE_LAYERS, VGGFeatures
+from .losses import TransferLoss
+from .targets import content_features
 
-#: Risser et al.'s histogram layers.
-HISTOGRAM_LAYERS: tuple[str, ...] = ("relu1_1", "relu4_1")
 #: ``lr_schedule = "step"``: (fraction of the iterations, lr factor from there on).
 LR_STEPS: tuple[tuple[float, float], ...] = ((0.5, 0.3), (0.75, 0.09))
+#: L-BFGS curvature pairs kept per tile.
+LBFGS_HISTORY = 10
 
 
 @dataclass(frozen=True)
@@ -72,7 +52,7 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class BatchContext:
-    """Which batch of which scale is being optimised (only used to fill :class:`Progress`)."""
+    """Which batch of which scale is being optimized (only used to fill :class:`Progress`)."""
 
     scale: int = 0
     grid: int = 1
@@ -84,20 +64,41 @@ class BatchContext:
 
 @dataclass(frozen=True)
 class OptimizeSettings:
-    """The optimiser's knobs (see :class:`mr2nst.core.engine.EngineConfig`)."""
+    """The optimizer's knobs, taken from an :class:`~mr2nst.core.engine_config.EngineConfig`.
 
-    iterations: int = 400
-    lr: float = 0.005
-    alpha: float = 1e3
-    amp: bool = True
-    report_every: int = 10
-    optimizer: str = "adam"  # "adam" | "lbfgs"
-    history: int = 10  # L-BFGS curvature pairs kept per tile
-    content_layers: tuple[str, ...] = (CONTENT_LAYER,)
-    style_weights: tuple[float, ...] = (1.0,) * len(STYLE_LAYERS)
-    pixel_weight: float = 0.0
-    histogram_weight: float = 0.0
-    lr_schedule: str = "constant"  # "constant" | "step"
+    Build it with :meth:`from_config`: the config holds every default (house rule 3).
+    ``history`` (L-BFGS curvature pairs kept per tile) is not a config setting.
+    """
+
+    iterations: int
+    lr: float
+    alpha: float
+    amp: bool
+    report_every: int
+    optimizer: Optimizer
+    content_layers: tuple[str, ...]
+    style_weights: tuple[float, ...]
+    pixel_weight: float
+    histogram_weight: float
+    lr_schedule: LrSchedule
+    history: int = LBFGS_HISTORY
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> OptimizeSettings:
+        """The optimizer's settings of the engine's ``config``."""
+        return cls(
+            iterations=config.iterations,
+            lr=config.lr,
+            alpha=config.alpha,
+            amp=config.amp,
+            report_every=config.report_every,
+            optimizer=config.optimizer,
+            content_layers=config.content_layers,
+            style_weights=config.style_weights,
+            pixel_weight=config.pixel_weight,
+            histogram_weight=config.histogram_weight,
+            lr_schedule=config.lr_schedule,
+        )
 
     def lr_at(self, iteration: int) -> float:
         """Adam's learning rate at ``iteration`` (0-based) under the schedule."""
@@ -111,13 +112,13 @@ class OptimizeSettings:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Optimised tiles ``(B, 1, h, w)`` in [0, 1], each tile's final loss ``(B,)`` and the
+    """Optimized tiles ``(B, 1, h, w)`` in [0, 1], each tile's final loss ``(B,)`` and the
     iterations each tile ran ``(B,)`` (fewer than asked when ``stop_at`` ended the batch)."""
 
     images: Tensor
     losses: Tensor
     iterations: Tensor
-    start: Tensor | None = None  # the start each tile was optimised from (B, 1, h, w)
+    start: Tensor | None = None  # the start each tile was optimized from (B, 1, h, w)
     from_alternative: Tensor | None = None  # (B,) bool: that start was ``alternative``
 
 
@@ -150,78 +151,6 @@ def _autocast(
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _per_reference(
-    features: VGGFeatures,
-    references: Sequence[Tensor],
-    layers: Sequence[str],
-    reduce: Callable[[Tensor], Tensor],
-) -> dict[str, list[Tensor]]:
-    """``{layer: [reduce(features of reference k) for each k]}``, one reference at a time
-    through the network (bounded memory), under ``inference_mode``."""
-    if not references:
-        raise ValueError("at least one reference is required")
-    per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
-    with torch.inference_mode():
-        for ref in references:
-            feats = features(ref, layers)
-            for name in layers:
-                per_layer[name].append(reduce(feats[name]))
-    return per_layer
-
-
-def style_targets(
-    features: VGGFeatures,
-    references: Sequence[Tensor],
-    layers: Sequence[str] = STYLE_LAYERS,
-) -> dict[str, Tensor]:
-    """Per-tile multi-reference target Grams ``{layer: (B, C, C)}``, in float32.
-
-    ``references[k]`` is ``(B, 1, h, w)``: tile b of reference k for every tile b of the
-    batch. One reference at a time goes through the network to bound memory. Targets
-    are computed once, so they are never autocast: with ``amp`` only the optimisation's
-    passes are reduced-precision, and the loss is the float32 one.
-    """
-    per_layer = _per_reference(features, references, layers, gram)
-    with torch.inference_mode():
-        targets = {
-            name: multi_reference_target(torch.stack(grams, dim=1))
-            for name, grams in per_layer.items()
-        }
-    return {name: t.clone() for name, t in targets.items()}
-
-
-def histogram_targets(
-    features: VGGFeatures,
-    references: Sequence[Tensor],
-    layers: Sequence[str] = HISTOGRAM_LAYERS,
-) -> dict[str, Tensor]:
-    """Per-tile sorted target activations ``{layer: (B, C, M)}`` for the histogram loss.
-
-    Each channel's activations of tile b of every reference are pooled and sorted, and M
-    evenly ranked quantiles kept (M = positions of one tile at that layer), in float32."""
-    per_layer = _per_reference(features, references, layers, lambda f: f.float().flatten(2))
-    with torch.inference_mode():
-        out = {}
-        for name, flats in per_layer.items():
-            m = flats[0].shape[-1]
-            pooled = torch.sort(torch.cat(flats, dim=-1), dim=-1).values
-            out[name] = pooled.index_select(
-                -1, quantile_indices(m, pooled.shape[-1], pooled.device)
-            )
-    return {name: t.clone() for name, t in out.items()}
-
-
-def content_features(
-    features: VGGFeatures, content: Tensor, layers: Sequence[str] = (CONTENT_LAYER,)
-) -> dict[str, Tensor]:
-    """Content-layer features of the content tiles, computed once in float32 (see
-    :func:`style_targets`), autograd-ready."""
-    with torch.inference_mode():
-        feats: dict[str, Tensor] = features(content, tuple(layers))
-        out = {name: feats[name].float() for name in layers}
-    return {name: t.clone() for name, t in out.items()}
-
-
 def transfer_loss(
     features: VGGFeatures,
     content: Tensor,
@@ -243,6 +172,261 @@ def transfer_loss(
         histogram_targets=hist_targets,
         histogram_weight=settings.histogram_weight,
     )
+
+
+def optimize(
+    features: VGGFeatures,
+    content: Tensor,
+    targets: dict[str, Tensor],
+    settings: OptimizeSettings,
+    init: Tensor | None = None,
+    progress: ProgressCallback | None = None,
+    context: BatchContext | None = None,
+    stop_at: float | None = None,
+    alternative: Tensor | None = None,
+    hist_targets: dict[str, Tensor] | None = None,
+) -> BatchResult:
+    """Optimize the ``(B, 1, h, w)`` ``content`` tiles towards their style ``targets``.
+
+    Args:
+        features: the feature network (or a view of it, such as the detail mode's
+            :class:`~mr2nst.core.merge.HighPassView`).
+        content: the content tiles, ``(B, 1, h, w)`` in [0, 1].
+        targets: per-tile target Grams ``{layer: (B, C, C)}`` (:func:`.targets.style_targets`).
+        settings: the optimizer's knobs.
+        init: the start, shaped like ``content``; None starts from the content.
+        progress: receives a :class:`Progress` every ``report_every`` iterations (the mean
+            per-tile loss of the iterate that step started from) and once at the end (the
+            mean float32 loss of the final, clamped result).
+        context: which batch of which scale this is (only used to fill :class:`Progress`).
+        stop_at: an early stop (Adam only): the batch ends at the first iterate whose
+            summed loss is at or below it (:class:`~mr2nst.core.early_stop.LossGoal`).
+        alternative: a second start, shaped like ``content``: each tile begins from
+            whichever of the two has the lower loss (``init`` on ties).
+        hist_targets: the histogram loss's sorted activations (:func:`.targets.histogram_targets`),
+            needed when ``settings.histogram_weight`` > 0.
+
+    Returns:
+        The tiles clamped to [0, 1], each tile's float32 final loss and the iterations run.
+
+    Raises:
+        ValueError: tiles that are not ``(B, 1, h, w)``, an ``init`` or ``alternative`` of
+            another shape, or a histogram weight without ``hist_targets``.
+    """
+    _check_batch(content, init, alternative, settings, hist_targets)
+    n = content.shape[0]
+    dtype = None if settings.optimizer == "lbfgs" else amp_dtype(content.device, settings.amp)
+    start, chosen = _start(
+        features, content, targets, settings, init, alternative, hist_targets, dtype
+    )
+    loss_fn = transfer_loss(features, content, targets, settings, start, hist_targets)
+    report = _Reporter(progress, context or BatchContext(tiles_total=n), settings.iterations)
+    if settings.optimizer == "lbfgs":
+        result = _lbfgs_tiles(features, content, targets, settings, start, hist_targets)
+        ran = settings.iterations
+    else:
+        goal = None
+        if stop_at is not None:
+            exact = functools.partial(_exact_loss, features, loss_fn)
+            goal = LossGoal(stop_at, exact, dtype is not None, settings.report_every)
+        result, ran = _adam(features, loss_fn, start, settings, dtype, goal, report)
+    final = _exact_loss(features, loss_fn, result)
+    report(settings.iterations, float(final.mean()), n)
+    iterations = torch.full((n,), ran, dtype=torch.int64)
+    return BatchResult(
+        images=result, losses=final, iterations=iterations, start=start, from_alternative=chosen
+    )
+
+
+def _check_batch(
+    content: Tensor,
+    init: Tensor | None,
+    alternative: Tensor | None,
+    settings: OptimizeSettings,
+    hist_targets: dict[str, Tensor] | None,
+) -> None:
+    """Raise ValueError unless :func:`optimize`'s inputs fit together."""
+    if content.ndim != 4 or content.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, h, w) content tiles, got {tuple(content.shape)}")
+    if init is not None and init.shape != content.shape:
+        raise ValueError(f"init {tuple(init.shape)} != content {tuple(content.shape)}")
+    if settings.histogram_weight > 0 and not hist_targets:
+        raise ValueError("histogram_weight > 0 needs hist_targets")
+    if alternative is not None and alternative.shape != content.shape:
+        raise ValueError(
+            f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}"
+        )
+
+
+@dataclass(frozen=True)
+class _Reporter:
+    """Sends :class:`Progress` of one batch to the caller's callback, if there is one."""
+
+    progress: ProgressCallback | None
+    context: BatchContext
+    iterations: int
+
+    def __call__(self, iteration: int, loss: float, done: int) -> None:
+        """Report ``loss`` at ``iteration``, with ``done`` of this batch's tiles finished."""
+        if self.progress is None:
+            return
+        ctx = self.context
+        self.progress(
+            Progress(
+                scale=ctx.scale,
+                grid=ctx.grid,
+                batch=ctx.batch,
+                n_batches=ctx.n_batches,
+                iteration=iteration,
+                iterations=self.iterations,
+                loss=loss,
+                tiles_done=ctx.tiles_done + done,
+                tiles_total=ctx.tiles_total,
+            )
+        )
+
+
+def _exact_loss(features: VGGFeatures, loss_fn: TransferLoss, image: Tensor) -> Tensor:
+    """The float32 loss per tile (no autocast): what the result is judged by."""
+    with torch.inference_mode():
+        losses: Tensor = loss_fn(features(image, loss_fn.layers), image).float().clone()
+    return losses
+
+
+def _start(
+    features: VGGFeatures,
+    content: Tensor,
+    targets: dict[str, Tensor],
+    settings: OptimizeSettings,
+    init: Tensor | None,
+    alternative: Tensor | None,
+    hist_targets: dict[str, Tensor] | None,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Each tile's start and, with an ``alternative``, which tiles took it.
+
+    The start is ``init`` (None: the content) clamped to [0, 1]; with an ``alternative``,
+    whichever of the two has the lower loss (:func:`_choose_start`)."""
+    start = (content if init is None else init).detach().clamp(0.0, 1.0)
+    if alternative is None:
+        return start, None
+    return _choose_start(
+        features, content, targets, settings, start, alternative, hist_targets, dtype
+    )
+
+
+def _choose_start(
+    features: VGGFeatures,
+    content: Tensor,
+    targets: dict[str, Tensor],
+    settings: OptimizeSettings,
+    start: Tensor,
+    alternative: Tensor,
+    hist_targets: dict[str, Tensor] | None,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """Per tile, whichever of ``start`` and ``alternative`` has the lower loss (``start`` on
+    ties), and which tiles took ``alternative``. The pixel term is 0 at either candidate
+    itself, so it is left out here."""
+    other = alternative.detach().clamp(0.0, 1.0)
+    loss_fn = transfer_loss(
+        features, content, targets, replace(settings, pixel_weight=0.0), start, hist_targets
+    )
+    with torch.inference_mode():
+        losses = []
+        for candidate in (start, other):  # the loss buffers hold one row per tile
+            with _autocast(content.device, dtype):
+                feats = features(candidate, loss_fn.layers)
+            losses.append(loss_fn(feats, candidate).float())
+    better = losses[1] < losses[0]
+    return torch.where(better.view(-1, 1, 1, 1), other, start), better
+
+
+class _PixelAdam:
+    """Adam on the pixels of ``x`` under ``settings``' lr schedule, with a gradient scaler
+    for fp16 autocast, clamping ``x`` to [0, 1] after every step."""
+
+    def __init__(self, x: Tensor, settings: OptimizeSettings, dtype: torch.dtype | None) -> None:
+        self.x = x
+        self._settings = settings
+        self._dtype = dtype
+        self._adam = torch.optim.Adam([x], lr=settings.lr)
+        self._scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    def loss(self, features: VGGFeatures, loss_fn: TransferLoss, iteration: int) -> Tensor:
+        """The per-tile loss ``(B,)`` of the current iterate (the VGG pass under autocast),
+        with the learning rate of ``iteration`` set and the old gradient dropped."""
+        for group in self._adam.param_groups:
+            group["lr"] = self._settings.lr_at(iteration)
+        self.x.grad = None
+        with _autocast(self.x.device, self._dtype):
+            feats = features(self.x, loss_fn.layers)
+        per_tile: Tensor = loss_fn(feats, self.x)
+        return per_tile
+
+    def step(self, total: Tensor) -> None:
+        """Backpropagate the summed loss, take the step and clamp to [0, 1]."""
+        if self._scaler is not None:
+            self._scaler.scale(total).backward()  # type: ignore[no-untyped-call, unused-ignore]
+            self._scaler.step(self._adam)
+            self._scaler.update()
+        else:
+            total.backward()  # type: ignore[no-untyped-call, unused-ignore]
+            self._adam.step()
+        with torch.no_grad():
+            self.x.clamp_(0.0, 1.0)
+
+
+def _adam(
+    features: VGGFeatures,
+    loss_fn: TransferLoss,
+    start: Tensor,
+    settings: OptimizeSettings,
+    dtype: torch.dtype | None,
+    goal: LossGoal | None,
+    report: _Reporter,
+) -> tuple[Tensor, int]:
+    """Adam on the pixels from ``start``; returns the result and the iterations run (fewer
+    than asked when ``goal`` was reached)."""
+    x = start.clone().requires_grad_(True)
+    adam = _PixelAdam(x, settings, dtype)
+    every = max(1, settings.report_every)
+    ran = settings.iterations
+    for it in range(settings.iterations):
+        per_tile = adam.loss(features, loss_fn, it)
+        total = per_tile.sum()
+        if goal is not None and goal.reached(it, total, x):
+            ran = it
+            break
+        adam.step(total)
+        if (it + 1) % every == 0 and it + 1 < settings.iterations:
+            report(it + 1, float(per_tile.detach().mean()), 0)
+    x.grad = None
+    return x.detach(), ran
+
+
+def _lbfgs_tiles(
+    features: VGGFeatures,
+    content: Tensor,
+    targets: dict[str, Tensor],
+    settings: OptimizeSettings,
+    start: Tensor,
+    hist_targets: dict[str, Tensor] | None,
+) -> Tensor:
+    """L-BFGS of each tile on its own (so tiles stay independent), each with its own loss;
+    returns the tiles clamped to [0, 1]."""
+    tiles = []
+    for b in range(content.shape[0]):
+        one = transfer_loss(
+            features,
+            content[b : b + 1],
+            {k: v[b : b + 1] for k, v in targets.items()},
+            settings,
+            start[b : b + 1],
+            {k: v[b : b + 1] for k, v in (hist_targets or {}).items()},
+        )
+        tiles.append(_lbfgs(features, one, start[b : b + 1], settings.iterations, settings.history))
+    return torch.cat(tiles)
 
 
 def _lbfgs(
@@ -271,177 +455,3 @@ def _lbfgs(
         opt.step(closure)  # type: ignore[no-untyped-call, unused-ignore]
     out: Tensor = x.detach().clamp(0.0, 1.0)
     return out
-
-
-def _choose_start(
-    features: VGGFeatures,
-    content: Tensor,
-    targets: dict[str, Tensor],
-    settings: OptimizeSettings,
-    start: Tensor,
-    alternative: Tensor,
-    hist_targets: dict[str, Tensor] | None,
-    dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor]:
-    """Per tile, whichever of ``start`` and ``alternative`` has the lower loss (``start`` on
-    ties), and which tiles took ``alternative``. The pixel term is 0 at either candidate
-    itself, so it is left out here."""
-    if alternative.shape != content.shape:
-        raise ValueError(
-            f"alternative {tuple(alternative.shape)} != content {tuple(content.shape)}"
-        )
-    other = alternative.detach().clamp(0.0, 1.0)
-    loss_fn = transfer_loss(
-        features, content, targets, replace(settings, pixel_weight=0.0), start, hist_targets
-    )
-    with torch.inference_mode():
-        losses = []
-        for candidate in (start, other):  # the loss buffers hold one row per tile
-            with _autocast(content.device, dtype):
-                feats = features(candidate, loss_fn.layers)
-            losses.append(loss_fn(feats, candidate).float())
-    better = losses[1] < losses[0]
-    return torch.where(better.view(-1, 1, 1, 1), other, start), better
-
-
-def optimise(
-    features: VGGFeatures,
-    content: Tensor,
-    targets: dict[str, Tensor],
-    settings: OptimizeSettings,
-    init: Tensor | None = None,
-    progress: ProgressCallback | None = None,
-    context: BatchContext | None = None,
-    stop_at: float | None = None,
-    alternative: Tensor | None = None,
-    hist_targets: dict[str, Tensor] | None = None,
-) -> BatchResult:
-    """Optimise the ``(B, 1, h, w)`` ``content`` tiles towards their style ``targets``.
-
-    ``alternative`` (optional, like ``init``) is a second start: each tile begins from
-    whichever of the two has the lower loss (``init`` on ties). ``hist_targets`` are the
-    histogram loss's sorted activations (:func:`histogram_targets`), needed when
-    ``settings.histogram_weight`` > 0.
-
-    ``stop_at`` (optional, Adam only) is an early stop: the batch ends at the first iterate
-    whose summed loss is at or below it (under autocast, confirmed in float32 at most
-    every ``report_every`` iterations).
-    """
-    if content.ndim != 4 or content.shape[1] != 1:
-        raise ValueError(f"expected (B, 1, h, w) content tiles, got {tuple(content.shape)}")
-    if init is not None and init.shape != content.shape:
-        raise ValueError(f"init {tuple(init.shape)} != content {tuple(content.shape)}")
-    if settings.histogram_weight > 0 and not hist_targets:
-        raise ValueError("histogram_weight > 0 needs hist_targets")
-    n = content.shape[0]
-    ctx = context or BatchContext(tiles_total=n)
-    device = content.device
-    dtype = None if settings.optimizer == "lbfgs" else amp_dtype(device, settings.amp)
-
-    start = (content if init is None else init).detach().clamp(0.0, 1.0)
-    chosen = None
-    if alternative is not None:
-        start, chosen = _choose_start(
-            features, content, targets, settings, start, alternative, hist_targets, dtype
-        )
-    loss_fn = transfer_loss(features, content, targets, settings, start, hist_targets)
-    layers = loss_fn.layers
-
-    def report(iteration: int, loss: float, done: int) -> None:
-        if progress is not None:
-            progress(
-                Progress(
-                    scale=ctx.scale,
-                    grid=ctx.grid,
-                    batch=ctx.batch,
-                    n_batches=ctx.n_batches,
-                    iteration=iteration,
-                    iterations=settings.iterations,
-                    loss=loss,
-                    tiles_done=ctx.tiles_done + done,
-                    tiles_total=ctx.tiles_total,
-                )
-            )
-
-    def exact_loss(image: Tensor) -> Tensor:
-        """The float32 loss per tile (no autocast): what the result is judged by."""
-        with torch.inference_mode():
-            losses: Tensor = loss_fn(features(image, layers), image).float().clone()
-        return losses
-
-    if settings.optimizer == "lbfgs":
-        tiles = []
-        for b in range(n):
-            one = transfer_loss(
-                features,
-                content[b : b + 1],
-                {k: v[b : b + 1] for k, v in targets.items()},
-                settings,
-                start[b : b + 1],
-                {k: v[b : b + 1] for k, v in (hist_targets or {}).items()},
-            )
-            tiles.append(
-                _lbfgs(features, one, start[b : b + 1], settings.iterations, settings.history)
-            )
-        result = torch.cat(tiles)
-        ran = settings.iterations
-    else:
-        result, ran = _adam(features, loss_fn, start, settings, dtype, stop_at, exact_loss, report)
-    final = exact_loss(result)
-    report(settings.iterations, float(final.mean()), n)
-    iterations = torch.full((n,), ran, dtype=torch.int64)
-    return BatchResult(
-        images=result, losses=final, iterations=iterations, start=start, from_alternative=chosen
-    )
-
-
-def _adam(
-    features: VGGFeatures,
-    loss_fn: TransferLoss,
-    start: Tensor,
-    settings: OptimizeSettings,
-    dtype: torch.dtype | None,
-    stop_at: float | None,
-    exact_loss: Callable[[Tensor], Tensor],
-    report: Callable[[int, float, int], None],
-) -> tuple[Tensor, int]:
-    """Adam on the pixels (clamped to [0, 1] after each step); returns the result and the
-    iterations run (fewer than asked when ``stop_at`` was reached)."""
-    device = start.device
-    x = start.clone().requires_grad_(True)
-    adam = torch.optim.Adam([x], lr=settings.lr)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    layers = loss_fn.layers
-    every = max(1, settings.report_every)
-    ran = settings.iterations
-    checked = -every  # the last iteration whose iterate got a float32 check of stop_at
-    for it in range(settings.iterations):
-        for group in adam.param_groups:
-            group["lr"] = settings.lr_at(it)
-        x.grad = None
-        with _autocast(device, dtype):
-            feats = features(x, layers)
-        per_tile = loss_fn(feats, x)
-        total = per_tile.sum()
-        if stop_at is not None and float(total.detach()) <= stop_at:
-            if dtype is None:
-                ran = it
-                break
-            if it - checked >= every:  # a reduced-precision loss: confirm it in float32
-                checked = it
-                if float(exact_loss(x.detach()).double().sum()) <= stop_at:
-                    ran = it
-                    break
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(adam)
-            scaler.update()
-        else:
-            total.backward()
-            adam.step()
-        with torch.no_grad():
-            x.clamp_(0.0, 1.0)
-        if (it + 1) % every == 0 and it + 1 < settings.iterations:
-            report(it + 1, float(per_tile.detach().mean()), 0)
-    x.grad = None
-    return x.detach(), ran

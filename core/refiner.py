@@ -66,6 +66,7 @@ class Refiner(nn.Module):
         return (scales * w).sum(dim=1, keepdim=True)
 
     def forward(self, scales: Tensor) -> Tensor:
+        """``r(Σ w_k · S_k)`` of ``(N, n_scales, H, W)`` -> ``(N, 1, H, W)``."""
         x = self.mix(scales)
         out: Tensor = x + self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
         return out
@@ -141,7 +142,20 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 
 def load_refiner(path: str | Path, expected: Mapping[str, Any]) -> Refiner:
-    """Read a checkpoint and check it was trained for ``expected`` (see :func:`save_refiner`)."""
+    """Read a checkpoint and check it was trained for ``expected``.
+
+    Args:
+        path: the checkpoint written by :func:`save_refiner`.
+        expected: the engine's :meth:`~mr2nst.core.engine.Mr2nstEngine.refiner_expectation`.
+
+    Returns:
+        The refiner, on the CPU.
+
+    Raises:
+        RefinerError: a missing or unreadable file, one that is not a refiner checkpoint,
+            one trained for another weights id or engine setup (every difference named),
+            or parameters that do not fit.
+    """
     path = Path(path)
     raw = _read(path)
     problems = []

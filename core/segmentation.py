@@ -43,6 +43,7 @@ class Segmentation:
         return np.asarray(self.mask & ~self.pectoral)
 
     def area_mm2(self, spacing_mm: tuple[float, float]) -> float:
+        """The breast's area (without the pectoral muscle) at (row, column) ``spacing_mm``."""
         return float(self.breast.sum()) * spacing_mm[0] * spacing_mm[1]
 
 
@@ -109,7 +110,15 @@ def _pectoral(small: FloatImage, mask: BoolImage) -> BoolImage:
 
 
 def segment_breast(image: FloatImage, view: str = "") -> Segmentation:
-    """Segment the breast (and, on MLO views, the pectoral muscle) of an engine image."""
+    """Segment the breast (and, on MLO views, the pectoral muscle) of an engine image.
+
+    Args:
+        image: a 2-D float image, brighter = denser.
+        view: the view position; ``"MLO"`` also estimates the pectoral muscle.
+
+    Raises:
+        ImageError: an image that is not 2-D, smaller than 16×16, or uniform (no breast).
+    """
     if image.ndim != 2 or min(image.shape) < 16:
         raise ImageError(f"expected a 2-D image of at least 16x16 pixels, got shape {image.shape}")
     small, step = _downsample(np.asarray(image, dtype=np.float32))

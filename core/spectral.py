@@ -275,6 +275,10 @@ def spectral_match(
     reference breast pixels' distribution exactly (as :func:`.ehm.exact_histogram_match`);
     outside the mask it is ``background`` (kept as it was when None).
     ``reference_power``: the references' mean :func:`radial_power`, when already known.
+
+    Raises:
+        ImageError: an image or mask that does not fit, no references, or a
+            ``reference_power`` of the wrong length.
     """
     values, inside = _check(image, mask)
     if not references:

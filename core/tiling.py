@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 PATCH_MULTIPLE = 16
@@ -61,10 +62,12 @@ class Tile:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The tile's (h, w) on the native image, overlap margins included."""
         return (self.y1 - self.y0, self.x1 - self.x0)
 
     @property
     def slices(self) -> tuple[slice, slice]:
+        """The tile's (rows, columns) on the native image."""
         return (slice(self.y0, self.y1), slice(self.x0, self.x1))
 
     def relative(self) -> tuple[float, float, float, float]:
@@ -104,7 +107,18 @@ def _axis(length: int, g: int, overlap: float) -> tuple[list[tuple[int, int]], i
 
 
 def tiles_for(shape: tuple[int, int], g: int, overlap: float, scale: int = 0) -> list[Tile]:
-    """The ``g × g`` tiles of an image of ``shape`` (H, W), row-major."""
+    """The ``g × g`` tiles of an image of ``shape`` (H, W), row-major.
+
+    Args:
+        shape: the native image's (H, W).
+        g: tiles per side.
+        overlap: the interior edges' margin, as a fraction of the tile (see module doc).
+        scale: the scale index stamped into each :class:`Tile`.
+
+    Raises:
+        ValueError: ``g`` < 1, ``overlap`` outside [0, 0.5), or a grid or margin that does
+            not fit the image.
+    """
     if g < 1:
         raise ValueError(f"grid must be >= 1, got {g}")
     if not 0.0 <= overlap < 0.5:
@@ -141,7 +155,17 @@ def window(tile: Tile) -> Tensor:
 
 
 def stitch(tiles: Sequence[Tile], outputs: Sequence[Tensor], shape: tuple[int, int]) -> Tensor:
-    """Σ window·tile / Σ window over ``tiles`` -> float32 ``shape`` on the outputs' device."""
+    """Σ window·tile / Σ window over ``tiles`` -> float32 ``shape`` on the outputs' device.
+
+    Args:
+        tiles: the tiles, in any order.
+        outputs: one ``tile.shape`` tensor per tile, at native size.
+        shape: the image's (H, W).
+
+    Raises:
+        ValueError: not one output per tile, an output of the wrong shape, or tiles that
+            leave a pixel uncovered.
+    """
     if len(tiles) != len(outputs) or not tiles:
         raise ValueError(f"need one output per tile, got {len(outputs)} for {len(tiles)}")
     device = outputs[0].device
@@ -175,3 +199,22 @@ def tile_is_background(mask_crop: npt.NDArray[np.bool_], threshold: float) -> bo
     if mask_crop.size == 0:
         return True
     return float(np.count_nonzero(mask_crop)) / mask_crop.size < threshold
+
+
+def resize_patch(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize of ``(B, 1, h, w)`` to ``size``."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def crop_tiles(
+    image: Tensor, tiles: Sequence[Tile], size: tuple[int, int], same_grid: bool = True
+) -> Tensor:
+    """The ``tiles`` cut from the (H, W) ``image`` and resized to ``size``: ``(B, 1, *size)``.
+
+    ``same_grid`` (the content and images of its shape) cuts each tile's native box; a
+    reference of another shape is cut by the tile's relative coordinates instead."""
+    h, w = image.shape
+    boxes = [t.slices if same_grid else t.box_on((h, w)) for t in tiles]
+    return torch.cat([resize_patch(image[box][None, None], size) for box in boxes])

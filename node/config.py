@@ -49,6 +49,8 @@ class _Section(BaseModel):
 
 
 class NodeSection(_Section):
+    """``[node]``: the SCP's identity, address, limits and data directory."""
+
     ae_title: AETitle = "MR2NST"
     host: str = "0.0.0.0"
     port: Port = 11112
@@ -80,6 +82,8 @@ class NodeSection(_Section):
 
 
 class LedgerSection(_Section):
+    """``[ledger]``: where the ledger lives (empty: SQLite under ``node.data_dir``)."""
+
     url: str = ""
 
     @field_validator("url")
@@ -95,35 +99,39 @@ class LedgerSection(_Section):
 
 
 class EngineSection(_Section):
-    """Deployment settings, plus the algorithm's, whose defaults come from the core engine."""
+    """Deployment settings, plus the algorithm's, whose defaults come from the core engine.
+
+    The algorithm's keys are checked once, by :class:`~mr2nst.core.engine_config.EngineConfig`
+    itself (its errors name the key); only the node's own keys carry bounds here.
+    """
 
     device: str = _ENGINE.device
     workers: int = Field(default=1, ge=1, le=64)
     features: FeatureSource = _ENGINE.features
     weights: str = _ENGINE.weights
-    patch_size: int = Field(default=_ENGINE.patch_size, ge=32, le=4096)
+    patch_size: int = _ENGINE.patch_size
     grids: tuple[int, ...] = _ENGINE.grids
-    overlap: float = Field(default=_ENGINE.overlap, ge=0.0, lt=0.5)
-    iterations: int = Field(default=_ENGINE.iterations, ge=1)
-    lr: float = Field(default=_ENGINE.lr, gt=0)
-    alpha: float = Field(default=_ENGINE.alpha, ge=0)
+    overlap: float = _ENGINE.overlap
+    iterations: int = _ENGINE.iterations
+    lr: float = _ENGINE.lr
+    alpha: float = _ENGINE.alpha
     pooling: Pooling = _ENGINE.pooling
     init: InitMode = _ENGINE.init
-    background_fraction: float = Field(default=_ENGINE.background_fraction, ge=0, le=1)
+    background_fraction: float = _ENGINE.background_fraction
     seed: int = _ENGINE.seed
-    max_batch: int = Field(default=_ENGINE.max_batch, ge=1)
+    max_batch: int = _ENGINE.max_batch
     # Tiles per batch are also capped by this estimate of the activation memory (MiB).
-    memory_budget_mb: int = Field(default=_ENGINE.memory_budget_mb, ge=1)
+    memory_budget_mb: int = _ENGINE.memory_budget_mb
     optimizer: Optimizer = _ENGINE.optimizer
     warm_start: bool = _ENGINE.warm_start
     content_layers: tuple[str, ...] = _ENGINE.content_layers
-    pixel_weight: float = Field(default=_ENGINE.pixel_weight, ge=0)
+    pixel_weight: float = _ENGINE.pixel_weight
     style_weights: tuple[float, ...] = _ENGINE.style_weights
-    histogram_weight: float = Field(default=_ENGINE.histogram_weight, ge=0)
+    histogram_weight: float = _ENGINE.histogram_weight
     lr_schedule: LrSchedule = _ENGINE.lr_schedule
     merge: Merge = _ENGINE.merge
     tone: Tone = _ENGINE.tone
-    detail_sigma: float = Field(default=_ENGINE.detail_sigma, ge=0)
+    detail_sigma: float = _ENGINE.detail_sigma
     resample: Resample = _ENGINE.resample
     references: int = Field(default=5, ge=1)
     refiner: str = ""
@@ -136,19 +144,14 @@ class EngineSection(_Section):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
+        """A deployment key: a torch device name this node can place workers on."""
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError("must be auto, cpu, cuda or cuda:N")
 
-    @field_validator("grids")
-    @classmethod
-    def _check_grids(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(g < 1 for g in value):
-            raise ValueError("must be a non-empty list of positive grid sizes, e.g. [1, 2, 4]")
-        return value
-
     @model_validator(mode="after")
     def _check_with_core(self) -> EngineSection:
+        """The engine's own validation of the algorithm's keys."""
         try:
             self.core()
         except EngineConfigError as exc:
@@ -156,7 +159,11 @@ class EngineSection(_Section):
         return self
 
     def core(self) -> EngineConfig:
-        """The core engine's config for these settings."""
+        """The core engine's config for these settings.
+
+        Raises:
+            EngineConfigError: a setting is out of the engine's bounds (the message names it).
+        """
         names = {f.name for f in fields(EngineConfig)}
         return EngineConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
@@ -164,19 +171,20 @@ class EngineSection(_Section):
 class SpectralSection(_Section):
     """Settings of the ``spectral`` method.
 
-    Defaults and checks come from the core's SpectralConfig.
+    Defaults and checks come from the core's SpectralConfig (its errors name the key).
     """
 
-    bins: int = Field(default=_SPECTRAL.bins, ge=4)
-    min_gain: float = Field(default=_SPECTRAL.min_gain, gt=0, le=1)
-    max_gain: float = Field(default=_SPECTRAL.max_gain, ge=1)
-    low_cutoff: float = Field(default=_SPECTRAL.low_cutoff, ge=0, lt=0.5)
-    smooth_bins: float = Field(default=_SPECTRAL.smooth_bins, ge=0)
-    fill_sigma: float = Field(default=_SPECTRAL.fill_sigma, gt=0)
-    iterations: int = Field(default=_SPECTRAL.iterations, ge=1)
+    bins: int = _SPECTRAL.bins
+    min_gain: float = _SPECTRAL.min_gain
+    max_gain: float = _SPECTRAL.max_gain
+    low_cutoff: float = _SPECTRAL.low_cutoff
+    smooth_bins: float = _SPECTRAL.smooth_bins
+    fill_sigma: float = _SPECTRAL.fill_sigma
+    iterations: int = _SPECTRAL.iterations
 
     @model_validator(mode="after")
     def _check_with_core(self) -> SpectralSection:
+        """The core's own validation of these settings."""
         try:
             self.core()
         except EngineConfigError as exc:
@@ -184,21 +192,32 @@ class SpectralSection(_Section):
         return self
 
     def core(self) -> SpectralConfig:
-        """The core's config for these settings."""
+        """The core's config for these settings.
+
+        Raises:
+            EngineConfigError: a setting is out of bounds (the message names it).
+        """
         return SpectralConfig(**self.model_dump())
 
 
 class BankSection(_Section):
+    """``[bank]``: the reference image bank."""
+
     path: Path = Path("./bank")
     # Use fewer than engine.references references when the bank has fewer of the source's view.
     allow_fewer: bool = False
 
 
 Method = Literal["mr2nst", "ehm", "spectral", "passthrough"]
+#: What a route does with the instances it matches.
 Action = Literal["normalize", "forward", "drop"]
+#: What the router decided for one instance: its route's action, or "none" (no route applied).
+Disposition = Action | Literal["none"]
 
 
 class Route(_Section):
+    """One ``[[routes]]`` entry: what to do with the instances it matches."""
+
     name: str = Field(min_length=1)
     match: dict[str, str] = Field(default_factory=dict)
     action: Action = "normalize"
@@ -215,6 +234,8 @@ class Route(_Section):
 
 
 class Destination(_Section):
+    """One ``[destinations.NAME]``: a peer that receives results."""
+
     kind: Literal["dicom"] = "dicom"
     ae_title: AETitle
     host: str
@@ -230,6 +251,8 @@ class Destination(_Section):
 
 
 class ForwardingSection(_Section):
+    """``[forwarding]``: retries and concurrency of deliveries."""
+
     max_attempts: int = Field(default=8, ge=1)
     backoff_initial_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=600.0, gt=0)
@@ -243,6 +266,8 @@ class ForwardingSection(_Section):
 
 
 class DerivedSection(_Section):
+    """``[derived]``: how the derived series is numbered, described and identified."""
+
     series_number_offset: int = 1000
     description_suffix: str = " [UIH style, mr2NST]"
     # DICOM UID root for generated UIDs (e.g. "1.2.826.0.1.3680043.10.543"); empty = pydicom's root.
@@ -252,17 +277,23 @@ class DerivedSection(_Section):
 
 
 class MetricsSection(_Section):
+    """``[metrics]``: the Prometheus endpoint."""
+
     # Prometheus /metrics endpoint; port 0 = disabled.
     host: str = "127.0.0.1"
     port: Port = 0
 
 
 class LoggingSection(_Section):
+    """``[logging]``: log format and level."""
+
     format: Literal["json", "console", "auto"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class Config(_Section):
+    """The node's whole configuration: one frozen object, validated at load."""
+
     node: NodeSection = NodeSection()
     ledger: LedgerSection = LedgerSection()
     engine: EngineSection = EngineSection()
@@ -292,6 +323,7 @@ class Config(_Section):
 
     @property
     def ledger_url(self) -> str:
+        """The ledger's SQLAlchemy URL (``ledger.url``, or SQLite under ``data_dir``)."""
         return self.ledger.url or f"sqlite:///{(self.node.data_dir / 'ledger.db').resolve()}"
 
     def fingerprint(self) -> str:
@@ -317,6 +349,7 @@ class Config(_Section):
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``MR2NST_SECTION__KEY`` variables as ``{section: {key: value}}`` (TOML values)."""
     out: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -331,6 +364,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``base`` with each section's keys overridden."""
     merged = dict(base)
     for section, values in overrides.items():
         current = merged.get(section)
@@ -339,6 +373,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[s
 
 
 def _describe(error: ValidationError) -> str:
+    """The first validation error as one line that starts with the key, e.g. ``node.port``."""
     first = error.errors()[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
     msg = first["msg"].removeprefix("Value error, ")
@@ -351,7 +386,15 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML mapping (plus env overrides) into a :class:`Config`."""
+    """Validate a parsed TOML mapping (plus env overrides) into a :class:`Config`.
+
+    Args:
+        data: the parsed TOML document.
+        environ: where ``MR2NST_SECTION__KEY`` overrides are read (default: the process's).
+
+    Raises:
+        ConfigError: a key or value is invalid; the message names the key.
+    """
     merged = _merge(dict(data), _env_overrides(os.environ if environ is None else environ))
     try:
         return Config.model_validate(merged)
@@ -360,7 +403,15 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
 
 
 def load_config(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate a TOML config file; ``None`` means all defaults (plus env)."""
+    """Load and validate a TOML config file.
+
+    Args:
+        path: the file; None means all defaults (plus env overrides).
+        environ: where ``MR2NST_SECTION__KEY`` overrides are read (default: the process's).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a key or value is invalid.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

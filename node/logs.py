@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 from structlog.contextvars import bound_contextvars, merge_contextvars
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 # Never logged, whatever a caller passes.
 PHI_KEYS = frozenset(
@@ -34,16 +35,24 @@ PHI_KEYS = frozenset(
 CONTEXT_KEYS = ("job_id", "study_uid", "series_uid", "sop_uid", "calling_ae", "route")
 
 
-def drop_phi(
-    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """Processor: remove any PHI-named key from the event."""
+def drop_phi(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """Processor: remove any PHI-named key from the event.
+
+    Args:
+        _logger: the wrapped logger (unused).
+        _name: the name of the method called (unused).
+        event_dict: the event.
+
+    Returns:
+        The event without any key of :data:`PHI_KEYS`.
+    """
     for key in PHI_KEYS.intersection(event_dict):
         del event_dict[key]
     return event_dict
 
 
-def _shared_processors() -> list[Any]:
+def _shared_processors() -> list[Processor]:
+    """The processors of structlog events and of stdlib (pynetdicom) records alike."""
     return [
         merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -56,10 +65,16 @@ def _shared_processors() -> list[Any]:
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog and stdlib logging (pynetdicom) once for this process."""
+    """Configure structlog and stdlib logging (pynetdicom) once for this process.
+
+    Args:
+        fmt: ``json``, ``console``, or ``auto`` (JSON unless ``stream`` is a TTY).
+        level: the lowest level logged (``debug``, ``info``, ``warning``, ``error``).
+        stream: where log lines go (default: stderr).
+    """
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (
+    renderer: Processor = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
@@ -90,13 +105,26 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def get_logger(name: str) -> Any:
-    return structlog.stdlib.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    """The logger of one module, named ``name`` for stdlib logging.
+
+    :func:`configure_logging` makes every logger a level-filtering bound logger (and so
+    is structlog's default configuration, used before it runs).
+    """
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger
 
 
 @contextmanager
-def instance_context(**values: Any) -> Iterator[None]:
-    """Bind per-instance context (only the known keys) for the duration of a block."""
+def instance_context(**values: object) -> Iterator[None]:
+    """Bind per-instance context (only the known keys) for the duration of a block.
+
+    Args:
+        values: some of :data:`CONTEXT_KEYS`; None values are not bound.
+
+    Raises:
+        ValueError: a key is not one of :data:`CONTEXT_KEYS`.
+    """
     unknown = set(values) - set(CONTEXT_KEYS)
     if unknown:
         raise ValueError(f"unknown context keys: {sorted(unknown)}")

@@ -24,19 +24,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from mr2nst.core.engine import resize_patch
 from mr2nst.core.engine_config import EngineConfig
 from mr2nst.core.features import CONTENT_LAYER, STYLE_LAYERS, VGGFeatures
 from mr2nst.core.losses import TransferLoss, gram
 from mr2nst.core.targets import multi_reference_target
-from mr2nst.core.tiling import Tile, patch_shape, stitch, tile_is_background, tiles_for
+from mr2nst.core.tiling import (
+    Tile,
+    patch_shape,
+    resize_patch,
+    stitch,
+    tile_is_background,
+    tiles_for,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,62 @@ def _plain_tile(
     return x.detach(), final
 
 
+@dataclass
+class _Trace:
+    """Collects :class:`TracePoint` s, timed from ``started``."""
+
+    started: float
+    every: int
+    points: list[TracePoint] = field(default_factory=list)
+
+    def add(self, scale: int, tile: int, iteration: int, loss: float) -> None:
+        """Record ``loss`` of ``tile`` of ``scale`` at ``iteration``."""
+        seconds = time.perf_counter() - self.started
+        self.points.append(TracePoint(seconds, scale, tile, iteration, loss))
+
+    def sampler(self, scale: int, tile: int) -> Callable[[int, float], None]:
+        """A per-iteration callback that records every ``every``-th loss of one tile."""
+
+        def on_loss(it: int, loss: float) -> None:
+            if it % self.every == 0:
+                self.add(scale, tile, it, loss)
+
+        return on_loss
+
+
+def _plain_scale(
+    features: VGGFeatures,
+    content: Tensor,
+    references: Sequence[Tensor],
+    config: EngineConfig,
+    iterations: int,
+    scale: int,
+    tiles: Sequence[Tile],
+    trace: _Trace,
+) -> tuple[Tensor, tuple[float, ...], tuple[float, ...]]:
+    """The plain loop over one scale's ``tiles``, one at a time: the stitched scale, and
+    each tile's final loss and seconds."""
+    shape = (int(content.shape[0]), int(content.shape[1]))
+    outputs: list[Tensor] = []
+    losses: list[float] = []
+    tile_s: list[float] = []
+    for n, tile in enumerate(tiles):
+        tile_start = time.perf_counter()
+        size = patch_shape(tile.shape, config.patch_size)
+        crop = resize_patch(content[tile.slices][None, None], size)
+        refs = [
+            resize_patch(r[tile.box_on((int(r.shape[0]), int(r.shape[1])))][None, None], size)
+            for r in references
+        ]
+        on_loss = trace.sampler(scale, n)
+        out, final = _plain_tile(features, crop, refs, config, iterations, on_loss)
+        trace.add(scale, n, iterations, final)
+        outputs.append(resize_patch(out, tile.shape)[0, 0])
+        losses.append(final)
+        tile_s.append(time.perf_counter() - tile_start)
+    return stitch(tiles, outputs, shape), tuple(losses), tuple(tile_s)
+
+
 def plain_transfer(
     features: VGGFeatures,
     content: Tensor,
@@ -122,40 +184,22 @@ def plain_transfer(
     n_iter = config.iterations if iterations is None else iterations
     started = time.perf_counter()
     shape = (int(content.shape[0]), int(content.shape[1]))
-    trace: list[TracePoint] = []
+    trace = _Trace(started, trace_every)
     scales: list[Tensor] = []
     finals: list[tuple[float, ...]] = []
     backgrounds: list[tuple[bool, ...]] = []
     seconds: list[tuple[float, ...]] = []
     for k, g in enumerate(config.grids):
         tiles: list[Tile] = tiles_for(shape, g, config.overlap, scale=k)
-        outputs: list[Tensor] = []
-        losses: list[float] = []
-        tile_s: list[float] = []
-        for n, tile in enumerate(tiles):
-            tile_start = time.perf_counter()
-            size = patch_shape(tile.shape, config.patch_size)
-            crop = resize_patch(content[tile.slices][None, None], size)
-            refs = [
-                resize_patch(r[tile.box_on((int(r.shape[0]), int(r.shape[1])))][None, None], size)
-                for r in references
-            ]
-
-            def on_loss(it: int, loss: float, k: int = k, n: int = n) -> None:
-                if it % trace_every == 0:
-                    trace.append(TracePoint(time.perf_counter() - started, k, n, it, loss))
-
-            out, final = _plain_tile(features, crop, refs, config, n_iter, on_loss)
-            trace.append(TracePoint(time.perf_counter() - started, k, n, n_iter, final))
-            outputs.append(resize_patch(out, tile.shape)[0, 0])
-            losses.append(final)
-            tile_s.append(time.perf_counter() - tile_start)
-        scales.append(stitch(tiles, outputs, shape))
-        finals.append(tuple(losses))
+        scale, losses, tile_s = _plain_scale(
+            features, content, references, config, n_iter, k, tiles, trace
+        )
+        scales.append(scale)
+        finals.append(losses)
         backgrounds.append(
             tuple(tile_is_background(mask[t.slices], config.background_fraction) for t in tiles)
         )
-        seconds.append(tuple(tile_s))
+        seconds.append(tile_s)
     return PlainResult(
         scales=tuple(scales),
         final_losses=tuple(finals),
@@ -163,5 +207,5 @@ def plain_transfer(
         tile_seconds=tuple(seconds),
         iterations=n_iter,
         seconds=time.perf_counter() - started,
-        trace=tuple(trace),
+        trace=tuple(trace.points),
     )

@@ -1,13 +1,12 @@
 """A small source-vs-target domain classifier: the harness's stand-in for NIMA.
 
-The paper judged realism with NIMA quality scores; NIMA's weights are not available
-here, so the evaluation asks a different, reproducible question instead: *does a
-classifier that has learnt to tell source-vendor from target-vendor images call the
-output "target"?* The classifier is torchvision's ResNet18 (``weights=None``,
-``num_classes=1``) with a one-channel first convolution, trained briefly on random
-crops at native resolution from the breast of source and target images that are held
-apart from the test set. Everything is seeded: the same images and settings give the
-same classifier and the same answers.
+It answers a reproducible question in place of the paper's NIMA scores (whose weights
+are not available; ``docs/evaluation.md``): *does a classifier that has learnt to tell
+source-vendor from target-vendor images call the output "target"?* The classifier is
+torchvision's ResNet18 (``weights=None``, ``num_classes=1``) with a one-channel first
+convolution, trained briefly on random native-resolution crops from the breast of source
+and target images held apart from the test set. Everything is seeded: the same images
+and settings give the same classifier and the same answers.
 
 An image's score is the mean probability "target" over ``crops_per_image`` crops at
 seeded positions inside its breast mask; it is called target when the score is above
@@ -105,7 +104,16 @@ class DomainClassifier:
         target: Sequence[Sample],
         settings: ClassifierSettings | None = None,
     ) -> DomainClassifier:
-        """Train on crops of ``source`` (label 0) and ``target`` (label 1) images."""
+        """Train on crops of ``source`` (label 0) and ``target`` (label 1) images.
+
+        Args:
+            source: (image, breast mask) pairs of the source domain.
+            target: (image, breast mask) pairs of the target domain.
+            settings: training and prediction settings; None: the defaults.
+
+        Raises:
+            ImageError: either side is empty, or an image is smaller than the crop.
+        """
         s = settings or ClassifierSettings()
         if not source or not target:
             raise ImageError("the domain classifier needs source and target training images")
@@ -113,7 +121,7 @@ class DomainClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             model = build_model()
-        optimiser = torch.optim.Adam(model.parameters(), lr=s.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
         half = s.batch // 2
         labels = torch.cat([torch.zeros(half), torch.ones(half)])[:, None]
         correct: list[float] = []
@@ -126,9 +134,9 @@ class DomainClassifier:
             x = _as_input(np.stack(batch))
             logits = model(x)
             loss = F.binary_cross_entropy_with_logits(logits, labels)
-            optimiser.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call, unused-ignore]
-            optimiser.step()
+            optimizer.step()
             if step >= s.steps - 10:
                 correct.append(float(((logits > 0).float() == labels).float().mean()))
         return cls(model, s, float(np.mean(correct)))

@@ -12,8 +12,8 @@ turned into what a vendor's "for presentation" processing would show:
 The two styles differ in their tone curves *and* in their spatial-frequency content, so a
 plain histogram match of GE to UIH cannot recover the UIH image.
 
-Everything is vectorised (scipy.ndimage, scipy.fft); a 2294x1914 image renders in well
-under a second on two cores. Results are deterministic for a given generator or seed.
+Everything is vectorised (scipy.ndimage, scipy.fft) and deterministic for a given
+generator or seed.
 """
 
 from __future__ import annotations

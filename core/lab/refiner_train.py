@@ -24,7 +24,7 @@ pixels (mask False) set to 0; target crops get the same background.
 Everything random (weight init of D, crop positions) comes from the seed, so a run on the
 CPU is reproducible (on CUDA, up to the GPU kernels' own nondeterminism), and
 :meth:`TrainState.state_dict` captures all of it (networks,
-optimisers, counters, the crop generator) for an exact resume. Reading and writing files
+optimizers, counters, the crop generator) for an exact resume. Reading and writing files
 is the caller's job.
 """
 
@@ -187,7 +187,7 @@ class TrainProgress:
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs: networks, optimisers, counters, crop RNG."""
+    """Everything a resumed run needs: networks, optimizers, counters, crop RNG."""
 
     settings: TrainSettings
     refiner: Refiner
@@ -208,7 +208,15 @@ class TrainState:
         imagenet: Mapping[str, Tensor] | None = None,
         device: str | torch.device = "cpu",
     ) -> TrainState:
-        """A fresh run: untrained refiner (plain average), D initialised from the seed."""
+        """A fresh run: untrained refiner (plain average), D initialised from the seed.
+
+        Args:
+            n_scales: the scales the refiner merges (``len(engine.grids)``).
+            settings: the training settings (their seed seeds D and the crops).
+            imagenet: a torchvision ``resnet18`` state dict to start D from (see
+                :class:`Discriminator`); None: the seeded random initialisation.
+            device: where the networks live (the crop generator stays on the CPU).
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             discriminator = Discriminator(imagenet)
@@ -319,7 +327,18 @@ def train_epoch(
     steps: int,
     progress: Callable[[TrainProgress], None] | None = None,
 ) -> dict[str, float]:
-    """``steps`` training steps; appends and returns the epoch's mean losses."""
+    """``steps`` training steps; appends and returns the epoch's mean losses.
+
+    Args:
+        state: the run, advanced in place (epoch, step, history, networks, optimizers).
+        sources: the source images, each with the engine's scales S0.. as channels.
+        targets: the target-style images (one channel each).
+        steps: steps in this epoch.
+        progress: receives a :class:`TrainProgress` after every step.
+
+    Raises:
+        ValueError: no sources or targets, or fewer than one step.
+    """
     if not sources or not targets:
         raise ValueError("training needs at least one source and one target image")
     if steps < 1:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from mr2nst.node.config import Config, load_config
 from mr2nst.node.errors import UsageError
@@ -17,7 +17,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors raise :class:`UsageError` (exit 2, one line)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """Raise instead of printing usage and exiting."""
         raise UsageError(f"{self.prog}: {message}")
 

@@ -20,6 +20,11 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Load and check a config file (keys, routes, methods); print a one-line verdict or JSON.
+
+    Raises:
+        ConfigError: the file is invalid (exit 2, the message names the key).
+    """
     from mr2nst.node.methods.registry import check_methods
     from mr2nst.node.service.routing import check_routes
 

@@ -19,6 +19,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo (:func:`mr2nst.node.lab.demo.run_demo`); exit 0 when every check passed."""
     from mr2nst.node.lab.demo import run_demo
 
     return (

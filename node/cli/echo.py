@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from mr2nst.node.cli.common import EXIT_OK, EXIT_RUNTIME, add_network_arguments, print_json
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``mr2nst echo``."""
     p = sub.add_parser("echo", help="C-ECHO a peer")
     add_network_arguments(p)
@@ -16,17 +15,21 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    """Run ``mr2nst echo``: exit 0 when the peer answers Success, 1 otherwise."""
+    from pynetdicom.status import Status
+
     from mr2nst.node.dicom.scu import echo
+    from mr2nst.node.dicom.status import format_status
 
     status, error = echo(
         args.host, args.port, calling=args.aet, called=args.aec, timeout_s=args.timeout
     )
-    ok = status == 0
+    ok = status == Status.SUCCESS
     if args.json:
         print_json({"ok": ok, "status": status, "error": error})
     else:
         print(
             f"C-ECHO {args.aec}@{args.host}:{args.port}: "
-            + (f"status 0x{status:04X}" if status is not None else error)
+            + (f"status {format_status(status)}" if status is not None else error)
         )
     return EXIT_OK if ok else EXIT_RUNTIME

@@ -1,6 +1,6 @@
 """``mr2nst evaluate``: metrics, paired tests, report and figures.
 
-See :mod:`mr2nst.node.lab.evaluate`.
+The work is :mod:`mr2nst.node.lab.evaluate`; docs/evaluation.md describes the command.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate the methods (:func:`mr2nst.node.lab.evaluate.run_evaluation`).
+
+    Raises:
+        UsageError: an unknown method, or an input that is not a directory (exit 2).
+    """
     from mr2nst.node.config import load_config
 
     methods = lab.parse_methods(args.methods, UsageError)

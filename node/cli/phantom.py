@@ -26,6 +26,11 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write a paired phantom set (:mod:`mr2nst.node.lab.phantom_io`).
+
+    Raises:
+        UsageError: a size, count or option the phantom cannot be made with (exit 2).
+    """
     from mr2nst.core.errors import ImageError
     from mr2nst.node.lab.phantom_io import run_phantom_command
 

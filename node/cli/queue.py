@@ -21,6 +21,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    """List the ledger's work, revive dead work (``retry``) or drop it and its files (``purge``)."""
     from mr2nst.node.ledger import Ledger
     from mr2nst.node.service.forwarder import remove_files
     from mr2nst.node.service.spool import Spool

@@ -17,6 +17,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node with ``--config`` until SIGINT/SIGTERM; exit 0 after a graceful stop."""
     from mr2nst.node.service.node import Node
 
     config = config_of(args)

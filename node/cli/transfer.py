@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
+    """Normalize files offline with the node's pipeline; exit 1 when any input failed."""
     from mr2nst.node.service.transfer import run_transfer
 
     config = load_config(args.config)

@@ -1,31 +1,7 @@
 """Building the derived instance that carries a method's output (DESIGN.md "The derived series").
 
-Decisions (for the conformance statement):
-
-- Everything of the source is kept (Patient, Study, Frame of Reference, equipment and
-  acquisition attributes, private tags) except what would be false for the new pixels:
-  the icon, digital signatures and MACs, SOP authorization (status), stale pixel
-  descriptions (see :func:`mr2nst.node.dicom.pixels.encode_into`) and the source's own
-  SourceImageSequence / DerivationCodeSequence, which are replaced by ours.
-- Series and instance UIDs are deterministic (:func:`derived_uids`), so every instance of
-  one source series lands in one derived series, and re-processing an instance with the
-  same pipeline reproduces its UIDs.
-- Series-level values (SeriesDate/Time, SeriesNumber, SeriesDescription) are functions of
-  the source series only, so they agree across all instances of a derived series even
-  when they are processed at different times. SeriesDate/Time are the source's.
-- ContentDate/Time (and AcquisitionDate/Time) stay the source's: they date the image
-  content, and viewers sort and hang the derived image with its source by them. The
-  processing time is recorded as InstanceCreationDate/Time and as the
-  ContributionDateTime of our ContributingEquipmentSequence item.
-- ImageType value 1 becomes DERIVED; the other values are kept (DERIVED\\PRIMARY is
-  valid for DX and MG).
-- Lossy compression history is never lost: a source that says LossyImageCompression
-  "01", or arrived in a lossy (JPEG baseline/extended) or possibly lossy (JPEG 2000,
-  JPEG-LS near-lossless) transfer syntax, gives an output flagged "01", with the ratio
-  and method of the transfer compression appended. Output is written uncompressed.
-- Output: Explicit VR Little Endian, with file meta information, writable with
-  ``dcmwrite(path, ds, enforce_file_format=True)``. Building twice from the same inputs
-  (same ``now``) gives byte-identical files.
+The decisions behind it (what is kept, replaced, dropped and added, and why) are part of
+the conformance statement: docs/conformance.md, "The derived instance".
 """
 
 from __future__ import annotations
@@ -272,14 +248,32 @@ def build_derived(
 ) -> Dataset:
     """The derived instance of ``source`` carrying ``stored`` (values in ``rng``).
 
-    ``rng.invert`` must match the source's photometric interpretation (see
-    :func:`mr2nst.node.dicom.pixels.output_range`). The source is not modified.
+    The source is not modified. What is kept, replaced and added is listed in
+    docs/conformance.md, "The derived instance".
+
+    Args:
+        source: the received instance.
+        stored: the new stored pixel values (2-D, integers).
+        rng: their range; ``rng.invert`` must match the source's photometric
+            interpretation (see :func:`mr2nst.node.dicom.pixels.output_range`).
+        provenance: what made the pixels, for DerivationDescription.
+        fingerprint: the pipeline fingerprint, from which the UIDs derive.
+        settings: the ``[derived]`` section.
+        equipment: this node, for ContributingEquipmentSequence.
+        now: the creation time (default: the current time).
+
+    Returns:
+        The derived data set, with file meta, ready for ``dcmwrite(..., enforce_file_format=True)``.
+
+    Raises:
+        UnsupportedImageError: the source lacks one of its UIDs.
+        PixelError: ``stored`` or ``rng`` cannot be written in the source's photometric
+            interpretation.
     """
     _require_uids(source)
     series_uid, sop_uid = derived_uids(source, fingerprint, settings.uid_root)
     moment = _local_now(source, now)
     description = _text(provenance.describe(), ST_MAX, multi_line=True)
-    lossy, ratios, methods = _lossy_history(source)
 
     out = _copy_source(source)
     out.SeriesInstanceUID = series_uid
@@ -289,6 +283,18 @@ def build_derived(
     out.ImageType = image_type(source)
     out.InstanceCreationDate = moment.strftime("%Y%m%d")
     out.InstanceCreationTime = moment.strftime("%H%M%S.%f")
+    _add_derivation(out, source, stored, description)
+    _add_contributor(out, source, equipment, description, moment)
+    _add_lossy_history(out, source)
+    out.file_meta = _file_meta(source, sop_uid, equipment)
+    encode_into(out, stored, rng)  # also sets the transfer syntax (Explicit VR Little Endian)
+    return out
+
+
+def _add_derivation(
+    out: Dataset, source: Dataset, stored: npt.NDArray[np.generic], description: str
+) -> None:
+    """DerivationDescription, DerivationCodeSequence and SourceImageSequence."""
     out.DerivationDescription = description
     out.DerivationCodeSequence = Sequence([code_item(*DERIVATION_CODE)])
     same_geometry = tuple(np.shape(stored)) == (
@@ -296,11 +302,22 @@ def build_derived(
         int(source.get("Columns", 0)),
     )
     out.SourceImageSequence = Sequence([_source_reference(source, same_geometry)])
+
+
+def _add_contributor(
+    out: Dataset, source: Dataset, equipment: Equipment, description: str, moment: datetime
+) -> None:
+    """The source's ContributingEquipmentSequence items plus this node's."""
     contributors = [
         copy.deepcopy(item) for item in source.get("ContributingEquipmentSequence") or []
     ]
     contributors.append(_equipment_item(equipment, description, moment))
     out.ContributingEquipmentSequence = Sequence(contributors)
+
+
+def _add_lossy_history(out: Dataset, source: Dataset) -> None:
+    """LossyImageCompression "01" with ratios and methods, when the source was ever lossy."""
+    lossy, ratios, methods = _lossy_history(source)
     if lossy:
         out.LossyImageCompression = "01"
         if ratios:
@@ -308,12 +325,14 @@ def build_derived(
         if methods:
             out.LossyImageCompressionMethod = methods
 
-    out.file_meta = FileMetaDataset()
-    out.file_meta.MediaStorageSOPClassUID = UID(str(source.SOPClassUID))
-    out.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    out.file_meta.ImplementationVersionName = _text(f"MR2NST_{equipment.software_version}", SH_MAX)
+
+def _file_meta(source: Dataset, sop_uid: str, equipment: Equipment) -> FileMetaDataset:
+    """The derived file's meta information (the transfer syntax is set by ``encode_into``)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(str(source.SOPClassUID))
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = _text(f"MR2NST_{equipment.software_version}", SH_MAX)
     if equipment.station_ae:
-        out.file_meta.SourceApplicationEntityTitle = _text(equipment.station_ae, SH_MAX)
-    encode_into(out, stored, rng)  # also sets the transfer syntax (Explicit VR Little Endian)
-    return out
+        meta.SourceApplicationEntityTitle = _text(equipment.station_ae, SH_MAX)
+    return meta

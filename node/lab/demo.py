@@ -12,11 +12,13 @@ edge: the evaluation's montage (:func:`~mr2nst.node.lab.report.montage_png`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.status import Status
 
 from mr2nst.bank.bank import Bank
 from mr2nst.node.config import Config, parse_config
@@ -52,7 +55,8 @@ class Sink:
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's storage contexts
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self._ae = ae
         self.server: Any = None
 
@@ -62,9 +66,10 @@ class Sink:
         ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         with self._lock:
             self.received.append(ds)
-        return 0x0000
+        return int(Status.SUCCESS)
 
     def start(self) -> int:
+        """Listen on a free local port; return it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.server = self._ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -72,6 +77,7 @@ class Sink:
         return int(self.server.server_address[1])
 
     def stop(self) -> None:
+        """Stop listening (idempotent)."""
         if self.server is not None:
             self.server.shutdown()
 
@@ -79,6 +85,10 @@ class Sink:
 def demo_config(
     data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None
 ) -> Config:
+    """The demo node's config: one route sending GE mammograms through mr2nst to the sink.
+
+    ``engine`` overrides the demo's CPU-sized engine settings.
+    """
     return parse_config(
         {
             "node": {
@@ -153,7 +163,7 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
 
 
 def before_after_png(
-    pairs: list[tuple[Dataset, Dataset]], path: Path, files: dict[str, Path] | None = None
+    pairs: Sequence[tuple[Dataset, Dataset]], path: Path, files: dict[str, Path] | None = None
 ) -> None:
     """Per image: source | derived output (| true UIH) with µC-cluster and edge zooms.
 
@@ -198,30 +208,102 @@ def run_demo(
 ) -> bool:
     """Run the whole path once; print a summary and return True when every check passed.
 
-    ``engine`` overrides engine settings (the tests use tiny ones).
+    Args:
+        out: the demo's folder (replaced).
+        n: phantom GE images to send.
+        size: their rows and columns.
+        timeout_s: how long to wait for the derived instances.
+        engine: engine settings over the demo's (the tests use tiny ones).
+        n_references: phantom UIH images in the reference bank.
+
+    Returns:
+        Whether every image was acknowledged, normalized, received and passed the checks.
     """
     started = time.monotonic()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    log_file = (out / "node.log").open("w")
+    with _logs_to(out / "node.log"):
+        files = _phantom_sources(out, n, size)
+        sources = [pydicom.dcmread(p) for p in files.values()]
+        print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
+        _reference_bank(out, n_references, size)
+        sink = Sink(out / "received")
+        try:
+            config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
+            acked = _send_and_wait(config, sink, sources, timeout_s)
+        finally:
+            sink.stop()
+    pairs, problems, errors = _check_received(out, sources, sink.received, config, files)
+    summary: dict[str, Any] = {
+        "sent": len(sources),
+        "acknowledged": acked,
+        "derived_received": len(sink.received),
+        "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
+        "method": DEMO_METHOD,
+        "problems": problems,
+        "iod_errors": errors,
+        "seconds": round(time.monotonic() - started, 1),
+        "before_after_png": str(out / "before_after.png"),
+        "log": str(out / "node.log"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ok = (
+        acked == len(sources)
+        and len(pairs) == len(sources)
+        and not problems
+        and all(not e for e in errors.values())
+    )
+    print(
+        f"demo: {len(pairs)}/{len(sources)} derived instances received in "
+        f"{len(summary['derived_series'])} derived series; IOD errors: "
+        f"{sum(e or 0 for e in errors.values())}; problems: {len(problems)}"
+    )
+    print(f"demo: before/after picture {out / 'before_after.png'}; summary {out / 'summary.json'}")
+    print(f"demo: {'OK' if ok else 'FAILED'} in {summary['seconds']} s")
+    return ok
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """The node's logs, and its worker processes' stderr (they inherit fd 2), go to ``path``."""
+    log_file = path.open("w")
     configure_logging("json", "info", stream=log_file)
     saved_stderr = os.dup(2)
-    os.dup2(log_file.fileno(), 2)  # worker processes inherit fd 2: their logs go to node.log too
+    os.dup2(log_file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        configure_logging("json", "warning")  # the log file closes now; later events go to stderr
+        log_file.close()
+
+
+def _phantom_sources(out: Path, n: int, size: tuple[int, int]) -> dict[str, Path]:
+    """Write the paired phantom set; return its GE files by SOP Instance UID."""
     written = write_phantom_set(out / "phantom", n, size=size, seed=7, vendors=("GE", "UIH"))
-    files = {
+    return {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
         for p in written
         if p.parent.name == "ge"
     }
-    sources = [pydicom.dcmread(p) for p in files.values()]
-    print(f"demo: wrote {len(sources)} phantom GE mammograms ({size[0]}x{size[1]})")
+
+
+def _reference_bank(out: Path, n_references: int, size: tuple[int, int]) -> None:
+    """The demo's reference bank of phantom UIH images (other seeds than the sources)."""
     write_phantom_set(out / "references", n_references, size=size, seed=1000, vendors=("UIH",))
     bank = Bank(out / "bank")
     added = bank.add([out / "references" / "uih"]).added
     print(f"demo: built a reference bank of {len(added)} phantom UIH mammograms in {out / 'bank'}")
-    sink = Sink(out / "received")
-    config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
+
+
+def _send_and_wait(config: Config, sink: Sink, sources: Sequence[Dataset], timeout_s: float) -> int:
+    """Start the node, C-STORE the sources to it and wait for their derived instances.
+
+    Returns:
+        How many sources the node acknowledged.
+    """
     node = Node(config).start()
     try:
         print(
@@ -235,7 +317,7 @@ def run_demo(
             calling="DEMO_MODALITY",
             called="MR2NST",
         )
-        acked = sum(1 for o in outcomes if o.status == 0)
+        acked = sum(1 for o in outcomes if o.status == Status.SUCCESS)
         print(f"demo: C-STORE acknowledged {acked}/{len(sources)}")
         deadline = time.monotonic() + (timeout_s if acked else 0)
         while len(sink.received) < len(sources) and time.monotonic() < deadline:
@@ -246,42 +328,28 @@ def run_demo(
             time.sleep(0.2)
     finally:
         node.stop()
-        sink.stop()
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-        configure_logging("json", "warning")  # the log file closes now; later events go to stderr
-        log_file.close()
-    by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in sink.received}
+    return acked
+
+
+def _check_received(
+    out: Path,
+    sources: Sequence[Dataset],
+    received: Sequence[Dataset],
+    config: Config,
+    files: dict[str, Path],
+) -> tuple[list[tuple[Dataset, Dataset]], dict[str, list[str]], dict[str, int]]:
+    """Pair each source with its derived instance, check them, draw the before/after picture.
+
+    Returns:
+        The (source, derived) pairs, the problems found per source SOP Instance UID (only
+        those with problems), and dciodvfy's error count per received file (empty without
+        dciodvfy).
+    """
+    by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in received}
     pairs = [(s, by_source[s.SOPInstanceUID]) for s in sources if s.SOPInstanceUID in by_source]
     problems = {str(s.SOPInstanceUID): check_derived(s, d, config) for s, d in pairs}
-    received = sorted((out / "received").glob("*.dcm"))
-    errors = {p.name: len(iod_errors(p)) for p in received} if dciodvfy_available() else {}
+    files_received = sorted((out / "received").glob("*.dcm"))
+    errors = {p.name: len(iod_errors(p)) for p in files_received} if dciodvfy_available() else {}
     if pairs:
         before_after_png(pairs, out / "before_after.png", files)
-    summary = {
-        "sent": len(sources),
-        "acknowledged": acked,
-        "derived_received": len(sink.received),
-        "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
-        "method": DEMO_METHOD,
-        "problems": {k: v for k, v in problems.items() if v},
-        "iod_errors": errors,
-        "seconds": round(time.monotonic() - started, 1),
-        "before_after_png": str(out / "before_after.png"),
-        "log": str(out / "node.log"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ok = (
-        acked == len(sources)
-        and len(pairs) == len(sources)
-        and not summary["problems"]
-        and all(not e for e in errors.values())
-    )
-    print(
-        f"demo: {len(pairs)}/{len(sources)} derived instances received in "
-        f"{len(summary['derived_series'])} derived series; IOD errors: "
-        f"{sum(e or 0 for e in errors.values())}; problems: {len(summary['problems'])}"
-    )
-    print(f"demo: before/after picture {out / 'before_after.png'}; summary {out / 'summary.json'}")
-    print(f"demo: {'OK' if ok else 'FAILED'} in {summary['seconds']} s")
-    return ok
+    return pairs, {k: v for k, v in problems.items() if v}, errors

@@ -168,10 +168,15 @@ def write_report(
     run: dict[str, Any],
     montage: list[tuple[Any, dict[str, npt.NDArray[np.float32] | None]]],
 ) -> None:
-    """report.md, metrics.png and montage.png under ``out``."""
+    """report.md, metrics.png and montage.png under ``out``.
+
+    Args:
+        out: the evaluation's output folder.
+        metrics: ``metrics.json``'s content.
+        run: ``run.json``'s content.
+        montage: up to two (source item, {method: output}) cases for montage.png.
+    """
     figures = [f for f in (_distributions(out, run), _montage(out, montage)) if f]
-    engine = run["engine"]
-    clf = run.get("classifier")
     lines = [
         "# mr2nst evaluation report",
         "",
@@ -201,6 +206,21 @@ def write_report(
         "",
         "## Settings",
         "",
+        *_settings(run),
+        "",
+        "## Figures",
+        "",
+        *[f"![{f}]({f})" for f in figures],
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _settings(run: dict[str, Any]) -> list[str]:
+    """The report's settings: scale, engine, metric network and domain classifier."""
+    engine = run["engine"]
+    clf = run.get("classifier")
+    return [
         f"- Intensity scale of every comparison: {run['intensity_scale']} "
         "(the float image the node writes).",
         f"- Engine: patch {engine['patch_size']}, grids {engine['grids']}, "
@@ -212,7 +232,7 @@ def write_report(
         f"references {run['references']}; "
         f"refiner {run['refiner'] or 'untrained (average of the scales)'}.",
         f"- Style metric network: {run['metric_features']}. "
-        "It is never the network the engine optimised: "
+        "It is never the network the engine optimized: "
         "an engine on hed-vgg16 is scored by VGG19 with seeded-random weights "
         "(seed 7919, or 7920 when "
         "that is the engine's), any other engine by the learned hed-vgg16."
@@ -232,13 +252,7 @@ def write_report(
             if clf
             else "Not trained: no --domain-source was given, so the column is null."
         ),
-        "",
-        "## Figures",
-        "",
-        *[f"![{f}]({f})" for f in figures],
-        "",
     ]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def _distributions(out: Path, run: dict[str, Any]) -> str | None:
@@ -360,47 +374,70 @@ def montage_png(cases: Sequence[MontageCase], path: Path, dpi: int = 100) -> Non
         gridspec_kw={"height_ratios": heights},
     )
     for k, case in enumerate(cases):
-        ref = case.panels[-1][1]
-        zooms = [
-            ("µC cluster", uc_cluster_centre(case.calcs), "red"),
-            ("edge", edge_centre(case.reference, case.mask, case.calcs), "cyan"),
-        ]
-        origins = [
-            (label, _crop_origin(c, ref.shape) if c else None, colour) for label, c, colour in zooms
-        ]
-        lo, hi = _window(np.asarray(ref)[case.mask] if case.mask.any() else np.asarray(ref).ravel())
-        windows = [
-            _window(np.asarray(ref)[o[0] : o[0] + ZOOM, o[1] : o[1] + ZOOM]) if o else (0.0, 1.0)
-            for _, o, _ in origins
-        ]
+        zooms, window = _zooms(case)
         for c in range(ncols):
             column = [axes[3 * k + j, c] for j in range(3)]
             for ax in column:
                 ax.axis("off")
-            if c >= len(case.panels):
-                continue
-            name, image = case.panels[c]
-            column[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
-            column[0].set_title(f"{case.name}: {name}" if c == 0 else name, fontsize=7)
-            for j, ((label, origin, colour), (wlo, whi)) in enumerate(
-                zip(origins, windows, strict=True)
-            ):
-                if origin is None:
-                    column[j + 1].set_title(f"{label}: none", fontsize=6)
-                    continue
-                r0, c0 = origin
-                column[0].add_patch(
-                    plt.Rectangle(
-                        (c0 - 0.5, r0 - 0.5), ZOOM, ZOOM, fill=False, color=colour, lw=0.8
-                    )
-                )
-                crop = np.asarray(image)[r0 : r0 + ZOOM, c0 : c0 + ZOOM]
-                big = np.repeat(np.repeat(crop, ZOOM_FACTOR, axis=0), ZOOM_FACTOR, axis=1)
-                column[j + 1].imshow(big, cmap="gray", vmin=wlo, vmax=whi, interpolation="nearest")
-                column[j + 1].set_title(f"{label} ({r0},{c0}) x{ZOOM_FACTOR}", fontsize=6)
+            if c < len(case.panels):
+                _draw_panel(column, case, c, zooms, window)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class _Zoom:
+    """One zoom row of a montage case: its crop origin (None: nothing to zoom on) and window."""
+
+    label: str
+    origin: tuple[int, int] | None
+    colour: str
+    window: tuple[float, float]
+
+
+def _zooms(case: MontageCase) -> tuple[list[_Zoom], tuple[float, float]]:
+    """The case's two zooms and the whole-image window, all from its last panel."""
+    ref = np.asarray(case.panels[-1][1])
+    centres = [
+        ("µC cluster", uc_cluster_centre(case.calcs), "red"),
+        ("edge", edge_centre(case.reference, case.mask, case.calcs), "cyan"),
+    ]
+    zooms = []
+    for label, centre, colour in centres:
+        origin = _crop_origin(centre, ref.shape) if centre else None
+        window = (
+            _window(ref[origin[0] : origin[0] + ZOOM, origin[1] : origin[1] + ZOOM])
+            if origin
+            else (0.0, 1.0)
+        )
+        zooms.append(_Zoom(label, origin, colour, window))
+    return zooms, _window(ref[case.mask] if case.mask.any() else ref.ravel())
+
+
+def _draw_panel(
+    column: list[Any], case: MontageCase, c: int, zooms: list[_Zoom], window: tuple[float, float]
+) -> None:
+    """Panel ``c`` of ``case``: the whole image (zoom windows outlined) above its zooms."""
+    from matplotlib.patches import Rectangle
+
+    name, image = case.panels[c]
+    column[0].imshow(image, cmap="gray", vmin=window[0], vmax=window[1])
+    column[0].set_title(f"{case.name}: {name}" if c == 0 else name, fontsize=7)
+    for ax, zoom in zip(column[1:], zooms, strict=True):
+        if zoom.origin is None:
+            ax.set_title(f"{zoom.label}: none", fontsize=6)
+            continue
+        r0, c0 = zoom.origin
+        column[0].add_patch(
+            Rectangle((c0 - 0.5, r0 - 0.5), ZOOM, ZOOM, fill=False, color=zoom.colour, lw=0.8)
+        )
+        crop = np.asarray(image)[r0 : r0 + ZOOM, c0 : c0 + ZOOM]
+        big = np.repeat(np.repeat(crop, ZOOM_FACTOR, axis=0), ZOOM_FACTOR, axis=1)
+        ax.imshow(
+            big, cmap="gray", vmin=zoom.window[0], vmax=zoom.window[1], interpolation="nearest"
+        )
+        ax.set_title(f"{zoom.label} ({r0},{c0}) x{ZOOM_FACTOR}", fontsize=6)
 
 
 def _montage(

@@ -1,40 +1,97 @@
-"""``mr2nst train-refiner``: train the refiner on a site's own images.
+"""Train the refiner on a site's own images: the work of ``mr2nst train-refiner``.
 
-See METHOD.md "Refiner training".
-
-1. Check every file first: sources must come from a manufacturer matching
-   ``--source-manufacturer`` (default ``GE*``), targets from ``--target-manufacturer``
-   (default ``UIH*``), and both must be CC or MLO views. The first file that does not fit
-   stops the command (exit 2) with one line naming the file and what was found.
-2. Compute what the refiner mixes (the scales S0..S{n-1}, or their frequency bands with
-   ``engine.merge = "bands"``) for every source with the engine exactly as the node's
-   ``mr2nst`` method does (same segmentation, bank references, robust scaling), and cache
-   them as ``.npy`` under ``--cache`` (default ``OUT.parent/refiner-cache``), in a folder
-   keyed by the method's fingerprint (engine settings, weights id, references, bank) and
-   files named by SOP Instance UID. Finished sources are skipped on a rerun; files are
-   written atomically, so an interrupted run leaves no half-written cache entry.
-3. Train R against D (:mod:`mr2nst.core.lab.refiner_train`) for ``--epochs`` epochs in total.
-   After every epoch the full training state goes to ``OUT.state`` (for ``--resume``)
-   and the refiner so far to ``OUT`` (with the engine expectation and training metadata),
-   so ``engine.refiner = OUT`` works after any finished epoch.
+The inputs are checked first (vendor and view of every file), then the scales the refiner
+mixes are computed for every source with the node's own ``mr2nst`` method and cached,
+then R is trained against D (:mod:`mr2nst.core.lab.refiner_train`), with a checkpoint
+after every epoch. docs/operations.md, "Training the refiner", describes the command,
+its cache and the files it writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from mr2nst.node.errors import UsageError
+from mr2nst.node.files import atomic_write
 
 CROPS_PER_SOURCE = 16  # crops of each source per epoch when --steps is not given
 VIEWS = ("CC", "MLO")
 STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RefinerTrainingSettings:
+    """One ``mr2nst train-refiner`` run: its command-line options.
+
+    ``source``, ``target``, ``config`` and ``d_weights`` are kept as given, since the
+    messages quote them.
+    """
+
+    source: str
+    target: str
+    out: Path
+    config: str | None = None
+    epochs: int = 10
+    resume: bool = False
+    seed: int = 0
+    crop: int = 256
+    batch: int = 8
+    steps: int = 0  # 0: CROPS_PER_SOURCE crops per source image
+    lr_g: float = 1e-3
+    lr_d: float = 1e-4
+    cache: Path | None = None  # None: OUT.parent/refiner-cache
+    source_manufacturer: str = "GE*"
+    target_manufacturer: str = "UIH*"
+    d_weights: str | None = None
+    progress: bool = False  # progress bars on stderr
+
+    @property
+    def state_path(self) -> Path:
+        """Where the full training state goes (``OUT.state``)."""
+        return self.out.with_name(self.out.name + ".state")
+
+    @property
+    def cache_dir(self) -> Path:
+        """The scale cache: ``cache``, or ``OUT.parent/refiner-cache``."""
+        return self.cache if self.cache is not None else self.out.parent / "refiner-cache"
+
+
+def train_refiner(settings: RefinerTrainingSettings) -> None:
+    """Train the refiner as ``mr2nst train-refiner`` does and print its progress.
+
+    Args:
+        settings: the run's options.
+
+    Raises:
+        UsageError: an input, setting or saved state that does not fit (exit 2, one line).
+        ConfigError: the node config is invalid.
+    """
+    from mr2nst.node.config import load_config
+
+    _check_numbers(settings)
+    config = load_config(settings.config)
+    if settings.state_path.exists() and not settings.resume:
+        raise _usage(
+            f"{settings.state_path} exists: pass --resume to continue that run, "
+            "or delete it to start over"
+        )
+    sources = _inputs(settings.source, "source", settings.source_manufacturer)
+    targets = _inputs(settings.target, "target", settings.target_manufacturer)
+    setup = _Setup.build(config, settings)
+    src_images, tgt_images = _cached_images(settings, setup, sources, targets)
+    plan = _plan(settings, setup, sources, targets, src_images + tgt_images)
+    state = _start_state(settings, setup, plan)
+    _train(settings, setup, plan, state, src_images, tgt_images)
+
+
+# -- inputs and checks --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -43,10 +100,15 @@ class _Input:
     uid: str
 
 
-def _usage(message: str) -> Exception:
-    from mr2nst.node.errors import UsageError
-
+def _usage(message: str) -> UsageError:
     return UsageError(f"train-refiner: {message}")
+
+
+def _check_numbers(settings: RefinerTrainingSettings) -> None:
+    if settings.epochs < 1:
+        raise _usage("--epochs must be >= 1")
+    if settings.steps < 0:
+        raise _usage("--steps must be >= 0")
 
 
 def _inputs(folder: str, role: str, glob: str) -> list[_Input]:
@@ -82,28 +144,61 @@ def _inputs(folder: str, role: str, glob: str) -> list[_Input]:
     return out
 
 
+def _d_weights(path: str | None) -> Any:
+    """The ImageNet resnet18 state dict of ``--d-weights``, or None."""
+    import torch
+
+    if not path:
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # edge: missing or unreadable file
+        raise _usage(f"--d-weights {path}: cannot read ({exc.__class__.__name__})") from None
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The engine and method the scales come from, and what they fix for the refiner."""
+
+    method: Any  # Mr2nstMethod, keeping its last run
+    core: Any  # the engine's EngineConfig
+    expected: dict[str, Any]  # the engine's refiner expectation
+    key: str  # the scale cache's key: a hash of the method's fingerprint
+    imagenet: Any  # D's ImageNet initialisation, or None
+
+    @classmethod
+    def build(cls, config: Any, settings: RefinerTrainingSettings) -> _Setup:
+        """Check the bank, read ``--d-weights``, then build the engine and the method."""
+        from mr2nst.bank.bank import Bank
+        from mr2nst.core.engine import Mr2nstEngine
+        from mr2nst.node.methods.mr2nst import Mr2nstMethod
+        from mr2nst.node.methods.weights import ensure_weights
+        from mr2nst.node.version import VERSION
+
+        bank = Bank(config.bank.path)
+        if not bank.entries():
+            raise _usage(
+                f"bank {config.bank.path} has no references (add UIH images with `mr2nst bank add`)"
+            )
+        imagenet = _d_weights(settings.d_weights)
+        weights = ensure_weights(config.engine)
+        core = replace(config.engine.core(), weights=weights or "")
+        engine = Mr2nstEngine(core)  # untrained refiner: the scales come before it
+        method = Mr2nstMethod(
+            engine, bank, config.engine.references, config.bank.allow_fewer, VERSION
+        )
+        method.keep_last = True  # the scales of each call are read from method.last
+        key = hashlib.sha256(method.fingerprint().encode()).hexdigest()[:16]
+        return cls(method, core, engine.refiner_expectation(), key, imagenet)
+
+
+# -- the cache of scales ------------------------------------------------------------------------
+
+
 def _save_npy(path: Path, array: Any) -> None:
     import numpy as np
 
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-class _Recorder:
-    """Wraps the engine so the method's own ``transfer`` call can be observed."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self.last: tuple[Any, Any] | None = None  # (EngineResult, mask)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def transfer(self, content: Any, content_mask: Any, references: Any, **kw: Any) -> Any:
-        result = self._engine.transfer(content, content_mask, references, **kw)
-        self.last = (result, content_mask)
-        return result
+    atomic_write(path, lambda fh: np.save(fh, array))
 
 
 def _decode(path: Path) -> Any:
@@ -118,8 +213,30 @@ def _decode(path: Path) -> Any:
         raise _usage(f"{path}: {exc}") from None
 
 
+def _cached_images(
+    settings: RefinerTrainingSettings,
+    setup: _Setup,
+    sources: list[_Input],
+    targets: list[_Input],
+) -> tuple[list[Any], list[Any]]:
+    """The sources' scales and the scaled targets, computed where the cache lacks them."""
+    from mr2nst.node.version import VERSION
+
+    cache = settings.cache_dir
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    folder = cache / f"scales-{setup.key}"
+    src_images, computed = _source_scales(sources, setup.method, folder, settings.progress)
+    print(
+        f"scales of {len(sources)} sources: {computed} computed, {len(sources) - computed} "
+        f"from the cache ({folder})"
+    )
+    tgt_key = hashlib.sha256(f"targets:{VERSION}".encode()).hexdigest()[:12]
+    tgt_images = _target_images(targets, cache / f"targets-{tgt_key}", settings.progress)
+    return src_images, tgt_images
+
+
 def _source_scales(
-    inputs: list[_Input], method: Any, recorder: _Recorder, folder: Path, progress: bool
+    inputs: list[_Input], method: Any, folder: Path, progress: bool
 ) -> tuple[list[Any], int]:
     """(TrainImages of S0.., number computed now); the rest come from the cache."""
     import numpy as np
@@ -139,9 +256,9 @@ def _source_scales(
                 method(decoded.image, decoded.info)
             except PixelError as exc:  # e.g. no pixel spacing to measure the breast with
                 raise _usage(f"{item.path}: {exc}") from None
-            assert recorder.last is not None
-            result, mask = recorder.last
-            _save_npy(mask_path, np.asarray(mask, dtype=np.bool_))
+            assert method.last is not None
+            prepared, result = method.last
+            _save_npy(mask_path, np.asarray(prepared.mask, dtype=np.bool_))
             _save_npy(scales_path, np.stack(result.merge_inputs).astype(np.float32))
             computed += 1
         images.append(
@@ -178,12 +295,75 @@ def _target_images(inputs: list[_Input], folder: Path, progress: bool) -> list[A
     return images
 
 
-def _atomic_torch_save(value: Any, path: Path) -> None:
-    import torch
+# -- the training plan and state ----------------------------------------------------------------
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the run trains with; ``record`` is saved with the state and checked on resume."""
+
+    train: Any  # TrainSettings
+    steps: int  # per epoch
+    record: dict[str, Any]
+    sources: int
+    targets: int
+
+
+def _plan(
+    settings: RefinerTrainingSettings,
+    setup: _Setup,
+    sources: list[_Input],
+    targets: list[_Input],
+    images: list[Any],
+) -> _Plan:
+    """The crop (at most the smallest image side), the training settings and steps."""
+    from mr2nst.core.lab.refiner_train import TrainSettings
+
+    smallest = min(min(im.mask.shape) for im in images)
+    crop = min(settings.crop, smallest)
+    if crop < 32:
+        raise _usage(f"the smallest image side is {smallest} pixels; crops need at least 32")
+    if crop < settings.crop:
+        print(
+            f"crop {settings.crop} is larger than the smallest image side; using {crop}",
+            file=sys.stderr,
+        )
+    try:
+        train = TrainSettings(
+            crop=crop,
+            batch=settings.batch,
+            lr_g=settings.lr_g,
+            lr_d=settings.lr_d,
+            seed=settings.seed,
+        )
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    steps = settings.steps or max(1, math.ceil(len(sources) * CROPS_PER_SOURCE / train.batch))
+    record = {
+        "settings": train.to_dict(),
+        "steps": steps,
+        "sources": [s.uid for s in sources],
+        "targets": [t.uid for t in targets],
+        "scales_key": setup.key,
+        "d_init": Path(settings.d_weights).name if settings.d_weights else "",
+    }
+    return _Plan(train, steps, record, len(sources), len(targets))
+
+
+def _start_state(settings: RefinerTrainingSettings, setup: _Setup, plan: _Plan) -> Any:
+    """The saved state with ``--resume`` (when there is one), else a fresh one."""
+    from mr2nst.core.engine import resolved_device
+    from mr2nst.core.lab.refiner_train import TrainState
+
+    device = resolved_device(setup.core)
+    if settings.resume and settings.state_path.exists():
+        state = _load_state(settings.state_path, setup.expected, plan.record, device)
+        print(f"resuming after epoch {state.epoch} (step {state.step}) from {settings.state_path}")
+        return state
+    try:
+        return TrainState.create(len(setup.core.grids), plan.train, setup.imagenet, device=device)
+    except ValueError as exc:  # --d-weights is not a resnet18 state dict
+        raise _usage(f"--d-weights {settings.d_weights}: {exc}") from None
 
 
 def _load_state(path: Path, expected: dict[str, Any], run: dict[str, Any], device: Any) -> Any:
@@ -213,6 +393,40 @@ def _load_state(path: Path, expected: dict[str, Any], run: dict[str, Any], devic
     return state
 
 
+# -- the training loop and checkpoints ----------------------------------------------------------
+
+
+def _train(
+    settings: RefinerTrainingSettings,
+    setup: _Setup,
+    plan: _Plan,
+    state: Any,
+    src_images: list[Any],
+    tgt_images: list[Any],
+) -> None:
+    """Train up to ``settings.epochs``, saving state and refiner after every epoch."""
+    from mr2nst.core.lab.refiner_train import train_epoch
+
+    out = settings.out
+    while state.epoch < settings.epochs:
+        bar, update = _epoch_bar(settings.progress, state.epoch, settings.epochs, plan.steps)
+        try:
+            means = train_epoch(state, src_images, tgt_images, plan.steps, progress=update)
+        finally:
+            bar.close()
+        _save_state(settings.state_path, state, setup.expected, plan.record)
+        _save_refiner(out, state, setup.expected, _training_info(plan, state))
+        print(
+            f"epoch {state.epoch}/{settings.epochs}: loss_d {means['loss_d']:.4f} "
+            f"loss_g {means['loss_g']:.4f} D(real) {means['d_real']:.3f} "
+            f"D(fake) {means['d_fake']:.3f}; saved {out}",
+            flush=True,
+        )
+    if not out.exists():  # resumed a run that had already reached --epochs
+        _save_refiner(out, state, setup.expected, _training_info(plan, state))
+    print(f"refiner trained for {state.epoch} epochs ({state.step} steps): {out}")
+
+
 def _epoch_bar(
     progress: bool, epoch: int, epochs: int, steps: int
 ) -> tuple[Any, Callable[[Any], None]]:
@@ -232,146 +446,47 @@ def _epoch_bar(
     return bar, update
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from mr2nst.bank.bank import Bank
-    from mr2nst.core.engine import Mr2nstEngine, resolved_device
-    from mr2nst.core.lab.refiner_train import TrainSettings, TrainState, train_epoch
-    from mr2nst.core.refiner import save_refiner
-    from mr2nst.node.config import load_config
-    from mr2nst.node.methods.mr2nst import Mr2nstMethod
-    from mr2nst.node.methods.weights import ensure_weights
+def _training_info(plan: _Plan, state: Any) -> dict[str, Any]:
+    """The checkpoint's ``training`` metadata."""
     from mr2nst.node.version import VERSION
 
-    if args.epochs < 1:
-        raise _usage("--epochs must be >= 1")
-    if args.steps < 0:
-        raise _usage("--steps must be >= 0")
-    progress = sys.stderr.isatty()
-    config = load_config(args.config)
-    out = Path(args.out)
-    state_path = out.with_name(out.name + ".state")
-    if state_path.exists() and not args.resume:
-        raise _usage(
-            f"{state_path} exists: pass --resume to continue that run, or delete it to start over"
-        )
-    sources = _inputs(args.source, "source", args.source_manufacturer)
-    targets = _inputs(args.target, "target", args.target_manufacturer)
-    bank = Bank(config.bank.path)
-    if not bank.entries():
-        raise _usage(
-            f"bank {config.bank.path} has no references (add UIH images with `mr2nst bank add`)"
-        )
-    imagenet = None
-    if args.d_weights:
-        try:
-            imagenet = torch.load(args.d_weights, map_location="cpu", weights_only=True)
-        except Exception as exc:  # edge: missing or unreadable file
-            raise _usage(
-                f"--d-weights {args.d_weights}: cannot read ({exc.__class__.__name__})"
-            ) from None
-
-    weights = ensure_weights(config.engine)
-    core = replace(config.engine.core(), weights=weights or "")
-    recorder = _Recorder(Mr2nstEngine(core))  # untrained refiner: the scales come before it
-    method = Mr2nstMethod(
-        recorder,
-        bank,
-        config.engine.references,  # type: ignore[arg-type, unused-ignore]
-        config.bank.allow_fewer,
-        VERSION,
-    )
-    expected = recorder.refiner_expectation()
-    key = hashlib.sha256(method.fingerprint().encode()).hexdigest()[:16]
-    cache = Path(args.cache) if args.cache else out.parent / "refiner-cache"
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    src_images, computed = _source_scales(
-        sources, method, recorder, cache / f"scales-{key}", progress
-    )
-    print(
-        f"scales of {len(sources)} sources: {computed} computed, {len(sources) - computed} "
-        f"from the cache ({cache / f'scales-{key}'})"
-    )
-    tgt_key = hashlib.sha256(f"targets:{VERSION}".encode()).hexdigest()[:12]
-    tgt_images = _target_images(targets, cache / f"targets-{tgt_key}", progress)
-
-    smallest = min(min(im.mask.shape) for im in src_images + tgt_images)
-    crop = min(args.crop, smallest)
-    if crop < 32:
-        raise _usage(f"the smallest image side is {smallest} pixels; crops need at least 32")
-    if crop < args.crop:
-        print(
-            f"crop {args.crop} is larger than the smallest image side; using {crop}",
-            file=sys.stderr,
-        )
-    try:
-        settings = TrainSettings(
-            crop=crop, batch=args.batch, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed
-        )
-    except ValueError as exc:
-        raise _usage(str(exc)) from None
-    steps = args.steps or max(1, math.ceil(len(sources) * CROPS_PER_SOURCE / settings.batch))
-    run = {
-        "settings": settings.to_dict(),
-        "steps": steps,
-        "sources": [s.uid for s in sources],
-        "targets": [t.uid for t in targets],
-        "scales_key": key,
-        "d_init": Path(args.d_weights).name if args.d_weights else "",
+    d_init = plan.record["d_init"]
+    return {
+        "mr2nst_version": VERSION,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "steps_per_epoch": plan.steps,
+        "settings": plan.train.to_dict(),
+        "generator_loss": "non-saturating -log D(R(S))",
+        "discriminator": "resnet18, 1 channel, "
+        + (f"ImageNet init from {d_init}" if d_init else "random init"),
+        "sources": plan.sources,
+        "targets": plan.targets,
+        "scales_key": plan.record["scales_key"],
+        "history": [dict(h) for h in state.history],
     }
-    device = resolved_device(core)
-    if args.resume and state_path.exists():
-        state = _load_state(state_path, expected, run, device)
-        print(f"resuming after epoch {state.epoch} (step {state.step}) from {state_path}")
-    else:
-        try:
-            state = TrainState.create(len(core.grids), settings, imagenet, device=device)
-        except ValueError as exc:  # --d-weights is not a resnet18 state dict
-            raise _usage(f"--d-weights {args.d_weights}: {exc}") from None
 
-    def training_info() -> dict[str, Any]:
-        return {
-            "mr2nst_version": VERSION,
-            "epochs": state.epoch,
-            "steps": state.step,
-            "steps_per_epoch": steps,
-            "settings": settings.to_dict(),
-            "generator_loss": "non-saturating -log D(R(S))",
-            "discriminator": "resnet18, 1 channel, "
-            + (f"ImageNet init from {run['d_init']}" if run["d_init"] else "random init"),
-            "sources": len(sources),
-            "targets": len(targets),
-            "scales_key": key,
-            "history": [dict(h) for h in state.history],
-        }
 
-    while state.epoch < args.epochs:
-        bar, update = _epoch_bar(progress, state.epoch, args.epochs, steps)
-        try:
-            means = train_epoch(state, src_images, tgt_images, steps, progress=update)
-        finally:
-            bar.close()
-        _atomic_torch_save(
-            {
-                "format": STATE_FORMAT,
-                "train": state.state_dict(),
-                "expectation": expected,
-                "run": run,
-            },
-            state_path,
-        )
-        tmp = out.with_name(out.name + ".tmp")
-        save_refiner(state.refiner, tmp, expected, training=training_info())
-        os.replace(tmp, out)
-        print(
-            f"epoch {state.epoch}/{args.epochs}: loss_d {means['loss_d']:.4f} "
-            f"loss_g {means['loss_g']:.4f} D(real) {means['d_real']:.3f} "
-            f"D(fake) {means['d_fake']:.3f}; saved {out}",
-            flush=True,
-        )
-    if not out.exists():  # resumed a run that had already reached --epochs
-        save_refiner(state.refiner, out, expected, training=training_info())
-    print(f"refiner trained for {state.epoch} epochs ({state.step} steps): {out}")
-    return 0
+def _save_state(path: Path, state: Any, expected: dict[str, Any], run: dict[str, Any]) -> None:
+    """``OUT.state``: everything ``--resume`` needs, written atomically."""
+    import torch
+
+    value = {
+        "format": STATE_FORMAT,
+        "train": state.state_dict(),
+        "expectation": expected,
+        "run": run,
+    }
+    atomic_write(path, lambda fh: torch.save(value, fh))
+
+
+def _save_refiner(out: Path, state: Any, expected: dict[str, Any], info: dict[str, Any]) -> None:
+    """The refiner so far, written atomically."""
+    from mr2nst.core.refiner import save_refiner
+
+    def write(fh: BinaryIO) -> None:
+        # save_refiner takes a path: it writes the temporary file by name, and
+        # atomic_write's fsync covers that (fsync flushes the file, whichever descriptor wrote).
+        save_refiner(state.refiner, fh.name, expected, training=info)
+
+    atomic_write(out, write)

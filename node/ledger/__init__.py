@@ -1,10 +1,20 @@
 """The ledger: one row per received instance and per delivery, the node's durable memory.
 
-``store`` holds the operations, ``schema`` the tables and migrations, ``states`` the state
-names. Everything outside this package imports from here.
+``store`` holds the operations (``admin`` those of ``mr2nst queue`` and cleanup),
+``records`` what goes in and comes out, ``schema`` the tables and migrations, ``states``
+the state names. Everything outside this package imports from here.
 """
 
+from mr2nst.node.ledger.records import Clock, DeliveryJob, Job, Received
 from mr2nst.node.ledger.states import DeliveryState, InstanceState
-from mr2nst.node.ledger.store import DeliveryJob, Job, Ledger, Received
+from mr2nst.node.ledger.store import Ledger
 
-__all__ = ["DeliveryJob", "DeliveryState", "InstanceState", "Job", "Ledger", "Received"]
+__all__ = [
+    "Clock",
+    "DeliveryJob",
+    "DeliveryState",
+    "InstanceState",
+    "Job",
+    "Ledger",
+    "Received",
+]

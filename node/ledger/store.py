@@ -10,74 +10,44 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    GenerativeSelect,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from mr2nst.node.errors import LedgerError
+from mr2nst.node.ledger.admin import LedgerAdmin
+from mr2nst.node.ledger.records import (
+    Clock,
+    DeliveryJob,
+    Job,
+    Received,
+    delivery_job_from_row,
+    job_from_row,
+)
 from mr2nst.node.ledger.schema import deliveries, instances, migrate
 from mr2nst.node.ledger.states import DeliveryState, InstanceState
 
-Clock = Callable[[], float]
+_Select = TypeVar("_Select", bound=GenerativeSelect)
 
 
-@dataclass(frozen=True)
-class Received:
-    """What the SCP records for one received instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax: str
-    calling_ae: str
-    called_ae: str
-    peer: str
-    route: str | None
-    action: str
-    method: str | None
-    destinations: tuple[str, ...]
-    state: str
-    spool_path: str | None
-
-
-@dataclass(frozen=True)
-class Job:
-    """A claimed processing job."""
-
-    id: int
-    action: str
-    method: str | None
-    route: str | None
-    spool_path: str
-    destinations: tuple[str, ...]
-    attempts: int
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    calling_ae: str
-    received_at: float
-
-
-@dataclass(frozen=True)
-class DeliveryJob:
-    """A claimed delivery: send ``path`` to ``destination``."""
-
-    id: int
-    instance_id: int
-    destination: str
-    attempts: int
-    path: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    route: str | None
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    """On each new SQLite connection: WAL, durable commits, a busy timeout, foreign keys."""
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed transaction survives power loss, which an acknowledged C-STORE needs.
@@ -87,8 +57,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-class Ledger:
-    """Operations on the ledger. Thread-safe; share one per process."""
+class Ledger(LedgerAdmin):
+    """Operations on the ledger. Thread-safe; share one per process.
+
+    Args:
+        engine: the SQLAlchemy engine of a migrated ledger (see :meth:`open`).
+        clock: the time source of every timestamp, lease and retry time.
+    """
 
     def __init__(self, engine: Engine, clock: Clock = time.time) -> None:
         self.engine = engine
@@ -98,7 +73,14 @@ class Ledger:
     def open(cls, url: str, clock: Clock = time.time) -> Ledger:
         """Connect, apply pending migrations and return the ledger.
 
-        ``postgresql://`` URLs use psycopg 3 (the ``postgres`` extra).
+        Args:
+            url: a SQLAlchemy URL; ``postgresql://`` URLs use psycopg 3 (the ``postgres``
+                extra).
+            clock: the time source (see :class:`Ledger`).
+
+        Raises:
+            LedgerError: the URL is unusable, the database cannot be opened, or its schema
+                is unknown or newer than this mr2nst's.
         """
         if url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -123,12 +105,17 @@ class Ledger:
         return cls(engine, clock)
 
     def close(self) -> None:
+        """Close the ledger's connections."""
         self.engine.dispose()
 
     # -- receive ---------------------------------------------------------------------
 
     def record(self, rec: Received) -> int:
-        """Insert the row for a received instance in one transaction; return its job id."""
+        """Insert the row for a received instance in one transaction.
+
+        Returns:
+            The instance's job id.
+        """
         now = self.clock()
         values = {k: v for k, v in rec.__dict__.items() if k != "destinations"}
         with self.engine.begin() as conn:
@@ -147,13 +134,25 @@ class Ledger:
 
     # -- processing jobs -------------------------------------------------------------
 
-    def _locked(self, stmt: Any) -> Any:
+    def _locked(self, stmt: _Select) -> _Select:
+        """``stmt`` with ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL)."""
         if self.engine.dialect.name == "postgresql":
             return stmt.with_for_update(skip_locked=True)
         return stmt
 
     def claim_job(self, owner: str, lease_s: float) -> Job | None:
-        """Atomically take the oldest runnable job: ``received`` -> ``processing``."""
+        """Atomically take the oldest runnable job: ``received`` -> ``processing``.
+
+        Runnable: ``received`` and not waiting for a retry, or ``processing`` under a lease
+        that ran out (its worker died).
+
+        Args:
+            owner: who holds the lease (host, process, worker).
+            lease_s: how long the lease lasts unless renewed.
+
+        Returns:
+            The claimed job (``attempts`` counts this one), or None when none is runnable.
+        """
         now = self.clock()
         runnable = or_(
             and_(
@@ -187,23 +186,11 @@ class Ledger:
                     )
                 ).rowcount
                 if claimed == 1:
-                    return Job(
-                        id=row["id"],
-                        action=row["action"],
-                        method=row["method"],
-                        route=row["route"],
-                        spool_path=row["spool_path"] or "",
-                        destinations=tuple(json.loads(row["destinations"])),
-                        attempts=row["attempts"] + 1,
-                        study_uid=row["study_uid"],
-                        series_uid=row["series_uid"],
-                        sop_instance_uid=row["sop_instance_uid"],
-                        calling_ae=row["calling_ae"],
-                        received_at=row["received_at"],
-                    )
+                    return job_from_row(row)
         return None
 
-    def _owned(self, job_id: int, owner: str) -> Any:
+    def _owned(self, job_id: int, owner: str) -> ColumnElement[bool]:
+        """The job row while ``owner`` holds its lease."""
         return and_(
             instances.c.id == job_id,
             instances.c.state == InstanceState.PROCESSING,
@@ -211,6 +198,17 @@ class Ledger:
         )
 
     def renew_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease on a job it is processing to ``lease_s`` from now.
+
+        Args:
+            job_id: the claimed job.
+            owner: the lease holder given to :meth:`claim_job`.
+            lease_s: seconds from now until the lease runs out.
+
+        Returns:
+            False when ``owner`` no longer holds the job (the lease ran out and another
+            worker claimed it); its result must then not be recorded.
+        """
         now = self.clock()
         with self.engine.begin() as conn:
             return bool(
@@ -231,7 +229,13 @@ class Ledger:
         out_sop_uid: str | None,
         destinations: Sequence[str],
     ) -> bool:
-        """Record the output and create one pending delivery per destination, atomically."""
+        """Record the output and create one pending delivery per destination, atomically.
+
+        The job becomes ``transformed`` (``done`` when there is no destination).
+
+        Returns:
+            False when ``owner`` lost the lease; nothing is recorded then.
+        """
         now = self.clock()
         with self.engine.begin() as conn:
             done = conn.execute(
@@ -272,8 +276,20 @@ class Ledger:
         permanent: bool,
         max_attempts: int,
         retry_in_s: float,
-    ) -> str:
-        """Give up (``failed``) or requeue after ``retry_in_s``. Returns the new state."""
+    ) -> InstanceState:
+        """Give up on a job (``failed``) or requeue it to run after ``retry_in_s``.
+
+        Args:
+            job_id: the claimed job.
+            owner: the lease holder.
+            error: why it failed (stored, cut to 2000 characters).
+            permanent: retrying cannot help: fail at once.
+            max_attempts: fail once this many attempts were made.
+            retry_in_s: delay before a requeued job is runnable again.
+
+        Returns:
+            The new state: ``failed`` or ``received``.
+        """
         now = self.clock()
         with self.engine.begin() as conn:
             attempts = (
@@ -301,7 +317,14 @@ class Ledger:
     def set_paths(
         self, job_id: int, *, spool_path: str | None = None, output_path: str | None = None
     ) -> None:
-        values: dict[str, Any] = {"updated_at": self.clock()}
+        """Record where a job's files lie now (e.g. its source after a move to dead/).
+
+        Args:
+            job_id: the instance.
+            spool_path: the received file's new path; None leaves it as it is.
+            output_path: the output file's new path; None leaves it as it is.
+        """
+        values: dict[str, object] = {"updated_at": self.clock()}
         if spool_path is not None:
             values["spool_path"] = spool_path
         if output_path is not None:
@@ -329,7 +352,20 @@ class Ledger:
     def claim_deliveries(
         self, owner: str, limit: int, lease_s: float, exclude: Iterable[int] = ()
     ) -> list[DeliveryJob]:
-        """Atomically take up to ``limit`` due deliveries: -> ``sending``."""
+        """Atomically take up to ``limit`` due deliveries: -> ``sending``.
+
+        Due: ``pending``, or ``failed`` and past its retry time, or ``sending`` under a lease
+        that ran out.
+
+        Args:
+            owner: who holds the leases.
+            limit: at most this many.
+            lease_s: how long each lease lasts.
+            exclude: delivery ids not to take (being sent in this process).
+
+        Returns:
+            The claimed deliveries, oldest due first (``attempts`` counts this one).
+        """
         now = self.clock()
         due = or_(
             and_(
@@ -338,32 +374,14 @@ class Ledger:
             ),
             and_(deliveries.c.state == DeliveryState.SENDING, deliveries.c.lease_until < now),
         )
+        candidates = self._locked(
+            _DELIVERY_COLUMNS.where(due, deliveries.c.id.not_in(list(exclude)))
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            .limit(limit)
+        )
         claimed: list[DeliveryJob] = []
         with self.engine.begin() as conn:
-            rows = (
-                conn.execute(
-                    self._locked(
-                        select(
-                            deliveries.c.id,
-                            deliveries.c.instance_id,
-                            deliveries.c.destination,
-                            deliveries.c.attempts,
-                            instances.c.output_path,
-                            instances.c.sop_instance_uid,
-                            instances.c.study_uid,
-                            instances.c.series_uid,
-                            instances.c.route,
-                        )
-                        .join(instances, instances.c.id == deliveries.c.instance_id)
-                        .where(due, deliveries.c.id.not_in(list(exclude)))
-                        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-                        .limit(limit)
-                    )
-                )
-                .mappings()
-                .all()
-            )
-            for row in rows:
+            for row in conn.execute(candidates).mappings().all():
                 got = conn.execute(
                     update(deliveries)
                     .where(deliveries.c.id == row["id"], due)
@@ -376,19 +394,7 @@ class Ledger:
                     )
                 ).rowcount
                 if got == 1:
-                    claimed.append(
-                        DeliveryJob(
-                            id=row["id"],
-                            instance_id=row["instance_id"],
-                            destination=row["destination"],
-                            attempts=row["attempts"] + 1,
-                            path=row["output_path"] or "",
-                            sop_instance_uid=row["sop_instance_uid"],
-                            study_uid=row["study_uid"],
-                            series_uid=row["series_uid"],
-                            route=row["route"],
-                        )
-                    )
+                    claimed.append(delivery_job_from_row(row))
         return claimed
 
     def mark_sent(self, delivery_id: int, status: int) -> None:
@@ -427,8 +433,12 @@ class Ledger:
 
     def mark_delivery_failed(
         self, delivery_id: int, status: int | None, error: str, retry_at: float | None
-    ) -> str:
-        """Schedule a retry at ``retry_at``, or make the delivery ``dead`` when it is None."""
+    ) -> DeliveryState:
+        """Schedule a retry at ``retry_at``, or make the delivery ``dead`` when it is None.
+
+        Returns:
+            The new state: ``failed`` (a retry is scheduled) or ``dead``.
+        """
         state = DeliveryState.FAILED if retry_at is not None else DeliveryState.DEAD
         with self.engine.begin() as conn:
             conn.execute(
@@ -461,177 +471,19 @@ class Ledger:
                 )
             )
 
-    # -- admin (mr2nst queue) --------------------------------------------------------
 
-    def retry(self, ids: Sequence[int] = ()) -> int:
-        """Revive dead deliveries and failed jobs (all, or the given job ids)."""
-        now = self.clock()
-        with self.engine.begin() as conn:
-            dq = update(deliveries).where(deliveries.c.state == DeliveryState.DEAD)
-            jq = update(instances).where(
-                instances.c.state == InstanceState.FAILED, instances.c.spool_path.is_not(None)
-            )
-            if ids:
-                dq = dq.where(deliveries.c.instance_id.in_(ids))
-                jq = jq.where(instances.c.id.in_(ids))
-            n = conn.execute(
-                dq.values(
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    error=None,
-                    updated_at=now,
-                )
-            ).rowcount
-            n += conn.execute(
-                jq.values(
-                    state=InstanceState.RECEIVED,
-                    attempts=0,
-                    lease_until=None,
-                    error=None,
-                    updated_at=now,
-                )
-            ).rowcount
-            if n:
-                conn.execute(
-                    update(instances)
-                    .where(
-                        instances.c.id.in_(
-                            select(deliveries.c.instance_id).where(
-                                deliveries.c.state == DeliveryState.PENDING
-                            )
-                        )
-                    )
-                    .where(instances.c.state == InstanceState.DONE)
-                    .values(state=InstanceState.TRANSFORMED, updated_at=now)
-                )
-        return int(n)
-
-    def purge(self, ids: Sequence[int] = ()) -> list[dict[str, Any]]:
-        """Give up dead deliveries and failed jobs for good; return the rows whose files may go."""
-        now = self.clock()
-        with self.engine.begin() as conn:
-            dq = update(deliveries).where(deliveries.c.state == DeliveryState.DEAD)
-            jq = select(instances.c.id).where(instances.c.state == InstanceState.FAILED)
-            if ids:
-                dq = dq.where(deliveries.c.instance_id.in_(ids))
-                jq = jq.where(instances.c.id.in_(ids))
-            conn.execute(dq.values(state=DeliveryState.PURGED, updated_at=now))
-            job_ids = [r[0] for r in conn.execute(jq)]
-            conn.execute(
-                update(instances)
-                .where(instances.c.id.in_(job_ids))
-                .values(error="purged by admin", updated_at=now)
-            )
-        return self.settled_files(older_than=now + 1, only_ids=ids, include_failed=True)
-
-    def settled_files(
-        self, older_than: float, only_ids: Sequence[int] = (), include_failed: bool = False
-    ) -> list[dict[str, Any]]:
-        """Instances whose files are no longer needed and were last touched before ``older_than``.
-
-        Failed jobs keep their file in dead/ until an admin purges them (``include_failed``).
-        """
-        states = (InstanceState.DONE, InstanceState.TRANSFORMED, InstanceState.UNROUTED) + (
-            (InstanceState.FAILED,) if include_failed else ()
-        )
-        open_deliveries = select(deliveries.c.instance_id).where(
-            deliveries.c.state.in_(
-                (
-                    DeliveryState.PENDING,
-                    DeliveryState.SENDING,
-                    DeliveryState.FAILED,
-                    DeliveryState.DEAD,
-                )
-            )
-        )
-        query = select(instances.c.id, instances.c.spool_path, instances.c.output_path).where(
-            instances.c.state.in_(states),
-            instances.c.updated_at < older_than,
-            instances.c.id.not_in(open_deliveries),
-            or_(instances.c.spool_path.is_not(None), instances.c.output_path.is_not(None)),
-        )
-        if only_ids:
-            query = query.where(instances.c.id.in_(only_ids))
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
-
-    def forget_paths(self, job_ids: Sequence[int]) -> None:
-        """Record that the files of these instances were removed."""
-        if not job_ids:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(instances)
-                .where(instances.c.id.in_(job_ids))
-                .values(spool_path=None, output_path=None)
-            )
-
-    def queue(self, include_done: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
-        """Instances with their deliveries, newest first; unfinished ones unless include_done."""
-        query = select(instances).order_by(instances.c.id.desc()).limit(limit)
-        if not include_done:
-            query = query.where(
-                instances.c.state.in_(
-                    (
-                        InstanceState.RECEIVED,
-                        InstanceState.PROCESSING,
-                        InstanceState.TRANSFORMED,
-                        InstanceState.FAILED,
-                    )
-                )
-            )
-        with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(query).mappings()]
-            ids = [r["id"] for r in rows]
-            dels = (
-                conn.execute(
-                    select(deliveries)
-                    .where(deliveries.c.instance_id.in_(ids))
-                    .order_by(deliveries.c.id)
-                )
-                .mappings()
-                .all()
-            )
-        by_instance: dict[int, list[dict[str, Any]]] = {}
-        for d in dels:
-            by_instance.setdefault(d["instance_id"], []).append(
-                {
-                    k: d[k]
-                    for k in (
-                        "id",
-                        "destination",
-                        "state",
-                        "attempts",
-                        "next_attempt_at",
-                        "last_status",
-                        "error",
-                    )
-                }
-            )
-        for r in rows:
-            r["destinations"] = json.loads(r["destinations"])
-            r["deliveries"] = by_instance.get(r["id"], [])
-        return rows
-
-    def counts(self) -> dict[str, int]:
-        """Number of instances per state and deliveries per state (keys ``delivery_<state>``)."""
-        with self.engine.connect() as conn:
-            out = {
-                s: int(n)
-                for s, n in conn.execute(
-                    select(instances.c.state, func.count()).group_by(instances.c.state)
-                )
-            }
-            out.update(
-                {
-                    f"delivery_{s}": int(n)
-                    for s, n in conn.execute(
-                        select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
-                    )
-                }
-            )
-        return out
+# What a claimed delivery needs: the delivery, and its instance's output and UIDs.
+_DELIVERY_COLUMNS = select(
+    deliveries.c.id,
+    deliveries.c.instance_id,
+    deliveries.c.destination,
+    deliveries.c.attempts,
+    instances.c.output_path,
+    instances.c.sop_instance_uid,
+    instances.c.study_uid,
+    instances.c.series_uid,
+    instances.c.route,
+).join(instances, instances.c.id == deliveries.c.instance_id)
 
 
-__all__ = ["DeliveryJob", "Job", "Ledger", "Received"]
+__all__ = ["Clock", "DeliveryJob", "Job", "Ledger", "Received"]

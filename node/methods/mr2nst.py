@@ -11,21 +11,54 @@ its VGG) is built once per worker process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from mr2nst.bank.bank import Bank
+from mr2nst.bank.selection import Reference
 from mr2nst.core.ehm import exact_histogram_match
-from mr2nst.core.engine import EngineConfig, EngineResult, Mr2nstEngine, Progress
+from mr2nst.core.engine import EngineConfig, EngineResult, Progress
 from mr2nst.core.intensity import FloatImage, robust_unit
 from mr2nst.core.method import MethodResult, Provenance, SourceInfo
 from mr2nst.node.methods.references import ReferenceMethod, Selection
 
 ProgressSink = Callable[[Progress], None]
+
+
+class TransferEngine(Protocol):
+    """What the method needs of an engine: a :class:`~mr2nst.core.engine.Mr2nstEngine`, or a
+    wrapper of one (the evaluation records each call's result)."""
+
+    @property
+    def config(self) -> EngineConfig:
+        """The engine's settings."""
+        ...
+
+    @property
+    def weights_id(self) -> str:
+        """The feature network's weights id, for provenance."""
+        ...
+
+    def fingerprint(self) -> str:
+        """What changes the engine's output (settings and weights)."""
+        ...
+
+    def transfer(
+        self,
+        content: FloatImage,
+        content_mask: npt.NDArray[np.bool_],
+        references: Sequence[FloatImage],
+        *,
+        background: float = ...,
+        init: FloatImage | None = ...,
+        progress: ProgressSink | None = ...,
+    ) -> EngineResult:
+        """Transfer ``content`` to the style of ``references``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +67,7 @@ class Prepared:
     content and reference images in [0, 1], and the EHM start (``init = "ehm"``)."""
 
     mask: npt.NDArray[np.bool_]
-    refs: list[Any]
+    refs: list[Reference]
     content: FloatImage
     styles: list[FloatImage]
     init: FloatImage | None
@@ -62,13 +95,22 @@ def _lever_notes(cfg: EngineConfig) -> tuple[str, ...]:
 
 
 class Mr2nstMethod(ReferenceMethod):
-    """The node's adapter around :class:`~mr2nst.core.engine.Mr2nstEngine`."""
+    """The node's adapter around :class:`~mr2nst.core.engine.Mr2nstEngine`.
+
+    Args:
+        engine: the engine (built once per worker process).
+        bank: the reference bank.
+        references: how many references to select (``k``).
+        allow_fewer: accept fewer than ``k`` when the bank has fewer of the view.
+        version: the node version, part of the fingerprint.
+        refiner_name: the trained refiner's file name, for provenance ("" = untrained).
+    """
 
     name = "mr2nst"
 
     def __init__(
         self,
-        engine: Mr2nstEngine,
+        engine: TransferEngine,
         bank: Bank,
         references: int,
         allow_fewer: bool,
@@ -85,6 +127,7 @@ class Mr2nstMethod(ReferenceMethod):
         self.last: tuple[Prepared, EngineResult] | None = None
 
     def fingerprint(self) -> str:
+        """Method, version, engine settings and weights, k and bank content."""
         return (
             f"mr2nst-{self.version}-{self.engine.fingerprint()}"
             f"-k{self.references}-bank{self.bank_id()}"
@@ -122,7 +165,7 @@ class Mr2nstMethod(ReferenceMethod):
             f"tone {cfg.tone}",
             *_lever_notes(cfg),
             f"refiner {self.refiner_name or 'untrained (average of scales)'}",
-            f"tiles {result.tiles_optimised} optimised/{result.tiles_skipped} background",
+            f"tiles {result.tiles_optimized} optimized/{result.tiles_skipped} background",
         )
         provenance = Provenance(
             method=self.name,
@@ -139,6 +182,7 @@ class Mr2nstMethod(ReferenceMethod):
         )
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
+        """Normalize one image (unit floats in and out)."""
         prepared = self.prepare(image, info)
         result = self.engine.transfer(
             prepared.content,

@@ -5,17 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mr2nst.core.method import Method, Passthrough
 from mr2nst.node.config import Config
 from mr2nst.node.errors import ConfigError
 from mr2nst.node.version import VERSION
 
+if TYPE_CHECKING:
+    from mr2nst.core.engine import Progress
+
 MethodFactory = Callable[[Config], Method]
 
 
 def _ehm(config: Config) -> Method:
+    """The ``ehm`` method on the configured bank."""
     from mr2nst.bank.bank import Bank
     from mr2nst.node.methods.ehm import EhmMethod
 
@@ -25,6 +29,7 @@ def _ehm(config: Config) -> Method:
 
 
 def _spectral(config: Config) -> Method:
+    """The ``spectral`` method on the configured bank, with the ``[spectral]`` settings."""
     from mr2nst.bank.bank import Bank
     from mr2nst.node.methods.spectral import SpectralMethod
 
@@ -38,6 +43,12 @@ def _spectral(config: Config) -> Method:
 
 
 def _mr2nst(config: Config, device: str | None = None) -> Method:
+    """The ``mr2nst`` method: the engine (weights verified, refiner loaded) on ``device``.
+
+    Raises:
+        WeightsError: the weights file is missing or corrupt.
+        EngineConfigError: the refiner was trained for other settings.
+    """
     from mr2nst.bank.bank import Bank
     from mr2nst.core.engine import Mr2nstEngine
     from mr2nst.node.methods.mr2nst import Mr2nstMethod
@@ -78,8 +89,15 @@ def check_methods(config: Config) -> None:
 
 
 def check_engine(config: Config) -> None:
-    """Build the mr2nst method once on the CPU, so missing weights, a refiner trained for
-    other settings or bad engine settings stop the node at start instead of failing jobs."""
+    """Build the mr2nst method once on the CPU, so that a bad setup stops the node at start.
+
+    Missing weights, a refiner trained for other settings or bad engine settings then stop
+    the node with a reason instead of failing every job.
+
+    Raises:
+        WeightsError: the weights file is missing or corrupt.
+        EngineConfigError: the engine's settings or its refiner are unusable.
+    """
     _mr2nst(config, device="cpu")
 
 
@@ -89,12 +107,17 @@ class MethodCache:
     ``progress`` is handed to methods that report progress (the mr2nst engine).
     """
 
-    def __init__(self, config: Config, progress: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, config: Config, progress: Callable[[Progress], None] | None = None) -> None:
         self._config = config
         self._progress = progress
         self._methods: dict[str, Method] = {}
 
     def get(self, name: str) -> Method:
+        """The method ``name``, built on first use.
+
+        Raises:
+            ConfigError: no such method.
+        """
         if name not in self._methods:
             factory = FACTORIES.get(name)
             if factory is None:

@@ -38,6 +38,7 @@ class SpectralMethod(ReferenceMethod):
         self._powers: dict[tuple[str, str], npt.NDArray[np.float64]] = {}
 
     def fingerprint(self) -> str:
+        """Method, version, k, settings and bank content: what changes this method's output."""
         return (
             f"spectral-{self.version}-k{self.references}"
             f"-{self.settings.describe().replace(' ', '-')}"
@@ -45,6 +46,7 @@ class SpectralMethod(ReferenceMethod):
         )
 
     def __call__(self, image: FloatImage, info: SourceInfo) -> MethodResult:
+        """Normalize one image (unit floats in and out)."""
         selection = self.select(image, info)
         mask, area, refs = selection.mask, selection.area_mm2, selection.refs
         stats = self.bank.stats()

@@ -49,7 +49,18 @@ def torch_hub_download(url: str, dest: Path) -> None:
 
 
 def ensure_weights(engine: EngineSection, download: Downloader | None = None) -> str | None:
-    """The verified weights file for imagenet or hed-vgg16 features (None for seeded-random)."""
+    """The verified weights file of the configured features.
+
+    Args:
+        engine: the ``[engine]`` section (``features`` and ``weights``).
+        download: fetches a URL to a path (default: torch.hub's download, with a timeout).
+
+    Returns:
+        The file's path; None for ``seeded-random`` features, which need none.
+
+    Raises:
+        WeightsError: the file is missing or corrupt; the message says how to provide it.
+    """
     if engine.features == "hed-vgg16":
         return str(verify_hed_weights(engine.weights))  # offline: no download attempt
     if engine.features != "imagenet":
@@ -60,9 +71,7 @@ def ensure_weights(engine: EngineSection, download: Downloader | None = None) ->
         log.info("weights_download", url=IMAGENET_URL, dest=str(path))
         try:
             download(IMAGENET_URL, path)
-        except (
-            Exception
-        ) as exc:  # edge: no network, proxy, disk: report and fall through to the check
+        except Exception as exc:  # edge: no network, proxy, disk: report, fall through to check
             log.warning("weights_download_failed", error=f"{exc.__class__.__name__}: {exc}")
     verify_weights_file(path)  # WeightsError with instructions when missing or corrupt
     return str(path)

@@ -12,37 +12,20 @@ from typing import Protocol
 from mr2nst.node.config import Config
 from mr2nst.node.config import Destination as DestinationConfig
 from mr2nst.node.dicom.scu import read_file, store_datasets
-
-# C-STORE statuses from a peer that retrying cannot fix (PS3.4 B.2.3, PS3.7 C).
-PERMANENT_STATUS_PREFIXES = (
-    0xA9,
-    0xC0,
-    0xC1,
-    0xC2,
-    0xC3,
-    0xC4,
-    0xC5,
-    0xC6,
-    0xC7,
-    0xC8,
-    0xC9,
-    0xCA,
-    0xCB,
-    0xCC,
-    0xCD,
-    0xCE,
-    0xCF,
-)
-PERMANENT_STATUSES = frozenset({0x0122, 0x0124})  # SOP class not supported, not authorized
-# Success, the C-STORE warnings (B000 coercion, B006 elements discarded, B007 data set does
-# not match SOP class), the general DIMSE warnings (0001, 0107 attribute list, 0116 value out
-# of range) and 0111 duplicate SOP instance: the peer already holds this very instance
-# (output UIDs are deterministic), so it counts as delivered.
-SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116, 0x0111})
+from mr2nst.node.dicom.status import Response, classify_store_response, format_status
 
 
 @dataclass(frozen=True)
 class SendResult:
+    """The outcome of one attempt to deliver one file.
+
+    Attributes:
+        ok: the peer holds the instance (success or warning status).
+        status: the peer's C-STORE status; None when none came (see ``error``).
+        permanent: retrying cannot help; the delivery becomes ``dead``.
+        error: why it failed; empty when ``ok``.
+    """
+
     ok: bool
     status: int | None = None
     permanent: bool = False
@@ -50,21 +33,41 @@ class SendResult:
 
 
 def classify(status: int) -> SendResult:
-    """Map a peer's C-STORE status to an outcome."""
-    if status in SUCCESS_STATUSES:
+    """Map a peer's C-STORE status to a send outcome.
+
+    The classification is :func:`mr2nst.node.dicom.status.classify_store_response`, shared
+    with ``mr2nst send``.
+    """
+    response = classify_store_response(status)
+    if response.delivered:
         return SendResult(True, status)
-    permanent = status in PERMANENT_STATUSES or (status >> 8) in PERMANENT_STATUS_PREFIXES
-    return SendResult(False, status, permanent, f"peer returned status 0x{status:04X}")
+    return SendResult(
+        False,
+        status,
+        response is Response.PERMANENT_FAILURE,
+        f"peer returned status {format_status(status)}",
+    )
 
 
 class Destination(Protocol):
+    """Where deliveries go: anything with a name that can send one file."""
+
     name: str
 
-    def send(self, path: str) -> SendResult: ...
+    def send(self, path: str) -> SendResult:
+        """Deliver the DICOM file at ``path`` once; never raises for a peer's refusal."""
+        ...
 
 
 class DicomStoreDestination:
-    """Sends one file per association with C-STORE SCU (pynetdicom)."""
+    """Sends one file per association with C-STORE SCU (pynetdicom).
+
+    Args:
+        name: the destination's name in the config.
+        cfg: its ``[destinations.NAME]`` section.
+        calling_ae: the AE title this node calls with.
+        timeout_s: connection, ACSE and DIMSE timeout.
+    """
 
     def __init__(
         self, name: str, cfg: DestinationConfig, calling_ae: str, timeout_s: float
@@ -75,6 +78,7 @@ class DicomStoreDestination:
         self.timeout_s = timeout_s
 
     def send(self, path: str) -> SendResult:
+        """C-STORE the file at ``path``; an unreadable file is a permanent failure."""
         try:
             ds = read_file(path)
         except ValueError as exc:
@@ -107,6 +111,7 @@ REGISTRY: dict[str, DestinationFactory] = {
 
 
 def build_destinations(config: Config) -> Mapping[str, Destination]:
+    """One destination per ``[destinations.NAME]``, built by the factory of its ``kind``."""
     return {
         name: REGISTRY[cfg.kind](name, cfg, config) for name, cfg in config.destinations.items()
     }

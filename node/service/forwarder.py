@@ -4,6 +4,8 @@ An APScheduler interval job polls the ledger for due deliveries and hands each t
 thread pool. A failed attempt is rescheduled in the ledger with exponential backoff and
 jitter; after ``forwarding.max_attempts`` or a permanent rejection it becomes ``dead``
 until ``mr2nst queue retry``. A second job purges settled files after their retention.
+Backoff and retention read the injectable ``clock`` (epoch seconds, like the ledger's), so
+tests can let time pass without sleeping.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from mr2nst.node.config import Config
-from mr2nst.node.ledger import DeliveryJob, Ledger
+from mr2nst.node.ledger import Clock, DeliveryJob, Ledger
 from mr2nst.node.logs import get_logger, instance_context
 from mr2nst.node.service.destinations import Destination, SendResult
 from mr2nst.node.service.prometheus import Metrics
@@ -39,7 +41,17 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
 
 
 class Forwarder:
-    """Owns the scheduler, the send pool and the cleanup job."""
+    """Owns the scheduler, the send pool and the cleanup job.
+
+    Args:
+        config: The node's configuration (``forwarding`` and ``node.retention_hours``).
+        ledger: Where deliveries are claimed and their outcomes recorded.
+        spool: The data directory whose settled files ``cleanup`` removes.
+        destinations: Destination name -> sender.
+        rng: The jitter source for backoff (seed it for reproducible delays).
+        metrics: Prometheus counters and histograms, if exported.
+        clock: Wall-clock time for retry scheduling and retention; pass the ledger's clock.
+    """
 
     def __init__(
         self,
@@ -49,8 +61,10 @@ class Forwarder:
         destinations: Mapping[str, Destination],
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.metrics = metrics
         self.ledger = ledger
         self.spool = spool
@@ -66,7 +80,13 @@ class Forwarder:
         self._stopping = False
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has been called: nothing more is claimed or started."""
+        return self._stopping
+
     def start(self) -> None:
+        """Start the dispatch job (every ``forwarding.poll_s``) and the cleanup job."""
         fwd = self.config.forwarding
         self._scheduler.add_job(
             self.dispatch,
@@ -111,10 +131,16 @@ class Forwarder:
                 return 0
             for job in jobs:
                 self._inflight.add(job.id)
-                self._pool.submit(self._deliver_logged, job)
+                self._pool.submit(self.handle, job)
             return len(jobs)
 
-    def _deliver_logged(self, job: DeliveryJob) -> None:
+    def handle(self, job: DeliveryJob) -> None:
+        """Deliver one claimed job as a send thread does; never raises.
+
+        Runs within the job's log context. A job not yet started when the forwarder stops
+        is handed back without using an attempt; an unexpected error counts as a failed
+        attempt; a failure of the ledger itself is logged and the lease brings the job back.
+        """
         try:
             with instance_context(
                 job_id=job.instance_id,
@@ -134,9 +160,7 @@ class Forwarder:
                         SendResult(False, None, False, f"{exc.__class__.__name__}: {exc}"),
                         {"destination": job.destination, "attempt": job.attempts},
                     )
-        except (
-            Exception
-        ) as exc:  # edge: the ledger itself failed; the lease brings the delivery back
+        except Exception as exc:  # edge: the ledger failed; the lease brings the delivery back
             log.error(
                 "stage_forward",
                 outcome="error",
@@ -182,7 +206,7 @@ class Forwarder:
         fwd = self.config.forwarding
         retry_at = None
         if not result.permanent and job.attempts < fwd.max_attempts:
-            retry_at = time.time() + backoff_delay(
+            retry_at = self.clock() + backoff_delay(
                 job.attempts, fwd.backoff_initial_s, fwd.backoff_max_s, self.rng
             )
         state = self.ledger.mark_delivery_failed(job.id, result.status, result.error, retry_at)
@@ -193,13 +217,13 @@ class Forwarder:
             outcome=state,
             error=result.error,
             permanent=result.permanent,
-            retry_in_s=None if retry_at is None else round(retry_at - time.time(), 1),
+            retry_in_s=None if retry_at is None else round(retry_at - self.clock(), 1),
             **fields,
         )
 
     def cleanup(self) -> int:
         """Remove spool and outbox files of settled instances older than the retention."""
-        cutoff = time.time() - self.config.node.retention_hours * 3600
+        cutoff = self.clock() - self.config.node.retention_hours * 3600
         try:
             rows = self.ledger.settled_files(cutoff)
         except Exception as exc:  # edge: scheduler job

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -32,6 +32,18 @@ log = get_logger("mr2nst.node")
 
 
 class Node:
+    """The running node, wired from one config: SCP, worker processes, forwarder, metrics.
+
+    Construct it, then :meth:`serve_forever` (or :meth:`start` and later :meth:`stop`).
+
+    Args:
+        config: the node's configuration.
+
+    Raises:
+        ConfigError: a route names a method this build does not provide, or matches on a
+            key that is not a DICOM keyword.
+    """
+
     def __init__(self, config: Config) -> None:
         check_methods(config)
         self.config = config
@@ -42,20 +54,33 @@ class Node:
         self.forwarder: Forwarder | None = None
         self.server: ThreadedAssociationServer | None = None
         self.metrics: Metrics | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: WSGIServer | None = None
         self._stop = threading.Event()
 
     @property
     def port(self) -> int:
+        """The port the SCP listens on (once started)."""
         assert self.server is not None
         return int(self.server.server_address[1])
 
     def start(self) -> Node:
+        """Start everything without blocking, in an order that loses nothing.
+
+        Data dirs, ledger (migrated), metrics, workers, forwarder, then the SCP: nothing is
+        accepted before it can be recorded.
+
+        Returns:
+            The node.
+
+        Raises:
+            LedgerError: the ledger cannot be opened.
+            WeightsError: an ``mr2nst`` route's weights are missing or corrupt.
+            EngineConfigError: the engine's settings or refiner are unusable.
+        """
         cfg = self.config
         if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
-            check_engine(
-                cfg
-            )  # weights, refiner, settings: stop now with a reason, not fail every job
+            # Weights, refiner, settings: stop now with a reason rather than fail every job.
+            check_engine(cfg)
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)
@@ -77,6 +102,13 @@ class Node:
             self.metrics,
         )
         self.server = start_scp(cfg, service)
+        self._announce(stale)
+        return self
+
+    def _announce(self, removed_partial_files: int) -> None:
+        """Log that the node is up, with its settings and queue (and loudly if unfit for use)."""
+        cfg = self.config
+        assert self.ledger is not None
         log.info(
             "node_started",
             version=VERSION,
@@ -86,7 +118,7 @@ class Node:
             workers=cfg.engine.workers,
             features=cfg.engine.features,
             routes=[r.name for r in cfg.routes],
-            removed_partial_files=stale,
+            removed_partial_files=removed_partial_files,
             queue=self.ledger.counts(),
         )
         if cfg.engine.features == "seeded-random":
@@ -95,7 +127,6 @@ class Node:
                 reason="engine.features = seeded-random: engine outputs are "
                 "for tests and demos only and say so in DerivationDescription",
             )
-        return self
 
     def stop(self) -> None:
         """Graceful stop: no new associations, finish in-flight work, then exit."""
@@ -118,6 +149,7 @@ class Node:
             self.ledger.close()
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Ask :meth:`serve_forever` to stop (a signal handler)."""
         log.info("stop_requested", signal=signal.Signals(signum).name if signum else None)
         self._stop.set()
 

@@ -8,7 +8,7 @@ the serving process for what happens in it: C-STORE outcomes and deliveries.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -19,29 +19,38 @@ from mr2nst.node.ledger.states import DeliveryState, InstanceState
 
 
 class LedgerCollector(Collector):
-    """Instances and deliveries per state, read from the ledger on each scrape."""
+    """Instances and deliveries per state, read from the ledger on each scrape.
+
+    Args:
+        ledger: the ledger to count in.
+    """
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One gauge family per table, with a sample for every state (0 when none)."""
         counts = self.ledger.counts()
         instances = GaugeMetricFamily(
             "mr2nst_instances", "Instances in the ledger by state", labels=["state"]
         )
-        for state in InstanceState:
-            instances.add_metric([state], counts.get(state, 0))
+        for instance_state in InstanceState:
+            instances.add_metric([instance_state], counts.get(instance_state, 0))
         deliveries = GaugeMetricFamily(
             "mr2nst_deliveries", "Deliveries in the ledger by state", labels=["state"]
         )
-        for state in DeliveryState:
-            deliveries.add_metric([state], counts.get(f"delivery_{state}", 0))
+        for delivery_state in DeliveryState:
+            deliveries.add_metric([delivery_state], counts.get(f"delivery_{delivery_state}", 0))
         yield instances
         yield deliveries
 
 
 class Metrics:
-    """The node's metrics; one per serving process, passed to the SCP and forwarder."""
+    """The node's metrics; one per serving process, passed to the SCP and forwarder.
+
+    Args:
+        ledger: when given, queue depths are read from it at each scrape.
+    """
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -72,7 +81,11 @@ class Metrics:
         if ledger is not None:
             self.registry.register(LedgerCollector(ledger))
 
-    def serve(self, host: str, port: int) -> Any:
-        """Start the HTTP endpoint (``/metrics``); returns the server."""
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Start the HTTP endpoint (``/metrics``) in a daemon thread.
+
+        Returns:
+            The server; ``shutdown()`` stops it.
+        """
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from mr2nst.node.config import Route
+from mr2nst.node.config import Disposition, Method, Route
 from mr2nst.node.dicom.sopclasses import NORMALIZABLE_SOP_CLASSES
 from mr2nst.node.errors import ConfigError
 
@@ -27,17 +26,29 @@ AE_KEYS = ("calling_ae", "called_ae")
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one instance."""
+    """What to do with one instance.
+
+    Attributes:
+        route: the name of the route that applies; None when none does.
+        action: the route's action, or ``"none"`` when no route applies.
+        method: the normalization method (``normalize`` routes only).
+        destinations: where the result goes.
+        skipped: ``"route: reason"`` for each matching route passed over.
+    """
 
     route: str | None
-    action: str  # normalize | forward | drop | none
-    method: str | None
+    action: Disposition
+    method: Method | None
     destinations: tuple[str, ...]
-    skipped: tuple[str, ...] = field(default=())  # "route: reason" for routes passed over
+    skipped: tuple[str, ...] = field(default=())
 
 
 def check_routes(routes: Sequence[Route]) -> None:
-    """Reject match keys that are neither DICOM keywords nor AE keys (config error)."""
+    """Check that every match key is a DICOM keyword or an AE key.
+
+    Raises:
+        ConfigError: a key is neither; the message names it.
+    """
     for index, route in enumerate(routes):
         for key in route.match:
             if key not in AE_KEYS and tag_for_keyword(key) is None:
@@ -47,7 +58,8 @@ def check_routes(routes: Sequence[Route]) -> None:
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
-    value: Any = ds.get(keyword)
+    """The values of ``keyword`` in ``ds`` as strings; empty when it is missing."""
+    value: object = ds.get(keyword)
     if value is None:
         return []
     if isinstance(value, MultiValue | list | tuple):
@@ -70,13 +82,30 @@ def matches(match: Mapping[str, str], ds: Dataset, calling_ae: str, called_ae: s
 
 
 class Router:
-    """Decides the route of each instance from the configured routes."""
+    """Decides the route of each instance from the configured routes.
+
+    Args:
+        routes: the ``[[routes]]``, in the order they are tried.
+
+    Raises:
+        ConfigError: a route matches on a key that is not a DICOM keyword or AE key.
+    """
 
     def __init__(self, routes: Sequence[Route]) -> None:
         check_routes(routes)
         self._routes = tuple(routes)
 
     def decide(self, ds: Dataset, calling_ae: str, called_ae: str) -> Decision:
+        """The first route that matches and applies to ``ds``.
+
+        Args:
+            ds: the received data set.
+            calling_ae: the sender's AE title.
+            called_ae: the AE title the sender called.
+
+        Returns:
+            That route's decision, or one with action ``"none"`` when no route applies.
+        """
         skipped: list[str] = []
         sop_class = str(ds.get("SOPClassUID", ""))
         for route in self._routes:

@@ -12,35 +12,33 @@ import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mr2nst.node.config import Config
 from mr2nst.node.dicom.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
+from mr2nst.node.dicom.status import AssociateReject, StoreStatus, format_status
 from mr2nst.node.errors import SpoolError
 from mr2nst.node.ledger import Ledger, Received
 from mr2nst.node.ledger.states import InstanceState
 from mr2nst.node.logs import get_logger, instance_context
 from mr2nst.node.service.prometheus import Metrics
-from mr2nst.node.service.routing import Router
+from mr2nst.node.service.routing import Decision, Router
 from mr2nst.node.service.spool import Spool
 
 log = get_logger("mr2nst.scp")
 
-# C-STORE statuses this node returns (PS3.4 B.2.3).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-
-# A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE not recognised.
-REJECT_PERMANENT = 0x01
-REJECT_SOURCE_SERVICE_USER = 0x01
-REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+# The C-STORE statuses this node returns, by name (pynetdicom's apps are the model).
+SUCCESS = StoreStatus.SUCCESS
+OUT_OF_RESOURCES = StoreStatus.OUT_OF_RESOURCES
+DATASET_DOES_NOT_MATCH_SOP_CLASS = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+CANNOT_UNDERSTAND = StoreStatus.CANNOT_UNDERSTAND
 
 
 @dataclass(frozen=True)
@@ -51,9 +49,11 @@ class Allowlist:
 
     @classmethod
     def parse(cls, values: Sequence[str]) -> Allowlist:
+        """The allowlist of ``node.allowed_callers`` entries ("AE" or "AE@IP")."""
         return cls(tuple((ae, addr) for ae, _, addr in (v.partition("@") for v in values)))
 
     def allows(self, ae_title: str, address: str) -> bool:
+        """Whether ``ae_title`` calling from ``address`` may associate."""
         if not self.entries:
             return True
         for ae, addr in self.entries:
@@ -63,6 +63,7 @@ class Allowlist:
 
 
 def _same_ip(a: str, b: str) -> bool:
+    """Whether two addresses are the same IP (an IPv4-mapped IPv6 peer counts as IPv4)."""
     try:
         ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
     except ValueError:
@@ -74,7 +75,16 @@ def _same_ip(a: str, b: str) -> bool:
 
 @dataclass
 class StoreService:
-    """Collaborators of the C-STORE handler."""
+    """Collaborators of the C-STORE handler, passed through ``evt_handlers`` args.
+
+    Attributes:
+        spool: where received data sets are written durably.
+        ledger: where each received instance is recorded.
+        router: decides each instance's route.
+        min_free_mb: below this much free disk under ``data_dir``, stores are refused.
+        allowlist: the calling AEs allowed to associate.
+        metrics: the serving process's Prometheus metrics, if any.
+    """
 
     spool: Spool
     ledger: Ledger
@@ -84,10 +94,38 @@ class StoreService:
     metrics: Metrics | None = None
 
 
-def handle_requested(event: Any, service: StoreService) -> None:
-    """EVT_REQUESTED: reject callers that are not on the allowlist."""
+@dataclass(frozen=True)
+class _Arrival:
+    """What one C-STORE request says about its instance and its sender."""
+
+    dataset: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+
+
+Fields = dict[str, object]
+
+# The ledger state a route decision starts an instance in.
+_STATE_OF_ACTION = {"drop": InstanceState.DROPPED, "none": InstanceState.UNROUTED}
+
+
+def handle_requested(event: Event, service: StoreService) -> None:
+    """Handle EVT_REQUESTED: reject a caller that is not on the allowlist.
+
+    Args:
+        event: the A-ASSOCIATE-RQ event.
+        service: the handler's collaborators (only its allowlist is read).
+    """
     requestor = event.assoc.requestor
-    ae_title, address = str(requestor.primitive.calling_ae_title).strip(), str(requestor.address)
+    primitive = requestor.primitive  # the A-ASSOCIATE-RQ, set before this event
+    ae_title = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+    address = str(requestor.address)
     if not service.allowlist.allows(ae_title, address):
         log.warning(
             "association_rejected",
@@ -96,33 +134,48 @@ def handle_requested(event: Any, service: StoreService) -> None:
             reason="calling AE not on node.allowed_callers",
         )
         event.assoc.acse.send_reject(
-            REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED
+            AssociateReject.REJECTED_PERMANENT,
+            AssociateReject.SOURCE_SERVICE_USER,
+            AssociateReject.CALLING_AE_NOT_RECOGNISED,
         )
         # As pynetdicom does after its own rejections: lets the A-ASSOCIATE-RJ go out.
         event.assoc.kill()
 
 
-def handle_echo(event: Any) -> int:
-    """EVT_C_ECHO: always success."""
+def handle_echo(event: Event) -> int:
+    """Handle EVT_C_ECHO.
+
+    Returns:
+        Success, always.
+    """
     return SUCCESS
 
 
-def handle_store(event: Any, service: StoreService) -> int:
-    """EVT_C_STORE: persist the dataset durably, record it in the ledger, then acknowledge."""
+def handle_store(event: Event, service: StoreService) -> int:
+    """Handle EVT_C_STORE: persist the data set durably, record it, then acknowledge.
+
+    Args:
+        event: the C-STORE request event.
+        service: the handler's collaborators.
+
+    Returns:
+        Success only once the file is fsynced in ``spool/in`` and its ledger row is
+        committed; otherwise the specific failure status, with the reason logged.
+    """
     started = time.perf_counter()
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     called_ae = str(event.assoc.acceptor.ae_title).strip()
     with instance_context(
-        calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID or "")
+        calling_ae=calling_ae, sop_uid=str(_request(event).AffectedSOPInstanceUID or "")
     ):
         status, fields = _store(event, service, calling_ae, called_ae)
         if service.metrics is not None:
-            service.metrics.stores.labels(status=f"0x{status:04X}").inc()
+            service.metrics.stores.labels(status=format_status(status)).inc()
             service.metrics.store_seconds.observe(time.perf_counter() - started)
-        level = "info" if status == SUCCESS else "warning"
-        getattr(log, level)(
+        emit = log.info if status == SUCCESS else log.warning
+        emit(
             "stage_receive",
-            status=f"0x{status:04X}",
+            status=format_status(status),
             outcome="stored" if status == SUCCESS else "refused",
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             **fields,
@@ -130,55 +183,78 @@ def handle_store(event: Any, service: StoreService) -> int:
         return status
 
 
+def _request(event: Event) -> C_STORE:
+    """The request of an EVT_C_STORE event (pynetdicom sets a C-STORE primitive for it)."""
+    return cast(C_STORE, event.request)
+
+
 def _store(
-    event: Any, service: StoreService, calling_ae: str, called_ae: str
-) -> tuple[int, dict[str, Any]]:
+    event: Event, service: StoreService, calling_ae: str, called_ae: str
+) -> tuple[StoreStatus, Fields]:
+    """Check, route and persist one C-STORE; the status to return and the fields to log."""
     if service.spool.free_mb() < service.min_free_mb:
         return OUT_OF_RESOURCES, {"reason": "free disk below node.min_free_disk_mb"}
     try:
-        ds: Dataset = event.dataset
-        sop_class = str(ds.SOPClassUID)
-        sop_instance = str(ds.SOPInstanceUID)
-        study_uid = str(ds.get("StudyInstanceUID", ""))
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        arrival = _arrival(event, calling_ae, called_ae)
     except Exception as exc:  # edge: any parse failure of peer data is "cannot understand"
         return CANNOT_UNDERSTAND, {"reason": f"cannot decode dataset: {exc.__class__.__name__}"}
-    if sop_class != str(event.context.abstract_syntax) or sop_instance != str(
-        event.request.AffectedSOPInstanceUID
-    ):
+    if arrival.sop_class_uid != str(
+        event.context.abstract_syntax
+    ) or arrival.sop_instance_uid != str(_request(event).AffectedSOPInstanceUID):
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, {
             "reason": "SOP Class/Instance UID differ from the request"
         }
     try:
-        decision = service.router.decide(ds, calling_ae, called_ae)
+        decision = service.router.decide(arrival.dataset, calling_ae, called_ae)
     except Exception as exc:  # edge: a malformed element read by a route match
         return CANNOT_UNDERSTAND, {"reason": f"cannot evaluate routes: {exc.__class__.__name__}"}
-    fields: dict[str, Any] = {
+    fields: Fields = {
         "route": decision.route,
         "action": decision.action,
-        "study_uid": study_uid,
-        "series_uid": series_uid,
+        "study_uid": arrival.study_uid,
+        "series_uid": arrival.series_uid,
     }
     if decision.skipped:
         fields["skipped"] = list(decision.skipped)
-    path: str | None = None
-    state = {"drop": InstanceState.DROPPED, "none": InstanceState.UNROUTED}.get(
-        decision.action, InstanceState.RECEIVED
+    return _persist(event, service, arrival, decision, fields)
+
+
+def _arrival(event: Event, calling_ae: str, called_ae: str) -> _Arrival:
+    """Read the instance's identity from the request (raises on undecodable peer data)."""
+    ds = event.dataset
+    return _Arrival(
+        dataset=ds,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        peer=str(event.assoc.requestor.address),
     )
+
+
+def _persist(
+    event: Event, service: StoreService, arrival: _Arrival, decision: Decision, fields: Fields
+) -> tuple[StoreStatus, Fields]:
+    """Write the file (unless dropped) and commit its ledger row; remove the file on failure."""
+    state = _STATE_OF_ACTION.get(decision.action, InstanceState.RECEIVED)
+    path: str | None = None
     if state != InstanceState.DROPPED:
         try:
             path = str(service.spool.write_incoming(event.encoded_dataset(include_meta=True)))
         except SpoolError as exc:
             return OUT_OF_RESOURCES, {**fields, "reason": str(exc)}
     record = Received(
-        sop_class_uid=sop_class,
-        sop_instance_uid=sop_instance,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        transfer_syntax=str(event.context.transfer_syntax),
-        calling_ae=calling_ae,
-        called_ae=called_ae,
-        peer=str(event.assoc.requestor.address),
+        sop_class_uid=arrival.sop_class_uid,
+        sop_instance_uid=arrival.sop_instance_uid,
+        study_uid=arrival.study_uid,
+        series_uid=arrival.series_uid,
+        transfer_syntax=arrival.transfer_syntax,
+        calling_ae=arrival.calling_ae,
+        called_ae=arrival.called_ae,
+        peer=arrival.peer,
         route=decision.route,
         action=decision.action,
         method=decision.method,
@@ -187,7 +263,7 @@ def _store(
         spool_path=path,
     )
     try:
-        fields["job_id"] = service.ledger.record(record)
+        job_id = service.ledger.record(record)
     except Exception as exc:  # edge: the ledger is down; refuse so the peer keeps its copy
         if path:
             service.spool.discard(path)
@@ -195,18 +271,23 @@ def _store(
             **fields,
             "reason": f"ledger unavailable: {exc.__class__.__name__}",
         }
-    return SUCCESS, fields
+    return SUCCESS, {**fields, "job_id": job_id}
 
 
 def build_ae(config: Config) -> AE:
-    """The node's application entity: every storage SOP class plus Verification."""
+    """The node's application entity: every storage SOP class plus Verification.
+
+    Args:
+        config: the node's configuration (AE title, association limit, timeouts).
+    """
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_associations = config.node.max_associations
     ae.network_timeout = config.node.network_timeout_s
     ae.acse_timeout = config.node.network_timeout_s
     ae.dimse_timeout = config.node.network_timeout_s
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, NATIVE_TRANSFER_SYNTAXES[:2])
     return ae
 
@@ -214,9 +295,18 @@ def build_ae(config: Config) -> AE:
 def start_scp(
     config: Config, service: StoreService, port: int | None = None
 ) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns the server, whose ``server_address`` has the port."""
+    """Start listening without blocking.
+
+    Args:
+        config: the node's configuration.
+        service: the C-STORE handler's collaborators.
+        port: listen here instead of ``node.port`` (0: an ephemeral port, for tests).
+
+    Returns:
+        The running server; ``server_address`` has the port.
+    """
     ae = build_ae(config)
-    handlers = [
+    handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [service]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [service]),

@@ -18,7 +18,11 @@ from mr2nst.node.files import atomic_write
 
 
 class Spool:
-    """The node's file areas under ``data_dir``."""
+    """The node's file areas under ``data_dir``.
+
+    Args:
+        data_dir: the node's ``node.data_dir``.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir).resolve()
@@ -28,6 +32,7 @@ class Spool:
         self.dead = self.root / "dead"
 
     def create(self) -> Spool:
+        """Create the file areas that do not exist yet; returns the spool."""
         for path in (self.tmp, self.incoming, self.outbox, self.dead):
             path.mkdir(parents=True, exist_ok=True)
         return self
@@ -41,10 +46,18 @@ class Spool:
         return removed
 
     def free_mb(self) -> float:
+        """Free space on the file system of ``data_dir``, in MiB."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
 
     def write(self, directory: Path, name: str, writer: Callable[[BinaryIO], None]) -> Path:
-        """Durably write ``directory/name`` through ``writer``; return the final path."""
+        """Durably write ``directory/name`` through ``writer``.
+
+        Returns:
+            The final path.
+
+        Raises:
+            SpoolError: the write failed; nothing is left behind.
+        """
         final = directory / name
         try:
             return atomic_write(final, writer, tmp_dir=self.tmp)
@@ -52,10 +65,16 @@ class Spool:
             raise SpoolError(f"cannot write {final}: {exc.strerror or exc}") from exc
 
     def write_incoming(self, data: bytes) -> Path:
-        """Durably store a received instance (bytes with file meta) under a fresh name."""
-        return self.write(
-            self.incoming, f"{uuid.uuid4().hex}.dcm", lambda fh: fh.write(data) and None
-        )
+        """Durably store a received instance (bytes with file meta) under a fresh name.
+
+        Raises:
+            SpoolError: the write failed; nothing is left behind.
+        """
+
+        def write_data(fh: BinaryIO) -> None:
+            fh.write(data)
+
+        return self.write(self.incoming, f"{uuid.uuid4().hex}.dcm", write_data)
 
     def bury(self, path: Path) -> Path:
         """Move a file that cannot be processed to dead/ for an admin to inspect."""

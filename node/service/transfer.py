@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from tqdm import tqdm
 
@@ -14,11 +14,36 @@ from mr2nst.node.errors import ConfigError, NodeError
 from mr2nst.node.methods.registry import FACTORIES, MethodCache
 from mr2nst.node.service.pipeline import Pipeline
 
+if TYPE_CHECKING:
+    from mr2nst.core.engine import Progress
+
+
+class TransferRow(TypedDict):
+    """The outcome for one input file."""
+
+    input: str
+    output: str | None  # the derived file; None when it failed
+    error: str  # empty on success
+
 
 def run_transfer(
     config: Config, inputs: Sequence[str], out: Path, *, method: str, progress: bool = False
-) -> list[dict[str, Any]]:
-    """Transform every input file; one result dict per file (``error`` empty on success)."""
+) -> list[TransferRow]:
+    """Transform every input file with the node's pipeline, writing derived DICOM to ``out``.
+
+    Args:
+        config: the node's configuration (engine, bank, derived series).
+        inputs: files and folders (searched recursively).
+        out: where the derived files go (created).
+        method: the method to run.
+        progress: show progress bars.
+
+    Returns:
+        One row per input file, in order.
+
+    Raises:
+        ConfigError: ``method`` is not available.
+    """
     if method not in FACTORIES:
         raise ConfigError(
             f"--method: {method!r} is not available (available: {', '.join(sorted(FACTORIES))})"
@@ -26,15 +51,15 @@ def run_transfer(
     out.mkdir(parents=True, exist_ok=True)
     tiles = tqdm(desc="tiles", unit="tile", disable=not progress, position=1, leave=False)
 
-    def on_progress(p: Any) -> None:
+    def on_progress(p: Progress) -> None:
         tiles.total = p.tiles_total
         tiles.n = p.tiles_done
         tiles.set_postfix(scale=p.scale, iteration=p.iteration, loss=f"{p.loss:.4g}", refresh=True)
 
     pipeline = Pipeline(config, MethodCache(config, progress=on_progress))
-    results: list[dict[str, Any]] = []
+    results: list[TransferRow] = []
     for path in tqdm(list(iter_files(inputs)), desc="transfer", unit="image", disable=not progress):
-        result: dict[str, Any] = {"input": str(path), "output": None, "error": ""}
+        result: TransferRow = {"input": str(path), "output": None, "error": ""}
         try:
             derived = pipeline.derive(read_file(path), method)
             target = out / f"{derived.SOPInstanceUID}.dcm"

@@ -17,7 +17,7 @@ import threading
 import time
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mr2nst.bank.errors import BankError
 from mr2nst.core.errors import ImageError
@@ -30,6 +30,9 @@ from mr2nst.node.methods.registry import MethodCache
 from mr2nst.node.service.pipeline import Pipeline
 from mr2nst.node.service.spool import Spool
 
+if TYPE_CHECKING:
+    from mr2nst.core.engine import Progress
+
 log = get_logger("mr2nst.worker")
 
 IDLE_POLL_S = 0.5
@@ -38,7 +41,7 @@ IDLE_POLL_S = 0.5
 PERMANENT_ERRORS = (PixelError, ImageError, BankError)
 
 
-def _log_progress(progress: Any) -> None:
+def _log_progress(progress: Progress) -> None:
     """Engine progress -> one log line per finished batch of tiles."""
     if progress.iteration == progress.iterations:
         log.info(
@@ -62,18 +65,24 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        """Renew until :attr:`stopped` is set."""
         ledger, job_id, owner, lease_s = self._args
         while not self.stopped.wait(lease_s / 3):
             try:
                 ledger.renew_lease(job_id, owner, lease_s)
-            except (
-                Exception
-            ) as exc:  # edge: keep working; the lease may lapse and the job be redone
+            except Exception as exc:  # edge: keep working; the lease may lapse, the job be redone
                 log.warning("lease_renew_failed", job_id=job_id, error=str(exc))
 
 
 class Worker:
-    """The claim-process-record loop of one worker process."""
+    """The claim-process-record loop of one worker process.
+
+    Args:
+        config: the node's configuration.
+        ledger: where jobs are claimed and results recorded.
+        spool: where derived files are written and failed sources buried.
+        name: this worker's name, part of its lease owner id.
+    """
 
     def __init__(self, config: Config, ledger: Ledger, spool: Spool, name: str) -> None:
         self.config = config
@@ -99,6 +108,7 @@ class Worker:
         return True
 
     def _process(self, job: Job) -> None:
+        """Run the pipeline on a claimed job under a renewed lease and record the outcome."""
         started = time.perf_counter()
         beat = _Heartbeat(self.ledger, job.id, self.owner, self.config.engine.lease_s)
         beat.start()
@@ -146,6 +156,7 @@ class Worker:
         )
 
     def loop(self, stop: EventType, parent_pid: int) -> None:
+        """Process jobs until ``stop`` is set or the parent process ``parent_pid`` is gone."""
         while not stop.is_set() and os.getppid() == parent_pid:
             try:
                 busy = self.run_once()
@@ -226,6 +237,7 @@ class WorkerPool:
         return proc
 
     def start(self) -> None:
+        """Spawn ``engine.workers`` worker processes."""
         self._procs = [self._spawn(i) for i in range(self.config.engine.workers)]
 
     def restart_dead(self) -> None:
@@ -235,6 +247,7 @@ class WorkerPool:
                 self._procs[index] = self._spawn(index)
 
     def alive(self) -> int:
+        """How many worker processes are running."""
         return sum(p.is_alive() for p in self._procs)
 
     def stop(self, timeout: float) -> None:

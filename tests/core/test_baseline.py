@@ -13,6 +13,9 @@ from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.features import build_features
 from mr2nst.core.lab.baseline import PlainResult, plain_transfer
 
+# The plain loop is a research path (``mr2nst bench`` compares the engine with it).
+pytestmark = pytest.mark.slow
+
 TINY = EngineConfig(
     **{**PAPER_RECIPE, "lr": 0.02},
     patch_size=32,
@@ -31,6 +34,7 @@ def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def half_mask() -> np.ndarray:
+    """A breast on the left 24 of 64 columns: two of the four scale-1 tiles are background."""
     mask = np.zeros((64, 64), bool)
     mask[:, :24] = True
     return mask
@@ -38,13 +42,14 @@ def half_mask() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def plain(half_mask: np.ndarray) -> PlainResult:
+    """The plain loop on a 64x64 texture with one reference, tracing every iteration."""
     features = build_features("seeded-random")
     content = torch.from_numpy(_image((64, 64), 3))
     refs = [torch.from_numpy(_image((72, 60), 4))]
     return plain_transfer(features, content, half_mask, refs, TINY, trace_every=1)
 
 
-def test_every_tile_is_optimised_including_background(plain: PlainResult) -> None:
+def test_every_tile_is_optimized_including_background(plain: PlainResult) -> None:
     """All 1 + 4 tiles get a final loss; the two right tiles are flagged as background."""
     assert [len(x) for x in plain.final_losses] == [1, 4]
     assert plain.background == ((False,), (False, True, False, True))
@@ -58,8 +63,6 @@ def test_trace_records_every_tile_and_ends_with_its_final_loss(plain: PlainResul
     assert [p.iteration for p in tile0] == [0, 1, 2, 3]
     assert tile0[-1].loss == plain.final_losses[1][2]
     assert tile0[-1].loss < tile0[0].loss
-    times = [p.seconds for p in plain.trace]
-    assert times == sorted(times)
 
 
 def test_loss_matches_the_engines_on_the_same_tiles(

@@ -1,6 +1,7 @@
 """Tests of the ResNet18 source-vs-target domain classifier (tiny, seeded)."""
 
 import numpy as np
+import pytest
 
 from mr2nst.core.lab.domain_classifier import (
     ClassifierSettings,
@@ -35,6 +36,7 @@ def test_crops_lie_inside_the_breast():
     assert crops.shape == (8, 32, 32) and np.all(crops[:, 16, 16] == 1.0)
 
 
+@pytest.mark.slow
 def test_separable_domains_are_learnt_deterministically():
     """Dark vs bright images are told apart, and the same seed gives the same scores."""
     settings = ClassifierSettings(crop=32, steps=15, batch=8, crops_per_image=4)

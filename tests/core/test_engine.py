@@ -15,6 +15,7 @@ from mr2nst.core.engine_config import PAPER_RECIPE
 from mr2nst.core.errors import EngineConfigError, ImageError, RefinerError, WeightsError
 from mr2nst.core.lab.phantom import PhantomSpec, make_case
 from mr2nst.core.refiner import Refiner, save_refiner
+from mr2nst.core.tiling import patch_shape, resize_patch, tiles_for
 
 # METHOD.md's recipe (average of the scales, whole-tile resampling, no detail mode, linear
 # tone): most tests here check that recipe's mechanics; the levers have their own tests.
@@ -41,11 +42,13 @@ def _image(shape: tuple[int, int], seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine() -> Mr2nstEngine:
+    """One engine on the tiny config, shared by the module."""
     return Mr2nstEngine(TINY)
 
 
 @pytest.fixture(scope="module")
 def run(engine: Mr2nstEngine) -> tuple[EngineResult, list[Progress]]:
+    """One transfer of an 80x64 texture with two references, and its progress reports."""
     content = _image((80, 64), 0)
     refs = [_image((90, 70), 1), _image((70, 60), 2)]
     seen: list[Progress] = []
@@ -53,12 +56,12 @@ def run(engine: Mr2nstEngine) -> tuple[EngineResult, list[Progress]]:
 
 
 def test_output_shape_range_and_counts(run: tuple[EngineResult, list[Progress]]) -> None:
-    """A non-square input gives a same-shaped float32 image in [0, 1]; 1 + 4 tiles optimised."""
+    """A non-square input gives a same-shaped float32 image in [0, 1]; 1 + 4 tiles optimized."""
     result, _ = run
     assert result.image.shape == (80, 64) and result.image.dtype == np.float32
     assert result.image.min() >= 0.0 and result.image.max() <= 1.0
     assert [s.shape for s in result.scales] == [(80, 64), (80, 64)]
-    assert (result.tiles_optimised, result.tiles_skipped) == (5, 0)
+    assert (result.tiles_optimized, result.tiles_skipped) == (5, 0)
     assert [len(x) for x in result.final_losses] == [1, 4]
 
 
@@ -93,7 +96,7 @@ def test_seeded_runs_are_identical(
 
 
 def test_output_changes_the_content(run: tuple[EngineResult, list[Progress]]) -> None:
-    """The optimisation moves pixels away from the content."""
+    """The optimization moves pixels away from the content."""
     assert np.abs(run[0].image - _image((80, 64), 0)).mean() > 1e-3
 
 
@@ -103,7 +106,7 @@ def test_background_tiles_are_skipped_and_take_the_background_value(engine: Mr2n
     mask = np.zeros((64, 64), bool)
     mask[:, :24] = True
     result = engine.transfer(content, mask, [_image((64, 64), 4)], background=0.125)
-    assert (result.tiles_optimised, result.tiles_skipped) == (3, 2)
+    assert (result.tiles_optimized, result.tiles_skipped) == (3, 2)
     assert np.all(result.image[~mask] == np.float32(0.125))
     assert [len(x) for x in result.final_losses] == [1, 2]
 
@@ -118,12 +121,10 @@ def test_no_iterations_at_native_patch_size_gives_back_the_content() -> None:
 
 
 def test_batch_size_does_not_change_the_result() -> None:
-    """Tiles are independent: max_batch=1 gives the same image as batches of 4.
-
-    In float32 (bf16 rounding differs between batch sizes far more). Not bit-identical:
-    batched convolutions round differently, and Adam's normalised steps amplify that
-    noise where gradients are tiny, so the mean difference is checked.
-    """
+    """Tiles are independent: max_batch=1 gives the same image as batches of 4 (in the mean)."""
+    # In float32 (bf16 rounding differs between batch sizes far more). Not bit-identical:
+    # batched convolutions round differently, and Adam's normalised steps amplify that
+    # noise where gradients are tiny, so the mean difference is checked.
     content = _image((80, 64), 0)
     refs = [_image((90, 70), 1), _image((70, 60), 2)]
     out = {}
@@ -148,7 +149,7 @@ def test_phantom_crop_with_two_references() -> None:
     inside = result.image[case.mask]
     assert inside.min() >= 0.0 and inside.max() <= 1.0
     assert not np.allclose(inside, case.ge[case.mask], atol=1e-3)
-    assert result.tiles_optimised + result.tiles_skipped == 5
+    assert result.tiles_optimized + result.tiles_skipped == 5
 
 
 def test_fingerprint_follows_what_shapes_the_output(engine: Mr2nstEngine) -> None:
@@ -236,26 +237,27 @@ def test_warm_start_begins_each_scale_from_the_previous_stitched_scale(
     import mr2nst.core.engine as engine_module
 
     starts: list[Any] = []
-    real = engine_module.optimise
+    real = engine_module.optimize
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         starts.append(kwargs["init"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "optimise", spy)
+    monkeypatch.setattr(engine_module, "optimize", spy)
     cfg = replace(TINY, grids=(1, 2), warm_start=True, max_batch=2)
     content = _image((64, 64), 0)
     result = Mr2nstEngine(cfg).transfer(content, np.ones((64, 64), bool), [_image((64, 64), 1)])
     assert starts[0] is None and len(starts) == 3  # scale 0, then 2 batches of 2 tiles
-    tiles = engine_module.tiles_for((64, 64), 2, cfg.overlap, scale=1)
+    tiles = tiles_for((64, 64), 2, cfg.overlap, scale=1)
     scale0 = torch.from_numpy(result.scales[0])
     for tile, start in zip(tiles, torch.cat(starts[1:]).split(1), strict=True):
-        size = engine_module.patch_shape(tile.shape, cfg.patch_size)
-        expected = engine_module.resize_patch(scale0[tile.slices][None, None], size)
+        size = patch_shape(tile.shape, cfg.patch_size)
+        expected = resize_patch(scale0[tile.slices][None, None], size)
         torch.testing.assert_close(start, expected)
     assert not np.allclose(result.scales[0], content, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_lbfgs_lowers_the_loss_more_than_adam_in_as_many_iterations() -> None:
     """L-BFGS (strong-Wolfe line search, per tile) ends below the start's loss and Adam's."""
     content, refs = _image((64, 64), 7), [_image((64, 64), 8)]
@@ -267,9 +269,9 @@ def test_lbfgs_lowers_the_loss_more_than_adam_in_as_many_iterations() -> None:
     assert runs["lbfgs", 12] < runs["adam", 12] < runs["adam", 0]
 
 
+@pytest.mark.slow
 def test_stop_at_ends_a_scale_once_its_summed_loss_is_reached() -> None:
-    """Reachable thresholds stop the scale early, at or below their sum; a scale with a
-    tile lacking a threshold runs in full."""
+    """Reachable thresholds stop a scale early; a tile without one makes its scale run in full."""
     content, refs = _image((64, 64), 0), [_image((64, 64), 1)]
     mask = np.ones((64, 64), bool)
     cfg = replace(TINY, grids=(2,), iterations=8, max_batch=2)
@@ -311,9 +313,9 @@ def test_batches_follow_the_memory_budget() -> None:
 
 def test_step_schedule_lowers_adams_step() -> None:
     """lr_schedule = "step": the full lr, then x0.3 from 50 % and x0.09 from 75 %."""
-    from mr2nst.core.engine import optimize_settings
+    from mr2nst.core.optimize import OptimizeSettings
 
-    settings = optimize_settings(replace(TINY, iterations=8, lr=0.1, lr_schedule="step"))
+    settings = OptimizeSettings.from_config(replace(TINY, iterations=8, lr=0.1, lr_schedule="step"))
     assert [round(settings.lr_at(i), 6) for i in (0, 3, 4, 5, 6, 7)] == [
         0.1,
         0.1,
@@ -322,12 +324,12 @@ def test_step_schedule_lowers_adams_step() -> None:
         0.009,
         0.009,
     ]
-    assert optimize_settings(replace(TINY, lr=0.1)).lr_at(7) == 0.1
+    assert OptimizeSettings.from_config(replace(TINY, lr=0.1)).lr_at(7) == 0.1
 
 
 def test_levers_together_lower_the_loss_and_keep_the_detail_modes_low_band() -> None:
-    """Shallow content layers, pixel and histogram terms, bands and detail mode run on a
-    tiny image; the loss falls and the output's low band is the start's."""
+    """All levers together lower the loss; the output's low band is the start's (detail mode)."""
+    # Shallow content layers, pixel and histogram terms, bands and detail mode, on a tiny image.
     from mr2nst.core.merge import gaussian_blur
 
     content, refs = _image((64, 48), 3), [_image((64, 64), 4), _image((50, 60), 5)]
@@ -352,8 +354,8 @@ def test_levers_together_lower_the_loss_and_keep_the_detail_modes_low_band() -> 
 
 
 def test_residual_resampling_keeps_the_native_detail() -> None:
-    """resample = "residual": with no iterations every scale is the start, to the pixel;
-    resizing the whole tile ("image") loses fine detail on the way."""
+    """resample="residual" keeps each scale the start to the pixel; "image" loses fine detail."""
+    # With no iterations, every residual scale is the start itself.
     gen = np.random.default_rng(9)
     content = (0.3 + 0.4 * gen.random((70, 58))).astype(np.float32)  # pixel-level noise
     mask, refs = np.ones(content.shape, bool), [_image((64, 64), 10)]

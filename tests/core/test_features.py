@@ -128,10 +128,7 @@ def test_missing_weights_file_says_how_to_provide_it(tmp_path: Path) -> None:
 
 
 def test_missing_hub_cache_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without engine.weights the torch hub cache is used.
-
-    An empty cache is an error, not a fallback.
-    """
+    """Without engine.weights an empty torch hub cache is an error, not a fallback."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert hub_weights_path() == tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
     with pytest.raises(WeightsError, match="not found"):

@@ -72,8 +72,7 @@ def test_merge_refuses_bad_arguments() -> None:
 
 
 def test_high_pass_view_ignores_the_tone() -> None:
-    """In detail mode the network sees x − L(x) + 1/2: a brightness offset changes
-    nothing it sees, while another texture does."""
+    """Detail mode sees x - L(x) + 1/2: a brightness offset changes nothing, a texture does."""
     from mr2nst.core.features import build_features
     from mr2nst.core.merge import HighPassView
 

@@ -103,10 +103,7 @@ def test_summary_and_paired_test():
 
 
 def test_sharpness_ratio_orders_blurred_original_and_sharpened(case):
-    """Against the original: itself scores 1, a blurred copy below 1.
-
-    An unsharp-masked copy scores above 1.
-    """
+    """Against the original: itself scores 1, a blurred copy below 1, a sharpened one above."""
     img, mask = case.uih.astype(np.float64), case.mask
     blurred = ndi.gaussian_filter(img, 1.0)
     sharpened = img + 1.0 * (img - ndi.gaussian_filter(img, 1.0))
@@ -152,10 +149,7 @@ def test_empty_mask_gives_no_texture_scores(case):
 
 
 def test_metric_network_is_never_the_engines():
-    """hed-vgg16 engines are scored by seeded-random VGG19 (seed 7919, or 7920).
-
-    Other engines are scored by hed-vgg16.
-    """
+    """hed-vgg16 engines are scored by seeded VGG19 (7919, or 7920), others by hed-vgg16."""
     assert m.metric_network("hed-vgg16", 0) == ("seeded-random", 7919)
     assert m.metric_network("hed-vgg16", 7919) == ("seeded-random", 7920)
     assert m.metric_network("imagenet", 0)[0] == "hed-vgg16"

@@ -123,6 +123,7 @@ def test_crops_share_one_window_across_scales_and_sit_on_the_breast() -> None:
         crop(image, 96, gen)
 
 
+@pytest.mark.slow
 def test_generator_steps_lower_the_generator_loss(phantoms) -> None:
     """After D has learnt GE from UIH phantom crops, R's steps against it lower −log D(R(S))."""
     sources, targets = phantoms
@@ -144,6 +145,7 @@ def test_generator_steps_lower_the_generator_loss(phantoms) -> None:
     assert state.refiner.id() != Refiner(3).id()
 
 
+@pytest.mark.slow
 def test_adversarial_training_moves_the_output_towards_the_target() -> None:
     """Plain alternating training on an achievable case brightens R's output towards the target."""
     sources, targets = _dim_and_bright()
@@ -163,6 +165,7 @@ def test_adversarial_training_moves_the_output_towards_the_target() -> None:
     assert np.isfinite(generator_loss(state.refiner, state.discriminator, scales, mask, real))
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_with_a_seed(phantoms) -> None:
     """Two runs with the same seed give identical networks; another seed does not."""
     sources, targets = phantoms
@@ -176,6 +179,7 @@ def test_training_is_deterministic_with_a_seed(phantoms) -> None:
     assert not _same(runs[0], runs[2])
 
 
+@pytest.mark.slow
 def test_state_round_trip_resumes_identically(phantoms) -> None:
     """Saving and restoring the state mid-run gives the same result as an uninterrupted run."""
     sources, targets = phantoms

@@ -60,10 +60,7 @@ def blurred_pair():
 
 
 def test_blurred_source_gets_the_references_texture_back(blurred_pair):
-    """A blurred source's texture-band energy moves towards the reference's.
-
-    From <0.6 of the reference's to 0.7-1.3 of it.
-    """
+    """A blurred source's texture energy moves from <0.6 to 0.7-1.3 of the reference's."""
     ref, mask, source, matched = blurred_pair
     want = band_energy(ref, mask)
     assert band_energy(source, mask) / want < 0.5
@@ -73,10 +70,7 @@ def test_blurred_source_gets_the_references_texture_back(blurred_pair):
 
 
 def test_output_histogram_equals_target_exactly(blurred_pair):
-    """Inside the mask the output has the pooled reference pixels' distribution.
-
-    Outside the mask it has the background.
-    """
+    """Inside the mask: the pooled reference pixels' distribution; outside: the background."""
     ref, mask, _, matched = blurred_pair
     other = texture((180, 240), 2)
     other_mask = half_ellipse(other.shape)
@@ -108,10 +102,7 @@ def test_gains_are_clipped():
 
 
 def test_non_square_and_different_shape_references_work():
-    """A wide source with tall, differently sized references.
-
-    It keeps its own shape and matches exactly.
-    """
+    """A wide source with tall, differently sized references keeps its shape and matches."""
     source = ndi.gaussian_filter(texture((150, 260), 3), 1.0).astype(np.float32)
     mask = half_ellipse(source.shape)
     refs = [

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from mr2nst.core.tiling import (
-    Tile,
     patch_shape,
     stitch,
     tile_is_background,
@@ -127,4 +128,5 @@ def test_tile_is_hashable_and_frozen() -> None:
     """Tiles are frozen dataclasses (usable as dict keys)."""
     t = tiles_for((32, 32), 1, 0.125)[0]
     assert {t: 1}[t] == 1
-    assert isinstance(t, Tile)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.i = 1

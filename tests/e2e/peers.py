@@ -114,9 +114,11 @@ class Serve:
         self.config_path.write_text(render_toml(cfg))
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "serve.log"
+        self.log_start = 0
 
     def start(self) -> Serve:
         self.log = self.log_path.open("a")
+        self.log_start = self.log.tell()  # events of this run begin here (restarts append)
         self.proc = subprocess.Popen(
             [MR2NST, "serve", "--config", str(self.config_path)],
             stdout=self.log,
@@ -158,13 +160,34 @@ class Serve:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    def events(self) -> list[dict]:
+    def events(self, this_run: bool = False) -> list[dict]:
+        """The node's JSON log events (only those since the last start if ``this_run``)."""
+        with self.log_path.open("rb") as fh:
+            fh.seek(self.log_start if this_run else 0)
+            text = fh.read().decode("utf-8", "replace")
         rows = []
-        for line in self.log_path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
+        return rows
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 60.0) -> list[dict]:
+        """Wait until this run of the node has logged ``count`` events named ``name``."""
+        assert self.proc is not None
+        proc = self.proc
+
+        def logged() -> list[dict] | None:
+            rows = [e for e in self.events(this_run=True) if e.get("event") == name]
+            if len(rows) >= count:
+                return rows
+            if proc.poll() is not None:
+                tail = self.log_path.read_text()[-3000:]
+                raise AssertionError(f"serve exited before logging {name}:\n{tail}")
+            return None
+
+        rows: list[dict] = wait_for(logged, timeout, f"{count} {name!r} event(s)")
         return rows
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 
 import numpy as np
@@ -276,7 +275,7 @@ def test_sigterm_to_the_process_group_stops_cleanly(tmp_path, cleanup):
     """A SIGTERM to the whole process group (Ctrl-C, plain systemd) still stops the node with 0."""
     node = Serve(tmp_path, [GE_ROUTE], {"cad": free_port()}).start()
     cleanup(node)
-    time.sleep(1.0)  # let the worker finish importing
+    node.wait_for_event("worker_started")  # the worker now ignores SIGTERM (the node stops it)
     os.killpg(node.proc.pid, signal.SIGTERM)
     assert node.proc.wait(60) == 0
     node.log.close()

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from mr2nst.node.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_json_compares_the_engine_with_the_plain_loop(tmp_path, capsys):
     """A tiny bench exits 0 with per-tile losses of both runs and a per-scale comparison."""
     out = tmp_path / "bench.json"
@@ -35,8 +38,8 @@ def test_bench_json_compares_the_engine_with_the_plain_loop(tmp_path, capsys):
     assert report == json.loads(out.read_text())
     assert [len(x) for x in report["plain"]["final_losses"]] == [1, 4]
     assert report["plain"]["tile_iterations"] == 5 * 4
-    optimised = report["engine"]["tiles_optimised"]
-    assert sum(len(x) for x in report["engine"]["final_losses"]) == optimised
+    optimized = report["engine"]["tiles_optimized"]
+    assert sum(len(x) for x in report["engine"]["final_losses"]) == optimized
     assert all(max(x) <= 4 for x in report["engine"]["iterations_run"])
     assert [s["grid"] for s in report["comparison"]["scales"]] == [1, 2]
     assert report["plain"]["peak_rss_mb"] > 0

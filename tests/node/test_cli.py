@@ -92,6 +92,7 @@ def test_phantom_cli_writes_pairs_and_rejects_bad_size(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "q"), "--size", "8", "8"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end(tmp_path, capsys):
     """The demo (small images, tiny engine settings) succeeds and writes the picture and summary."""
@@ -105,8 +106,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_python_dash_m_reports_usage_errors_in_one_line(tmp_path):
-    """`python -m mr2nst.node.cli.main` exits 2 with one line on a usage error raised inside a
-    command module (the same exception classes main() catches), not a traceback."""
+    """`python -m mr2nst.node.cli.main` reports a command's usage error in one line, exit 2."""
+    # The error is raised inside a command module: the same exception classes main() catches,
+    # not a traceback.
     import subprocess
     import sys
 

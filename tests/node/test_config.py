@@ -30,6 +30,7 @@ port = 104
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """Write ``text`` as the config file under ``tmp_path``."""
     path = tmp_path / "node.toml"
     path.write_text(text)
     return path
@@ -75,6 +76,14 @@ def test_good_file_loads_frozen(tmp_path):
         ("[engine]\ntone = 'gamma'\n", "engine.tone"),
         ("[engine]\ndetail_sigma = -2\n", "engine.detail_sigma"),
         ("[engine]\nresample = 'nearest'\n", "engine.resample"),
+        ("[engine]\npatch_size = 40\n", "engine.patch_size: must be a multiple of 16"),
+        ("[engine]\ngrids = []\n", "engine.grids"),
+        ("[engine]\noverlap = 0.5\n", "engine.overlap"),
+        ("[engine]\niterations = -1\n", "engine.iterations"),
+        ("[engine]\nlr = 0\n", "engine.lr"),
+        ("[engine]\nworkers = 0\n", "engine.workers"),
+        ("[spectral]\nbins = 2\n", "spectral.bins"),
+        ("[spectral]\nmax_gain = 0.5\n", "spectral.max_gain"),
     ],
 )
 def test_bad_value_names_key(tmp_path, text, key):

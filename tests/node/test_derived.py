@@ -116,10 +116,7 @@ def test_new_deterministic_uids_and_same_sop_class(source: Dataset) -> None:
 
 
 def test_series_grouping_by_source_series_and_fingerprint() -> None:
-    """Instances of one source series share one derived series.
-
-    Another fingerprint changes all UIDs.
-    """
+    """One source series gives one derived series; another fingerprint changes all UIDs."""
     first = make_mg(series_uid=TEST_ROOT + "1")
     second = make_mg(series_uid=TEST_ROOT + "1", seed=1)
     other = make_mg(series_uid=TEST_ROOT + "2")
@@ -229,10 +226,7 @@ def test_contributing_equipment_is_appended(source: Dataset) -> None:
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 def test_pixels_in_target_range_and_source_photometry(photometric: str) -> None:
-    """The output carries the target bit depth and the source's photometry.
-
-    Its window lies inside its range.
-    """
+    """The output has the target bit depth, the source's photometry and a window in range."""
     source = make_mg(photometric=photometric, bits_stored=12)
     rng = StoredRange.full(14, invert=photometric == "MONOCHROME1")
     stored = _stored(source, rng)
@@ -255,10 +249,7 @@ def test_pixels_in_target_range_and_source_photometry(photometric: str) -> None:
 
 
 def test_instance_dates_are_new_content_dates_are_kept(source: Dataset) -> None:
-    """InstanceCreation* is `now` (in the source's time zone).
-
-    Content/Series dates stay the source's.
-    """
+    """InstanceCreation* is `now` in the source's time zone; Content/Series dates are kept."""
     source.TimezoneOffsetFromUTC = "+0200"
     out = _build(source)
     assert (out.InstanceCreationDate, out.InstanceCreationTime) == ("20240506", "090809.123456")
@@ -273,10 +264,7 @@ def test_instance_dates_are_new_content_dates_are_kept(source: Dataset) -> None:
     ("syntax", "method"), [(JPEG2000, "ISO_15444_1"), (JPEGLSNearLossless, "ISO_14495_1")]
 )
 def test_lossy_source_is_flagged_lossy(syntax: str, method: str) -> None:
-    """A source that went through lossy compression yields LossyImageCompression 01.
-
-    The ratio and method are recorded too.
-    """
+    """A once-lossy source gives LossyImageCompression 01 with the ratio and method."""
     reason = can_encode(syntax)
     if reason:
         pytest.skip(f"cannot create {syntax} test data here: {reason}")
@@ -306,10 +294,7 @@ def test_lossy_flag_is_never_reset_and_lossless_stays_lossless() -> None:
 
 
 def test_drops_stale_and_keeps_private(source: Dataset) -> None:
-    """Icon, signatures, MACs and SOP authorization are dropped.
-
-    Private tags are kept; the source is untouched.
-    """
+    """Icon, signatures, MACs, SOP authorization go; private tags stay; the source is intact."""
     source.IconImageSequence = Sequence([Dataset()])
     source.DigitalSignaturesSequence = Sequence([Dataset()])
     source.MACParametersSequence = Sequence([Dataset()])
@@ -330,10 +315,7 @@ def test_drops_stale_and_keeps_private(source: Dataset) -> None:
 
 
 def test_file_meta_and_writable(source: Dataset, tmp_path: Path) -> None:
-    """The output has consistent file meta.
-
-    It survives dcmwrite(enforce_file_format=True) and dcmread.
-    """
+    """The output has consistent file meta and survives dcmwrite and dcmread."""
     out = _build(source)
     meta = out.file_meta
     assert meta.MediaStorageSOPClassUID == out.SOPClassUID
@@ -348,10 +330,7 @@ def test_file_meta_and_writable(source: Dataset, tmp_path: Path) -> None:
 
 
 def test_deterministic_output(source: Dataset) -> None:
-    """Same inputs and `now` give byte-identical files.
-
-    Another `now` changes only the timestamps.
-    """
+    """Same inputs and `now` give identical bytes; another `now` changes only timestamps."""
     first, second = _bytes(_build(source)), _bytes(_build(copy.deepcopy(source)))
     assert first == second
     a, b = _build(source), _build(source, now=NOW + timedelta(hours=3))

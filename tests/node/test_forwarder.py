@@ -1,9 +1,9 @@
 """Tests of the forwarder: outcomes, backoff, dead deliveries and cleanup."""
 
 import random
-import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.ledger import Ledger, Received
@@ -11,8 +11,25 @@ from mr2nst.node.service.destinations import SendResult, classify
 from mr2nst.node.service.forwarder import Forwarder, backoff_delay
 from mr2nst.node.service.spool import Spool
 
+INITIAL_S, MAX_S = 5.0, 600.0
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test advances them."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 class FakeDestination:
+    """A destination that answers with the given results in turn and records what it sent."""
+
     def __init__(self, results):
         self.name = "cad"
         self.results = list(results)
@@ -24,16 +41,28 @@ class FakeDestination:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def clock():
+    """A fake clock shared by the ledger and the forwarder under test."""
+    return FakeClock()
+
+
+@pytest.fixture
+def setup(tmp_path, clock):
+    """Config (3 attempts, 5-600 s backoff, 1 h retention), spool and a fake-clocked ledger."""
     cfg = parse_config(
         {
-            "node": {"data_dir": str(tmp_path / "d"), "retention_hours": 0},
-            "forwarding": {"max_attempts": 3, "backoff_initial_s": 0.001, "backoff_max_s": 0.002},
+            "node": {"data_dir": str(tmp_path / "d"), "retention_hours": 1},
+            "forwarding": {
+                "max_attempts": 3,
+                "backoff_initial_s": INITIAL_S,
+                "backoff_max_s": MAX_S,
+                "poll_s": 3600,
+            },
         },
         environ={},
     )
     spool = Spool(cfg.node.data_dir).create()
-    ledger = Ledger.open(cfg.ledger_url)
+    ledger = Ledger.open(cfg.ledger_url, clock=clock)
     yield cfg, spool, ledger
     ledger.close()
 
@@ -92,38 +121,52 @@ def test_backoff_grows_with_jitter_and_cap():
         assert all(d / 2 <= x <= d for x in delays) and len(set(delays)) > 1
 
 
-def test_transient_failures_retry_until_dead(setup):
-    """A destination that keeps failing is retried max_attempts times, then dead."""
+def test_transient_failures_retry_until_dead(setup, clock):
+    """A failing destination is retried after a growing backoff, max_attempts times, then dead."""
     cfg, spool, ledger = setup
     dest = FakeDestination([SendResult(False, None, False, "down")] * 3)
-    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, rng=random.Random(1), clock=clock)
     transformed(ledger, spool)
     states = []
-    for _ in range(3):
-        time.sleep(0.01)
-        drain(fwd, ledger)
-        states.append(ledger.queue()[0]["deliveries"][0]["state"])
+    for attempt in (1, 2, 3):
+        with capture_logs() as logs:
+            assert len(drain(fwd, ledger)) == 1
+        [delivery] = ledger.queue()[0]["deliveries"]
+        [event] = [e for e in logs if e["event"] == "stage_forward"]
+        assert event["outcome"] == delivery["state"] and event["attempt"] == attempt
+        states.append(delivery["state"])
+        if delivery["state"] != "failed":
+            assert event["retry_in_s"] is None
+            continue
+        due = delivery["next_attempt_at"]
+        cap = min(MAX_S, INITIAL_S * 2 ** (attempt - 1))
+        assert cap / 2 <= due - clock() <= cap and event["retry_in_s"] == round(due - clock(), 1)
+        clock.now = due - 0.5
+        assert drain(fwd, ledger) == []  # not due before its backoff has passed
+        clock.now = due
     assert states == ["failed", "failed", "dead"] and len(dest.sent) == 3
 
 
-def test_permanent_rejection_is_dead_at_once_and_retry_revives(setup):
+def test_permanent_rejection_is_dead_at_once_and_retry_revives(setup, clock):
     """A 0xC000 rejection makes the delivery dead; queue retry sends it again."""
     cfg, spool, ledger = setup
     dest = FakeDestination([SendResult(False, 0xC000, True, "rejected"), SendResult(True, 0)])
-    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, clock=clock)
     transformed(ledger, spool)
     drain(fwd, ledger)
     assert ledger.queue()[0]["deliveries"][0]["state"] == "dead"
+    clock.advance(MAX_S)
+    assert drain(fwd, ledger) == []  # dead deliveries are not retried by time alone
     assert ledger.retry() == 1
     drain(fwd, ledger)
     assert ledger.counts()["done"] == 1 and len(dest.sent) == 2
 
 
-def test_cleanup_removes_only_settled_files(setup):
-    """Cleanup removes files of done instances and keeps those still waiting to be sent."""
+def test_cleanup_removes_only_settled_files(setup, clock):
+    """Cleanup removes files of done instances after the retention; waiting ones are kept."""
     cfg, spool, ledger = setup
     dest = FakeDestination([SendResult(True, 0)])
-    fwd = Forwarder(cfg, ledger, spool, {"cad": dest})
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, clock=clock)
     _, src1, out1 = transformed(ledger, spool)
     drain(fwd, ledger)
     waiting_src = spool.write_incoming(b"other")
@@ -145,7 +188,8 @@ def test_cleanup_removes_only_settled_files(setup):
             str(waiting_src),
         )
     )
-    time.sleep(0.01)
+    assert fwd.cleanup() == 0 and src1.exists() and out1.exists()  # still within the retention
+    clock.advance(cfg.node.retention_hours * 3600 + 1)
     assert fwd.cleanup() == 2
     assert not src1.exists() and not out1.exists() and waiting_src.exists()
 
@@ -155,7 +199,7 @@ def test_duplicate_and_dimse_warnings_count_as_delivered():
     assert all(classify(s).ok for s in (0x0111, 0x0001, 0x0107, 0x0116))
 
 
-def test_exception_in_send_is_a_counted_attempt(setup):
+def test_exception_in_send_is_a_counted_attempt(setup, clock):
     """A destination that raises is recorded as a failed attempt, so max_attempts still applies."""
     cfg, spool, ledger = setup
 
@@ -165,12 +209,12 @@ def test_exception_in_send_is_a_counted_attempt(setup):
         def send(self, path):
             raise ValueError("cannot encode")
 
-    fwd = Forwarder(cfg, ledger, spool, {"cad": Broken()})
+    fwd = Forwarder(cfg, ledger, spool, {"cad": Broken()}, clock=clock)
     transformed(ledger, spool)
     for _ in range(3):
-        time.sleep(0.01)
-        for job in ledger.claim_deliveries(fwd.owner, 10, 60):
-            fwd._deliver_logged(job)
+        [job] = ledger.claim_deliveries(fwd.owner, 10, 60)
+        fwd.handle(job)
+        clock.advance(MAX_S)  # past any backoff
     [delivery] = ledger.queue()[0]["deliveries"]
     assert (
         delivery["state"] == "dead"
@@ -179,16 +223,18 @@ def test_exception_in_send_is_a_counted_attempt(setup):
     )
 
 
-def test_stop_hands_back_unstarted_deliveries(setup):
-    """A delivery claimed but not started when the forwarder stops is released.
-
-    Releasing it does not use an attempt.
-    """
+def test_stop_hands_back_unstarted_deliveries(setup, clock):
+    """A delivery claimed but not started when the forwarder stops is released, unattempted."""
     cfg, spool, ledger = setup
-    fwd = Forwarder(cfg, ledger, spool, {"cad": FakeDestination([])})
+    dest = FakeDestination([])
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, clock=clock)
     transformed(ledger, spool)
     [job] = ledger.claim_deliveries(fwd.owner, 10, 60)
-    fwd._stopping = True
-    fwd._deliver_logged(job)
+    fwd.start()
+    assert not fwd.stopping
+    fwd.stop()
+    assert fwd.stopping
+    fwd.handle(job)
     [delivery] = ledger.queue()[0]["deliveries"]
-    assert delivery["state"] == "pending" and delivery["attempts"] == 0
+    assert delivery["state"] == "pending" and delivery["attempts"] == 0 and dest.sent == []
+    assert fwd.dispatch() == 0  # a stopped forwarder claims nothing more

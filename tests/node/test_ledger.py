@@ -6,11 +6,13 @@ import pytest
 from support import fresh_postgres, postgres_url
 
 from mr2nst.node.errors import LedgerError
-from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.ledger import DeliveryState, InstanceState, Ledger, Received
 from mr2nst.node.ledger.schema import SCHEMA_VERSION
 
 
 class Clock:
+    """A fake clock for the ledger: time moves only when a test sets ``t``."""
+
     def __init__(self) -> None:
         self.t = 1_000_000.0
 
@@ -20,6 +22,7 @@ class Clock:
 
 @pytest.fixture
 def clock():
+    """A fake clock at a fixed time."""
     return Clock()
 
 
@@ -36,13 +39,17 @@ BACKENDS = [
 
 @pytest.fixture(params=BACKENDS)
 def ledger(request, tmp_path, clock):
+    """A fresh ledger on SQLite, and on PostgreSQL where a server is available."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else fresh_postgres()
     led = Ledger.open(url, clock=clock)
     yield led
     led.close()
 
 
-def received(n: int = 0, action: str = "normalize", dests=("cad",), state="received") -> Received:
+def received(
+    n: int = 0, action="normalize", dests=("cad",), state=InstanceState.RECEIVED
+) -> Received:
+    """The record of a received instance number ``n``."""
     return Received(
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
         sop_instance_uid=f"1.2.3.{n}",
@@ -84,6 +91,36 @@ def test_newer_schema_refused(tmp_path, clock):
     led.close()
     with pytest.raises(LedgerError, match="newer"):
         Ledger.open(url, clock=clock)
+
+
+def test_states_are_stored_as_their_names(ledger):
+    """Instance and delivery states reach the database as their plain lowercase strings."""
+    job_id = ledger.record(received())
+    ledger.claim_job("w", 30)
+    ledger.mark_transformed(
+        job_id, "w", output_path="p", out_series_uid=None, out_sop_uid=None, destinations=["cad"]
+    )
+    with ledger.engine.connect() as conn:
+        instance_state = conn.exec_driver_sql("SELECT state FROM instances").scalar_one()
+        delivery_state = conn.exec_driver_sql("SELECT state FROM deliveries").scalar_one()
+    assert (instance_state, delivery_state) == ("transformed", "pending")
+    assert (
+        type(instance_state) is str and InstanceState(instance_state) is InstanceState.TRANSFORMED
+    )
+    assert ledger.counts() == {"transformed": 1, f"delivery_{DeliveryState.PENDING}": 1}
+
+
+def test_renewed_lease_keeps_the_job_until_it_lapses(ledger, clock):
+    """A renewed lease outlives the first; once it lapses the job is reclaimed, renewal fails."""
+    job_id = ledger.record(received())
+    ledger.claim_job("w1", 30)
+    clock.t += 20
+    assert ledger.renew_lease(job_id, "w1", 30)
+    clock.t += 20  # past the first lease, within the renewed one
+    assert ledger.claim_job("w2", 30) is None
+    clock.t += 11
+    assert ledger.claim_job("w2", 30).id == job_id
+    assert not ledger.renew_lease(job_id, "w1", 30)
 
 
 def test_claim_is_exclusive_and_ordered(ledger):

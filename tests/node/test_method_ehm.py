@@ -7,12 +7,24 @@ from support import write_phantom
 
 from mr2nst.bank.bank import Bank
 from mr2nst.bank.errors import NotEnoughReferences
+from mr2nst.bank.manifest import UNIT_SCALE
 from mr2nst.core.ehm import target_quantiles
+from mr2nst.core.segmentation import segment_breast
 from mr2nst.node.config import parse_config
 from mr2nst.node.dicom.pixels import decode, decode_stored
 from mr2nst.node.methods.ehm import EhmMethod
 from mr2nst.node.methods.registry import MethodCache
 from mr2nst.node.service.pipeline import Pipeline
+
+
+def pooled_breast_pixels(bank, uids) -> np.ndarray:
+    """The breast pixels of the bank references ``uids``, pooled, as the methods read them."""
+    entries = {e.sop_instance_uid: e for e in bank.entries()}
+    pixels = []
+    for uid in uids:
+        image = np.asarray(bank.layout.load_image(entries[uid]), dtype=np.float32)
+        pixels.append((image / np.float32(UNIT_SCALE))[bank.layout.load_mask(entries[uid])])
+    return np.concatenate(pixels)
 
 
 def test_breast_gets_the_references_histogram(tmp_path, bank):
@@ -28,11 +40,8 @@ def test_breast_gets_the_references_histogram(tmp_path, bank):
     assert len(refs) == 3
     entries = {e.sop_instance_uid: e for e in bank.entries()}
     assert all(entries[uid].view == "MLO" for uid in refs)
-    from mr2nst.core.segmentation import segment_breast
-
     mask = segment_breast(src.image, "MLO").mask
-    loaded = [bank._load(entries[uid], False) for uid in refs]
-    pooled = np.concatenate([r.image[r.mask] for r in loaded])
+    pooled = pooled_breast_pixels(bank, refs)
     assert np.array_equal(np.sort(result.image[mask]), target_quantiles(pooled, int(mask.sum())))
     assert np.all(result.image[~mask] == np.float32(bank.stats().background))
     assert result.target_range.bits_stored == bank.stats().bits_stored
@@ -47,10 +56,7 @@ def test_fingerprint_follows_bank_content(tmp_path, bank):
 
 
 def test_derived_is_in_target_bit_depth_and_source_photometric(tmp_path, bank):
-    """The derived image is written with the bank's bit depth.
-
-    It keeps the source's photometric interpretation.
-    """
+    """The derived image has the bank's bit depth and the source's photometric interpretation."""
     path = write_phantom(tmp_path / "ge", "g", vendor="GE", bits=12, photometric="MONOCHROME2")
     cfg = parse_config(
         {"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={}
@@ -66,10 +72,7 @@ def test_derived_is_in_target_bit_depth_and_source_photometric(tmp_path, bank):
 
 
 def test_too_few_references_is_reported(tmp_path):
-    """An empty-of-this-view bank gives NotEnoughReferences.
-
-    The worker treats it as permanent.
-    """
+    """A bank without the source's view gives NotEnoughReferences (permanent for a worker)."""
     bank = Bank(tmp_path / "bank")
     bank.add([write_phantom(tmp_path / "uih", "only-cc", view="CC")])
     src = decode(pydicom.dcmread(write_phantom(tmp_path / "ge", "g", vendor="GE", view="MLO")))

@@ -50,8 +50,7 @@ def test_robust_unit_spans_the_breast():
 
 
 def test_transfer_result_is_in_the_target_domain(tmp_path, bank):
-    """With tone = "linear" the output spans the bank's robust range over its background,
-    and records how it was made."""
+    """tone = "linear": the output spans the bank's robust range and records how it was made."""
     cfg = config(bank, tone="linear")
     method = MethodCache(cfg).get("mr2nst")
     src = decode(
@@ -95,8 +94,7 @@ def test_fingerprint_changes_with_engine_settings(bank):
 
 
 def test_tone_ehm_gives_the_references_breast_histogram_exactly(tmp_path, bank):
-    """tone = "ehm": the output's breast pixels are exactly the selected references' pooled
-    breast pixels (as quantiles), not a linear map of the transfer."""
+    """tone = "ehm": the breast pixels are exactly the references' pooled breast quantiles."""
     from mr2nst.core.ehm import target_quantiles
     from mr2nst.node.methods.references import breast_area
 

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 from support import write_phantom
 
+from mr2nst.bank.manifest import UNIT_SCALE
 from mr2nst.core.ehm import target_quantiles
 from mr2nst.core.segmentation import segment_breast
 from mr2nst.core.spectral import SpectralConfig
@@ -17,6 +18,17 @@ from mr2nst.node.errors import ConfigError
 from mr2nst.node.methods.registry import FACTORIES, check_methods
 from mr2nst.node.methods.spectral import SpectralMethod
 from mr2nst.node.service.transfer import run_transfer
+
+
+def pooled_breast_pixels(bank, uids) -> np.ndarray:
+    """The breast pixels of the bank references ``uids``, pooled, as the methods read them."""
+    entries = {e.sop_instance_uid: e for e in bank.entries()}
+    pixels = []
+    for uid in uids:
+        image = np.asarray(bank.layout.load_image(entries[uid]), dtype=np.float32)
+        pixels.append((image / np.float32(UNIT_SCALE))[bank.layout.load_mask(entries[uid])])
+    return np.concatenate(pixels)
+
 
 ROUTE = {"name": "ge", "method": "spectral", "destinations": ["cad"]}
 CAD = {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 104}}
@@ -37,10 +49,8 @@ def test_runs_on_a_phantom_bank(tmp_path, bank):
         "method=spectral" in result.provenance.describe()
         and "gain 0.5-3" in result.provenance.describe()
     )
-    entries = {e.sop_instance_uid: e for e in bank.entries()}
-    loaded = [bank._load(entries[uid], False) for uid in result.provenance.references]
     mask = segment_breast(src.image, "MLO").mask
-    pooled = np.concatenate([r.image[r.mask] for r in loaded])
+    pooled = pooled_breast_pixels(bank, result.provenance.references)
     assert np.array_equal(np.sort(result.image[mask]), target_quantiles(pooled, int(mask.sum())))
     assert np.all(result.image[~mask] == np.float32(bank.stats().background))
     assert np.array_equal(

@@ -1,4 +1,4 @@
-"""Tests of the phantom DICOM writer (mr2nst.node.lab.phantom_io)."""
+"""Tests of the phantom DICOM writer (mr2nst.node.lab.phantom_io and .phantom_dicom)."""
 
 from __future__ import annotations
 
@@ -15,25 +15,22 @@ from support import needs_dciodvfy
 from mr2nst.core.intensity import StoredRange
 from mr2nst.core.lab.phantom import PhantomCase, make_case
 from mr2nst.node.dicom.iod import iod_errors
-from mr2nst.node.lab.phantom_io import (
-    MG_FOR_PRESENTATION,
-    case_spec,
-    phantom_dataset,
-    run_phantom_command,
-    write_phantom_set,
-)
+from mr2nst.node.lab.phantom_dicom import MG_FOR_PRESENTATION, phantom_dataset
+from mr2nst.node.lab.phantom_io import case_spec, run_phantom_command, write_phantom_set
 
 SIZE = (256, 208)
 
 
 @pytest.fixture(scope="module")
 def phantom_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A written set of 4 paired cases (seed 5); returns (folder, DICOM files)."""
     out = tmp_path_factory.mktemp("phantom")
     return out, write_phantom_set(out, 4, size=SIZE, seed=5)
 
 
 @pytest.fixture(scope="module")
 def case() -> PhantomCase:
+    """Case 0 of the set with seed 1."""
     return make_case(case_spec(0, seed=1, size=SIZE))
 
 

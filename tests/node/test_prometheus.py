@@ -4,11 +4,12 @@ import socket
 import urllib.request
 
 from mr2nst.node.config import parse_config
-from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.ledger import InstanceState, Ledger, Received
 from mr2nst.node.service.prometheus import Metrics
 
 
 def free_port() -> int:
+    """A TCP port that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +33,7 @@ def test_endpoint_reports_ledger_states_and_counters(tmp_path):
             "normalize",
             "passthrough",
             ("cad",),
-            "received",
+            InstanceState.RECEIVED,
             "/x",
         )
     )

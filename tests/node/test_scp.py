@@ -10,6 +10,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from mr2nst.node.config import parse_config
+from mr2nst.node.dicom.status import StoreStatus
 from mr2nst.node.ledger import Ledger
 from mr2nst.node.service import scp
 from mr2nst.node.service.routing import Router
@@ -31,6 +32,8 @@ ROUTES = {
 
 @pytest.fixture
 def node(tmp_path):
+    """Starts SCPs on ephemeral ports (node settings as keyword overrides); stops them after."""
+
     def start(**node_overrides):
         cfg = parse_config(
             {
@@ -67,6 +70,7 @@ def node(tmp_path):
 
 
 def store(port, ds, calling="MODALITY"):
+    """C-STORE ``ds`` from ``calling``; returns the association and the status (or None)."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="MR2NST")
@@ -82,7 +86,7 @@ def test_store_persists_then_acknowledges(node):
     n = node()
     ds = make_mg()
     _, status = store(n.port, ds)
-    assert status == scp.SUCCESS
+    assert status == StoreStatus.SUCCESS
     [row] = n.ledger.queue()
     assert row["state"] == "received" and row["route"] == "mg" and row["destinations"] == ["cad"]
     saved = pydicom.dcmread(row["spool_path"])
@@ -95,7 +99,7 @@ def test_drop_route_stores_nothing(node):
     """A drop route acknowledges, records `dropped`, and writes no file."""
     n = node()
     _, status = store(n.port, make_mg(SeriesDescription="JUNK SERIES"))
-    assert status == scp.SUCCESS
+    assert status == StoreStatus.SUCCESS
     assert n.ledger.counts() == {"dropped": 1}
     assert list(n.spool.incoming.iterdir()) == []
 
@@ -119,7 +123,7 @@ def test_allowlist_rejects_unknown_caller(node):
     assoc, _ = store(n.port, make_mg(), calling="FAR")
     assert assoc.is_rejected
     _, status = store(n.port, make_mg(), calling="PACS")
-    assert status == scp.SUCCESS
+    assert status == StoreStatus.SUCCESS
     assert n.ledger.counts() == {"received": 1}
 
 
@@ -127,11 +131,13 @@ def test_low_disk_refused_with_a700(node):
     """Below min_free_disk_mb the store is refused with 0xA700 and nothing is kept."""
     n = node(min_free_disk_mb=10**12)
     _, status = store(n.port, make_mg())
-    assert status == scp.OUT_OF_RESOURCES
+    assert status == StoreStatus.OUT_OF_RESOURCES
     assert n.ledger.counts() == {} and list(n.spool.incoming.iterdir()) == []
 
 
 def fake_event(ds, *, abstract=None, affected=None, raise_on_dataset=False):
+    """A stand-in for pynetdicom's EVT_C_STORE event carrying ``ds``."""
+
     class Ev:
         @property
         def dataset(self):
@@ -159,7 +165,7 @@ def test_sop_class_mismatch_a900(node):
     n = node()
     assert (
         scp.handle_store(fake_event(make_mg(), abstract=CTImageStorage), n.service)
-        == scp.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     )
     assert n.ledger.counts() == {}
 
@@ -169,7 +175,7 @@ def test_undecodable_dataset_c000(node):
     n = node()
     assert (
         scp.handle_store(fake_event(make_mg(), raise_on_dataset=True), n.service)
-        == scp.CANNOT_UNDERSTAND
+        == StoreStatus.CANNOT_UNDERSTAND
     )
     assert list(n.spool.incoming.iterdir()) == []
 
@@ -182,7 +188,7 @@ def test_ledger_failure_refuses_and_removes_file(node, monkeypatch):
         raise RuntimeError("db down")
 
     monkeypatch.setattr(n.ledger, "record", broken)
-    assert scp.handle_store(fake_event(make_mg()), n.service) == scp.OUT_OF_RESOURCES
+    assert scp.handle_store(fake_event(make_mg()), n.service) == StoreStatus.OUT_OF_RESOURCES
     assert list(n.spool.incoming.iterdir()) == []
 
 

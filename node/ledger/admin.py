@@ -1,0 +1,198 @@
+"""What ``mr2nst queue`` and the cleanup job ask of the ledger: revive, give up, list, count.
+
+:class:`LedgerAdmin` is a base of :class:`~mr2nst.node.ledger.store.Ledger`; its methods are
+the ledger's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, update
+
+from mr2nst.node.ledger.records import Clock
+from mr2nst.node.ledger.schema import deliveries, instances
+from mr2nst.node.ledger.states import DeliveryState, InstanceState
+
+
+class LedgerAdmin:
+    """The ledger's administrative operations (see :class:`~mr2nst.node.ledger.store.Ledger`)."""
+
+    engine: Engine
+    clock: Clock
+
+    def retry(self, ids: Sequence[int] = ()) -> int:
+        """Revive dead deliveries and failed jobs (all, or the given job ids).
+
+        Returns:
+            How many deliveries and jobs were revived.
+        """
+        now = self.clock()
+        with self.engine.begin() as conn:
+            dq = update(deliveries).where(deliveries.c.state == DeliveryState.DEAD)
+            jq = update(instances).where(
+                instances.c.state == InstanceState.FAILED, instances.c.spool_path.is_not(None)
+            )
+            if ids:
+                dq = dq.where(deliveries.c.instance_id.in_(ids))
+                jq = jq.where(instances.c.id.in_(ids))
+            n = conn.execute(
+                dq.values(
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    error=None,
+                    updated_at=now,
+                )
+            ).rowcount
+            n += conn.execute(
+                jq.values(
+                    state=InstanceState.RECEIVED,
+                    attempts=0,
+                    lease_until=None,
+                    error=None,
+                    updated_at=now,
+                )
+            ).rowcount
+            if n:
+                conn.execute(
+                    update(instances)
+                    .where(
+                        instances.c.id.in_(
+                            select(deliveries.c.instance_id).where(
+                                deliveries.c.state == DeliveryState.PENDING
+                            )
+                        )
+                    )
+                    .where(instances.c.state == InstanceState.DONE)
+                    .values(state=InstanceState.TRANSFORMED, updated_at=now)
+                )
+        return int(n)
+
+    def purge(self, ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Give up dead deliveries and failed jobs for good; return the rows whose files may go."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            dq = update(deliveries).where(deliveries.c.state == DeliveryState.DEAD)
+            jq = select(instances.c.id).where(instances.c.state == InstanceState.FAILED)
+            if ids:
+                dq = dq.where(deliveries.c.instance_id.in_(ids))
+                jq = jq.where(instances.c.id.in_(ids))
+            conn.execute(dq.values(state=DeliveryState.PURGED, updated_at=now))
+            job_ids = [r[0] for r in conn.execute(jq)]
+            conn.execute(
+                update(instances)
+                .where(instances.c.id.in_(job_ids))
+                .values(error="purged by admin", updated_at=now)
+            )
+        return self.settled_files(older_than=now + 1, only_ids=ids, include_failed=True)
+
+    def settled_files(
+        self, older_than: float, only_ids: Sequence[int] = (), include_failed: bool = False
+    ) -> list[dict[str, Any]]:
+        """Instances whose files are no longer needed and were last touched before ``older_than``.
+
+        Failed jobs keep their file in dead/ until an admin purges them (``include_failed``).
+        """
+        states = (InstanceState.DONE, InstanceState.TRANSFORMED, InstanceState.UNROUTED) + (
+            (InstanceState.FAILED,) if include_failed else ()
+        )
+        open_deliveries = select(deliveries.c.instance_id).where(
+            deliveries.c.state.in_(
+                (
+                    DeliveryState.PENDING,
+                    DeliveryState.SENDING,
+                    DeliveryState.FAILED,
+                    DeliveryState.DEAD,
+                )
+            )
+        )
+        query = select(instances.c.id, instances.c.spool_path, instances.c.output_path).where(
+            instances.c.state.in_(states),
+            instances.c.updated_at < older_than,
+            instances.c.id.not_in(open_deliveries),
+            or_(instances.c.spool_path.is_not(None), instances.c.output_path.is_not(None)),
+        )
+        if only_ids:
+            query = query.where(instances.c.id.in_(only_ids))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def forget_paths(self, job_ids: Sequence[int]) -> None:
+        """Record that the files of these instances were removed."""
+        if not job_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(instances)
+                .where(instances.c.id.in_(job_ids))
+                .values(spool_path=None, output_path=None)
+            )
+
+    def queue(self, include_done: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """Instances with their deliveries, newest first; unfinished ones unless include_done."""
+        query = select(instances).order_by(instances.c.id.desc()).limit(limit)
+        if not include_done:
+            query = query.where(
+                instances.c.state.in_(
+                    (
+                        InstanceState.RECEIVED,
+                        InstanceState.PROCESSING,
+                        InstanceState.TRANSFORMED,
+                        InstanceState.FAILED,
+                    )
+                )
+            )
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+            ids = [r["id"] for r in rows]
+            dels = (
+                conn.execute(
+                    select(deliveries)
+                    .where(deliveries.c.instance_id.in_(ids))
+                    .order_by(deliveries.c.id)
+                )
+                .mappings()
+                .all()
+            )
+        by_instance: dict[int, list[dict[str, Any]]] = {}
+        for d in dels:
+            by_instance.setdefault(d["instance_id"], []).append(
+                {
+                    k: d[k]
+                    for k in (
+                        "id",
+                        "destination",
+                        "state",
+                        "attempts",
+                        "next_attempt_at",
+                        "last_status",
+                        "error",
+                    )
+                }
+            )
+        for r in rows:
+            r["destinations"] = json.loads(r["destinations"])
+            r["deliveries"] = by_instance.get(r["id"], [])
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        """Number of instances per state and deliveries per state (keys ``delivery_<state>``)."""
+        with self.engine.connect() as conn:
+            out: dict[str, int] = {
+                s: int(n)
+                for s, n in conn.execute(
+                    select(instances.c.state, func.count()).group_by(instances.c.state)
+                )
+            }
+            out.update(
+                {
+                    f"delivery_{s}": int(n)
+                    for s, n in conn.execute(
+                        select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
+                    )
+                }
+            )
+        return out
