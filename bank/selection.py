@@ -41,7 +41,7 @@ def choose(
     if len(ranked) < k and not (allow_fewer and ranked):
         raise NotEnoughReferences(
             f"the bank has {len(ranked)} {view} reference(s), {k} are needed "
-            f"(add more with `mr2nst bank add`, or lower engine.references)"
+            f"(add more with `mr2nst bank add`, or lower methods.references)"
         )
     return ranked[:k]
 

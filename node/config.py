@@ -106,7 +106,6 @@ class EngineSection(_Section):
     """
 
     device: str = _ENGINE.device
-    workers: int = Field(default=1, ge=1, le=64)
     features: FeatureSource = _ENGINE.features
     weights: str = _ENGINE.weights
     patch_size: int = _ENGINE.patch_size
@@ -133,13 +132,7 @@ class EngineSection(_Section):
     tone: Tone = _ENGINE.tone
     detail_sigma: float = _ENGINE.detail_sigma
     resample: Resample = _ENGINE.resample
-    references: int = Field(default=5, ge=1)
     refiner: str = ""
-    # A worker holds a claimed job under a lease it renews; a job whose lease ran out
-    # (its worker died) goes back to the queue.
-    lease_s: float = Field(default=60.0, gt=0)
-    # Processing attempts before a job that keeps failing is given up as `failed`.
-    max_attempts: int = Field(default=3, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -166,6 +159,39 @@ class EngineSection(_Section):
         """
         names = {f.name for f in fields(EngineConfig)}
         return EngineConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+
+
+class WorkersSection(_Section):
+    """``[workers]``: the processes that run the methods (the method lane)."""
+
+    # Worker processes; each loads its methods (and the engine's weights) once.
+    count: int = Field(default=1, ge=1, le=64)
+    # A worker holds a claimed job under a lease it renews; a job whose lease ran out
+    # (its worker died) goes back to the queue.
+    lease_s: float = Field(default=60.0, gt=0)
+    # Processing attempts before a job that keeps failing is given up (then the route's
+    # on_failure applies).
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class MethodsSection(_Section):
+    """``[methods]``: settings every reference-based method shares (ehm, spectral, mr2nst)."""
+
+    # References selected from the bank for each source image.
+    references: int = Field(default=5, ge=1)
+
+
+class SafetySection(_Section):
+    """``[safety]``: the gate every normalized output passes before it is sent."""
+
+    enabled: bool = True
+    # Minimum overlap (intersection over union) of the source's and the output's breast masks.
+    min_mask_overlap: float = Field(default=0.98, ge=0, le=1)
+    # A bright spot the µC detector finds in the source must be found in the output within
+    # this distance (pixels).
+    spot_tolerance_px: float = Field(default=2.0, ge=0)
+    # Side (pixels) of the blocks checked for constant regions inside the breast.
+    constant_block_px: int = Field(default=32, ge=4)
 
 
 class SpectralSection(_Section):
@@ -204,7 +230,7 @@ class BankSection(_Section):
     """``[bank]``: the reference image bank."""
 
     path: Path = Path("./bank")
-    # Use fewer than engine.references references when the bank has fewer of the source's view.
+    # Use fewer than methods.references references when the bank has fewer of the source's view.
     allow_fewer: bool = False
 
 
@@ -213,6 +239,8 @@ Method = Literal["mr2nst", "ehm", "spectral", "passthrough"]
 Action = Literal["normalize", "forward", "drop"]
 #: What the router decided for one instance: its route's action, or "none" (no route applied).
 Disposition = Action | Literal["none"]
+#: What a normalize route does when its method cannot produce a safe output.
+OnFailure = Literal["forward-original", "hold"]
 
 
 class Route(_Section):
@@ -223,6 +251,15 @@ class Route(_Section):
     action: Action = "normalize"
     method: Method = "mr2nst"
     destinations: tuple[str, ...] = ()
+    # normalize only: when the method fails or its output fails the safety gate, send the
+    # original unchanged ("forward-original") or keep the instance failed ("hold").
+    on_failure: OnFailure = "forward-original"
+    # Where the original goes on failure; empty = the route's destinations.
+    fallback_destinations: tuple[str, ...] = ()
+    # normalize only: destinations that also receive the original, unchanged, at once.
+    forward_original: tuple[str, ...] = ()
+    # Higher runs first within its lane; ties in arrival order.
+    priority: int = Field(default=0, ge=-1000, le=1000)
 
     @model_validator(mode="after")
     def _check_destinations(self) -> Route:
@@ -230,17 +267,57 @@ class Route(_Section):
             raise ValueError(
                 f"route {self.name!r}: action {self.action!r} needs at least one destination"
             )
+        if self.action != "normalize":
+            for key in ("fallback_destinations", "forward_original"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"{key}: only a normalize route has it (route {self.name!r} "
+                        f"is {self.action!r})"
+                    )
+        both = sorted(set(self.destinations) & set(self.forward_original))
+        if both:
+            raise ValueError(
+                f"forward_original: {', '.join(both)} already receive the normalized instance; "
+                "a destination gets one copy per instance"
+            )
         return self
+
+    @property
+    def fallback(self) -> tuple[str, ...]:
+        """Where the original goes when normalizing fails (empty: hold it)."""
+        if self.action != "normalize" or self.on_failure == "hold":
+            return ()
+        return self.fallback_destinations or self.destinations
+
+
+#: How a destination is reached.
+DestinationKind = Literal["dicom", "stow"]
+#: The transfer syntax a destination receives: as stored, or transcoded.
+OutgoingSyntax = Literal["as-received", "explicit-little", "j2k-lossless"]
 
 
 class Destination(_Section):
     """One ``[destinations.NAME]``: a peer that receives results."""
 
-    kind: Literal["dicom"] = "dicom"
-    ae_title: AETitle
-    host: str
-    port: Port
+    kind: DestinationKind = "dicom"
+    # dicom: the peer's AE title and address.
+    ae_title: AETitle | None = None
+    host: str = ""
+    port: Port | None = None
     tls: bool = False
+    # dicom: our AE title towards this peer (empty: forwarding.calling_ae, then node.ae_title).
+    calling_ae: str = Field(default="", max_length=16, pattern=r"^([\x20-\x5b\x5d-\x7e]*[^ ])?$")
+    # Seconds to wait for the connection / for each response (0: forwarding's defaults).
+    connect_timeout_s: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=0.0, ge=0)
+    # Parallel associations (dicom) or requests (stow) to this destination (0: no own cap).
+    max_associations: int = Field(default=0, ge=0, le=64)
+    # Transcode before sending; "as-received" sends the file as stored.
+    transfer_syntax: OutgoingSyntax = "as-received"
+    # stow: the DICOMweb base URL (STOW-RS posts to URL/studies); a bearer token is read
+    # from the environment variable named here, if any.
+    url: str = ""
+    token_env: str = Field(default="", pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")
 
     @field_validator("tls")
     @classmethod
@@ -248,6 +325,26 @@ class Destination(_Section):
         if value:
             raise ValueError("TLS destinations are not supported yet")
         return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Destination:
+        if self.kind == "dicom":
+            if self.ae_title is None:
+                raise ValueError("ae_title: a dicom destination needs ae_title, host and port")
+            if not self.host:
+                raise ValueError("host: a dicom destination needs ae_title, host and port")
+            if self.port is None:
+                raise ValueError("port: a dicom destination needs ae_title, host and port")
+            if self.url:
+                raise ValueError("url: only a stow destination has a url")
+        else:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError("url: a stow destination needs an http:// or https:// URL")
+            if self.ae_title is not None or self.host or self.port is not None:
+                raise ValueError(
+                    "url: a stow destination is reached by url, not ae_title/host/port"
+                )
+        return self
 
 
 class ForwardingSection(_Section):
@@ -297,6 +394,9 @@ class Config(_Section):
     node: NodeSection = NodeSection()
     ledger: LedgerSection = LedgerSection()
     engine: EngineSection = EngineSection()
+    workers: WorkersSection = WorkersSection()
+    methods: MethodsSection = MethodsSection()
+    safety: SafetySection = SafetySection()
     bank: BankSection = BankSection()
     spectral: SpectralSection = SpectralSection()
     routes: tuple[Route, ...] = ()
@@ -313,12 +413,13 @@ class Config(_Section):
             if route.name in names:
                 raise ValueError(f"routes[{index}].name: duplicate route name {route.name!r}")
             names.add(route.name)
-            for dest in route.destinations:
-                if dest not in self.destinations:
-                    raise ValueError(
-                        f"routes[{index}].destinations: unknown destination {dest!r} "
-                        f"(define it as [destinations.{dest}])"
-                    )
+            for key in ("destinations", "fallback_destinations", "forward_original"):
+                for dest in getattr(route, key):
+                    if dest not in self.destinations:
+                        raise ValueError(
+                            f"routes[{index}].{key}: unknown destination {dest!r} "
+                            f"(define it as [destinations.{dest}])"
+                        )
         return self
 
     @property
@@ -328,22 +429,13 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """A short hash of the settings that shape pixel output (engine + derived)."""
+        engine = self.engine.model_dump(
+            mode="json", exclude={"device", "max_batch", "memory_budget_mb"}
+        )
+        # The same payload as when references lived in [engine], so output UIDs stay stable.
+        engine["references"] = self.methods.references
         payload = json.dumps(
-            {
-                "engine": self.engine.model_dump(
-                    mode="json",
-                    exclude={
-                        "workers",
-                        "device",
-                        "lease_s",
-                        "max_attempts",
-                        "max_batch",
-                        "memory_budget_mb",
-                    },
-                ),
-                "derived": self.derived.model_dump(mode="json"),
-            },
-            sort_keys=True,
+            {"engine": engine, "derived": self.derived.model_dump(mode="json")}, sort_keys=True
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -385,6 +477,23 @@ def _describe(error: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+# Keys that moved out of [engine] (they govern every method, not only the engine).
+MOVED_KEYS = {
+    ("engine", "references"): "methods.references",
+    ("engine", "workers"): "workers.count",
+    ("engine", "lease_s"): "workers.lease_s",
+    ("engine", "max_attempts"): "workers.max_attempts",
+}
+
+
+def _refuse_moved_keys(data: Mapping[str, Any]) -> None:
+    """Raise with the new name when a config still uses a key that moved."""
+    for (section, key), new in MOVED_KEYS.items():
+        values = data.get(section)
+        if isinstance(values, Mapping) and key in values:
+            raise ConfigError(f"{section}.{key}: moved to {new}")
+
+
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML mapping (plus env overrides) into a :class:`Config`.
 
@@ -396,6 +505,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
         ConfigError: a key or value is invalid; the message names the key.
     """
     merged = _merge(dict(data), _env_overrides(os.environ if environ is None else environ))
+    _refuse_moved_keys(merged)
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:

@@ -103,9 +103,6 @@ def demo_config(
             # (ImageNet's are not downloaded here).
             "engine": {
                 "features": "hed-vgg16",
-                "workers": 1,
-                "lease_s": 60,
-                "references": 5,
                 "patch_size": DEMO_PATCH,
                 "grids": [1, 2, 4],
                 "iterations": DEMO_ITERATIONS,
@@ -113,6 +110,8 @@ def demo_config(
                 "max_batch": 1,
                 **(engine or {}),
             },
+            "workers": {"count": 1, "lease_s": 60},
+            "methods": {"references": 5},
             "bank": {"path": str(bank_dir), "allow_fewer": True},
             "routes": [
                 {

@@ -179,7 +179,7 @@ def run_evaluation(
         "domain_source_images": len(domain),
         "truth": bool(truth),
         "engine": {**asdict(runner.core), "grids": list(runner.core.grids)},
-        "references": config.engine.references,
+        "references": config.methods.references,
         "refiner": refiner or "",
         "intensity_scale": "[0, 1] over the full BitsStored range, brighter = denser",
         **ctx_info,

@@ -95,7 +95,7 @@ DESCRIPTIONS = {
     "clipped frequency-domain gain, then EHM again (no GPU)",
     "nst_single": "single-reference, single-scale NST (grid 1 only)",
     "mr2nst_1ref": "mr2NST, all scales, 1 reference",
-    "mr2nst": "mr2NST, all scales, engine.references references, untrained refiner "
+    "mr2nst": "mr2NST, all scales, methods.references references, untrained refiner "
     "(engine.merge: average of the scales or sum of their bands)",
     "mr2nst_s0": "scale 0 of the mr2nst run alone",
     "mr2nst_s1": "scale 1 of the mr2nst run alone",

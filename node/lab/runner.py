@@ -111,7 +111,7 @@ class Runner:
         self.methods = methods
         self.core = replace(config.engine.core(), weights=ensure_weights(config.engine) or "")
         self.cuda = resolved_device(self.core).type == "cuda"
-        k = config.engine.references
+        k = config.methods.references
         self.ehm = EhmMethod(bank, k, True, VERSION)
         self.spectral = SpectralMethod(bank, k, True, VERSION, config.spectral.core())
         self.mr2nst: Mr2nstMethod | None = None

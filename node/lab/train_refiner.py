@@ -185,7 +185,7 @@ class _Setup:
         core = replace(config.engine.core(), weights=weights or "")
         engine = Mr2nstEngine(core)  # untrained refiner: the scales come before it
         method = Mr2nstMethod(
-            engine, bank, config.engine.references, config.bank.allow_fewer, VERSION
+            engine, bank, config.methods.references, config.bank.allow_fewer, VERSION
         )
         method.keep_last = True  # the scales of each call are read from method.last
         key = hashlib.sha256(method.fingerprint().encode()).hexdigest()[:16]

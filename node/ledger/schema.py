@@ -21,10 +21,13 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     func,
     insert,
     inspect,
     select,
+    text,
+    update,
 )
 
 from mr2nst.node.errors import LedgerError
@@ -60,6 +63,11 @@ instances = Table(
     Column("error", Text),
     Column("received_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # v2: lanes, priorities, fallbacks
+    Column("lane", String(16), nullable=False, default="method"),  # method | forward | none
+    Column("priority", Integer, nullable=False, default=0),  # higher first within a lane
+    Column("fallback_destinations", Text, nullable=False, default="[]"),  # JSON; [] = hold
+    Column("fallback_reason", Text),  # why the original was sent instead of an output
     Index("ix_instances_state", "state", "id"),
     Index("ix_instances_sop", "sop_instance_uid"),
 )
@@ -78,8 +86,26 @@ deliveries = Table(
     Column("last_status", Integer),
     Column("error", Text),
     Column("updated_at", Float, nullable=False),
+    # v2: what is sent: the method's output ("derived") or the received file ("original")
+    Column("payload", String(16), nullable=False, default="derived"),
     UniqueConstraint("instance_id", "destination", name="uq_delivery_instance_destination"),
     Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+# v2: every processing and delivery attempt, kept across `queue retry` (the history).
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("instance_id", Integer, ForeignKey("instances.id"), nullable=False),
+    Column("delivery_id", Integer, ForeignKey("deliveries.id")),  # None: a processing attempt
+    Column("at", Float, nullable=False),
+    Column("stage", String(16), nullable=False),  # transform | deliver | fallback | retry
+    Column("destination", String(64)),
+    Column("status", Integer),  # the peer's DICOM status, when there was one
+    Column("outcome", String(32), nullable=False),
+    Column("reason", Text),
+    Index("ix_attempts_instance", "instance_id", "id"),
 )
 
 schema_version = Table(
@@ -90,12 +116,58 @@ schema_version = Table(
 )
 
 
+# The columns that v2 added; v1 creates the tables without them.
+_V2_COLUMNS = {
+    "instances": (
+        ("lane", "VARCHAR(16) NOT NULL DEFAULT 'method'"),
+        ("priority", "INTEGER NOT NULL DEFAULT 0"),
+        ("fallback_destinations", "TEXT NOT NULL DEFAULT '[]'"),
+        ("fallback_reason", "TEXT"),
+    ),
+    "deliveries": (("payload", "VARCHAR(16) NOT NULL DEFAULT 'derived'"),),
+}
+
+
 def _v1_initial(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[instances, deliveries])
+    """The instances and deliveries tables as version 1 had them (without v2's columns)."""
+    v2 = {name for cols in _V2_COLUMNS.values() for name, _ in cols}
+    v1 = MetaData()
+    old_instances = Table(
+        "instances", v1, *(c._copy() for c in instances.columns if c.name not in v2)
+    )
+    old_deliveries = Table(
+        "deliveries",
+        v1,
+        *(
+            Column("instance_id", Integer, ForeignKey("instances.id"), nullable=False)
+            if c.name == "instance_id"
+            else c._copy()
+            for c in deliveries.columns
+            if c.name not in v2
+        ),
+        UniqueConstraint("instance_id", "destination", name="uq_delivery_instance_destination"),
+    )
+    Index("ix_instances_state", old_instances.c.state, old_instances.c.id)
+    Index("ix_instances_sop", old_instances.c.sop_instance_uid)
+    Index("ix_deliveries_due", old_deliveries.c.state, old_deliveries.c.next_attempt_at)
+    v1.create_all(conn)
+
+
+def _v2_lanes_fallbacks_history(conn: Connection) -> None:
+    """Lanes, priorities and fallbacks (columns), the payload of a delivery, attempt history."""
+    for table, columns in _V2_COLUMNS.items():
+        for name, ddl in columns:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+    attempts.create(conn)
+    conn.execute(
+        update(instances)
+        .where(instances.c.action != "normalize")
+        .values(lane=case((instances.c.action == "forward", "forward"), else_="none"))
+    )
 
 
 # Append new migrations; never edit an applied one.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1_initial,)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1_initial, _v2_lanes_fallbacks_history)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

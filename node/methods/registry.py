@@ -24,7 +24,7 @@ def _ehm(config: Config) -> Method:
     from mr2nst.node.methods.ehm import EhmMethod
 
     return EhmMethod(
-        Bank(config.bank.path), config.engine.references, config.bank.allow_fewer, VERSION
+        Bank(config.bank.path), config.methods.references, config.bank.allow_fewer, VERSION
     )
 
 
@@ -35,7 +35,7 @@ def _spectral(config: Config) -> Method:
 
     return SpectralMethod(
         Bank(config.bank.path),
-        config.engine.references,
+        config.methods.references,
         config.bank.allow_fewer,
         VERSION,
         config.spectral.core(),
@@ -63,7 +63,7 @@ def _mr2nst(config: Config, device: str | None = None) -> Method:
     return Mr2nstMethod(
         engine,
         Bank(config.bank.path),
-        config.engine.references,
+        config.methods.references,
         config.bank.allow_fewer,
         VERSION,
         refiner_name=Path(refiner).name if refiner else "",

@@ -83,6 +83,7 @@ class DicomStoreDestination:
             ds = read_file(path)
         except ValueError as exc:
             return SendResult(False, None, True, str(exc))
+        assert self.cfg.port is not None and self.cfg.ae_title is not None  # kind "dicom"
         [outcome] = store_datasets(
             [(path, ds)],
             self.cfg.host,

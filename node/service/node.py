@@ -115,7 +115,7 @@ class Node:
             ae_title=cfg.node.ae_title,
             host=cfg.node.host,
             port=self.port,
-            workers=cfg.engine.workers,
+            workers=cfg.workers.count,
             features=cfg.engine.features,
             routes=[r.name for r in cfg.routes],
             removed_partial_files=removed_partial_files,
@@ -139,7 +139,7 @@ class Node:
             for assoc in self.server.active_associations:
                 assoc.abort()
         if self.workers is not None:
-            self.workers.stop(timeout=max(timeout, self.config.engine.lease_s))
+            self.workers.stop(timeout=max(timeout, self.config.workers.lease_s))
         if self.forwarder is not None:
             self.forwarder.stop()
         if self._metrics_server is not None:
@@ -160,7 +160,7 @@ class Node:
         self.start()
         try:
             while not self._stop.wait(1.0):
-                if self.workers is not None and self.workers.alive() < self.config.engine.workers:
+                if self.workers is not None and self.workers.alive() < self.config.workers.count:
                     log.error("worker_died", alive=self.workers.alive())
                     self.workers.restart_dead()
         finally:

@@ -93,7 +93,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one job; False when there was none."""
-        job = self.ledger.claim_job(self.owner, self.config.engine.lease_s)
+        job = self.ledger.claim_job(self.owner, self.config.workers.lease_s)
         if job is None:
             return False
         with instance_context(
@@ -110,7 +110,7 @@ class Worker:
     def _process(self, job: Job) -> None:
         """Run the pipeline on a claimed job under a renewed lease and record the outcome."""
         started = time.perf_counter()
-        beat = _Heartbeat(self.ledger, job.id, self.owner, self.config.engine.lease_s)
+        beat = _Heartbeat(self.ledger, job.id, self.owner, self.config.workers.lease_s)
         beat.start()
         try:
             out = self.pipeline.run(job, self.spool)
@@ -121,7 +121,7 @@ class Worker:
                 self.owner,
                 f"{exc.__class__.__name__}: {exc}",
                 permanent=permanent,
-                max_attempts=self.config.engine.max_attempts,
+                max_attempts=self.config.workers.max_attempts,
                 retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)),
             )
             if state == InstanceState.FAILED and job.spool_path and Path(job.spool_path).exists():
@@ -207,7 +207,7 @@ def worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.logging.format, config.logging.level)
     config = pin_gpu(config, index)
-    share_cpu_threads(config.engine.workers)
+    share_cpu_threads(config.workers.count)
     ledger = Ledger.open(config.ledger_url)
     worker = Worker(config, ledger, Spool(config.node.data_dir), name)
     log.info("worker_started", worker=worker.owner, device=config.engine.device)
@@ -237,8 +237,8 @@ class WorkerPool:
         return proc
 
     def start(self) -> None:
-        """Spawn ``engine.workers`` worker processes."""
-        self._procs = [self._spawn(i) for i in range(self.config.engine.workers)]
+        """Spawn ``workers.count`` worker processes."""
+        self._procs = [self._spawn(i) for i in range(self.config.workers.count)]
 
     def restart_dead(self) -> None:
         """Replace worker processes that died (their jobs come back when the lease ends)."""

@@ -90,12 +90,8 @@ class Serve:
                 "network_timeout_s": 10,
                 **sections.pop("node", {}),
             },
-            "engine": {
-                "workers": 1,
-                "lease_s": 2,
-                "features": "seeded-random",
-                **sections.pop("engine", {}),
-            },
+            "engine": {"features": "seeded-random", **sections.pop("engine", {})},
+            "workers": {"count": 1, "lease_s": 2, **sections.pop("workers", {})},
             "forwarding": {
                 "poll_s": 0.2,
                 "backoff_initial_s": 0.3,

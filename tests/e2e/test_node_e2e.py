@@ -298,7 +298,7 @@ def test_ehm_route_delivers_uih_scaled_series(tmp_path, phantoms, cleanup):
         [route],
         {"cad": cad.port},
         bank={"path": str(bank.layout.root), "allow_fewer": True},
-        engine={"references": 5},
+        methods={"references": 5},
     ).start()
     cleanup(node)
     assert storescu(node.port, phantoms["ge"]).returncode == 0
@@ -330,8 +330,8 @@ def test_mr2nst_route_end_to_end(tmp_path, phantoms, cleanup):
             "patch_size": 32,
             "grids": [1, 2],
             "iterations": 2,
-            "lease_s": 30,
         },
+        workers={"lease_s": 30},
     ).start()
     cleanup(node)
     assert storescu(node.port, phantoms["ge"][:1]).returncode == 0

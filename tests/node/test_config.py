@@ -81,7 +81,7 @@ def test_good_file_loads_frozen(tmp_path):
         ("[engine]\noverlap = 0.5\n", "engine.overlap"),
         ("[engine]\niterations = -1\n", "engine.iterations"),
         ("[engine]\nlr = 0\n", "engine.lr"),
-        ("[engine]\nworkers = 0\n", "engine.workers"),
+        ("[workers]\ncount = 0\n", "workers.count"),
         ("[spectral]\nbins = 2\n", "spectral.bins"),
         ("[spectral]\nmax_gain = 0.5\n", "spectral.max_gain"),
     ],
@@ -111,7 +111,7 @@ def test_invalid_toml_is_config_error(tmp_path):
 def test_fingerprint_tracks_engine_settings():
     """The fingerprint changes with output-shaping settings, not with worker count."""
     base = parse_config({}, environ={})
-    assert base.fingerprint() == parse_config({"engine": {"workers": 4}}, environ={}).fingerprint()
+    assert base.fingerprint() == parse_config({"workers": {"count": 4}}, environ={}).fingerprint()
     assert (
         base.fingerprint() != parse_config({"engine": {"iterations": 10}}, environ={}).fingerprint()
     )

@@ -9,13 +9,14 @@ from mr2nst.node.cli.main import main
 from mr2nst.node.lab.evaluate import METHODS, METRICS, split_target
 from mr2nst.node.lab.phantom_io import write_phantom_set
 
-TINY = """[engine]
+TINY = """[methods]
+references = 2
+[engine]
 features = "seeded-random"
 device = "cpu"
 patch_size = 32
 grids = [1, 2]
 iterations = 2
-references = 2
 """
 
 

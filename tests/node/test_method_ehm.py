@@ -59,7 +59,7 @@ def test_derived_is_in_target_bit_depth_and_source_photometric(tmp_path, bank):
     """The derived image has the bank's bit depth and the source's photometric interpretation."""
     path = write_phantom(tmp_path / "ge", "g", vendor="GE", bits=12, photometric="MONOCHROME2")
     cfg = parse_config(
-        {"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={}
+        {"bank": {"path": str(bank.layout.root)}, "methods": {"references": 2}}, environ={}
     )
     derived = Pipeline(cfg, MethodCache(cfg)).derive(pydicom.dcmread(path), "ehm")
     assert derived.BitsStored == bank.stats().bits_stored == 14

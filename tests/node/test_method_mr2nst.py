@@ -17,7 +17,6 @@ TINY = {
     "patch_size": 32,
     "grids": [1, 2],
     "iterations": 2,
-    "references": 2,
 }
 
 
@@ -34,6 +33,7 @@ def config(bank, **engine):
         {
             "bank": {"path": str(bank.layout.root), "allow_fewer": True},
             "engine": {**TINY, **engine},
+            "methods": {"references": 2},
         },
         environ={},
     )

@@ -101,7 +101,7 @@ def test_transfer_with_method_spectral(tmp_path, bank):
     """`mr2nst transfer --method spectral` writes a derived image saying method=spectral."""
     path = write_phantom(tmp_path / "ge", "g", vendor="GE", view="CC", laterality="L")
     cfg = parse_config(
-        {"bank": {"path": str(bank.layout.root)}, "engine": {"references": 2}}, environ={}
+        {"bank": {"path": str(bank.layout.root)}, "methods": {"references": 2}}, environ={}
     )
     [result] = run_transfer(cfg, [str(path)], tmp_path / "out", method="spectral")
     assert result["error"] == ""

@@ -15,9 +15,7 @@ from mr2nst.bank.bank import Bank
 from mr2nst.core.refiner import checkpoint_info
 from mr2nst.node.cli.main import main
 
-ENGINE = (
-    'features = "seeded-random"\ndevice = "cpu"\npatch_size = 32\ngrids = [1, 2]\nreferences = 2\n'
-)
+ENGINE = 'features = "seeded-random"\ndevice = "cpu"\npatch_size = 32\ngrids = [1, 2]\n'
 FAST = ["--epochs", "1", "--crop", "64", "--batch", "2", "--steps", "2", "--seed", "4"]
 
 
@@ -35,7 +33,7 @@ def _config(folder, bank, iterations=2, refiner=""):
     path = folder / f"config-{iterations}-{bool(refiner)}.toml"
     path.write_text(
         f"[engine]\n{ENGINE}iterations = {iterations}\nrefiner = {str(refiner)!r}\n"
-        f"[bank]\npath = {str(bank)!r}\nallow_fewer = true\n"
+        f"[methods]\nreferences = 2\n[bank]\npath = {str(bank)!r}\nallow_fewer = true\n"
     )
     return path
 

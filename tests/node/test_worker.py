@@ -35,7 +35,7 @@ def clock():
 def env(tmp_path, clock):
     """A config, spool, ledger (on the fake clock) and worker under ``tmp_path``."""
     cfg = parse_config(
-        {"node": {"data_dir": str(tmp_path / "d")}, "engine": {"max_attempts": 2}}, environ={}
+        {"node": {"data_dir": str(tmp_path / "d")}, "workers": {"max_attempts": 2}}, environ={}
     )
     spool = Spool(cfg.node.data_dir).create()
     ledger = Ledger.open(cfg.ledger_url, clock=clock)
@@ -108,7 +108,7 @@ def test_corrupt_input_fails_permanently_and_moves_to_dead(env):
 
 
 def test_unexpected_error_is_retried_then_failed(env, tmp_path, monkeypatch, clock):
-    """An unexpected method error requeues the job, then fails it at engine.max_attempts."""
+    """An unexpected method error requeues the job, then fails it at workers.max_attempts."""
     _, spool, ledger, worker = env
 
     def boom(*_a, **_k):
@@ -152,7 +152,7 @@ def test_workers_spread_over_gpus(monkeypatch):
     from mr2nst.node.service.worker import pin_gpu
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    cfg = parse_config({"engine": {"device": "auto", "workers": 3}}, environ={})
+    cfg = parse_config({"engine": {"device": "auto"}, "workers": {"count": 3}}, environ={})
     assert [pin_gpu(cfg, i).engine.device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     fixed = parse_config({"engine": {"device": "cuda:1"}}, environ={})
     assert pin_gpu(fixed, 0).engine.device == "cuda:1"
