@@ -26,3 +26,17 @@ class LedgerError(NodeError):
 
 class SpoolError(NodeError):
     """A durable write to the spool or outbox failed."""
+
+
+class SafetyGateError(NodeError):
+    """A method's output failed the safety gate; it must not be sent.
+
+    Args:
+        code: the failed check, e.g. ``safety.mask_overlap`` (a metric label).
+        detail: what was measured, for the ledger and the log.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail

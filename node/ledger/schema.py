@@ -105,6 +105,7 @@ attempts = Table(
     Column("status", Integer),  # the peer's DICOM status, when there was one
     Column("outcome", String(32), nullable=False),
     Column("reason", Text),
+    Column("seconds", Float),  # how long the attempt took
     Index("ix_attempts_instance", "instance_id", "id"),
 )
 
