@@ -184,12 +184,14 @@ class MethodsSection(_Section):
 class SafetySection(_Section):
     """``[safety]``: the gate every normalized output passes before it is sent."""
 
+    # Check each normalized output before it is sent (false: send whatever the method made).
     enabled: bool = True
     # Minimum overlap (intersection over union) of the source's and the output's breast masks.
     min_mask_overlap: float = Field(default=0.98, ge=0, le=1)
-    # A bright spot the µC detector finds in the source must be found in the output within
-    # this distance (pixels).
+    # Distance (pixels) within which the output must still show each source spot.
     spot_tolerance_px: float = Field(default=2.0, ge=0)
+    # Detector k (robust sigmas) a source spot must reach to count; the output's k stays 4.
+    spot_source_k: float = Field(default=10.0, ge=1)
     # Side (pixels) of the blocks checked for constant regions inside the breast.
     constant_block_px: int = Field(default=32, ge=4)
 
@@ -326,6 +328,16 @@ class Destination(_Section):
             raise ValueError("TLS destinations are not supported yet")
         return value
 
+    @field_validator("token_env", mode="before")
+    @classmethod
+    def _env_name(cls, value: object) -> object:
+        if isinstance(value, str) and value and not (value.isascii() and value.isidentifier()):
+            raise ValueError(
+                f"{value!r} is not an environment variable name (letters, digits and _, "
+                "not starting with a digit)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_kind(self) -> Destination:
         if self.kind == "dicom":
@@ -344,6 +356,8 @@ class Destination(_Section):
                 raise ValueError(
                     "url: a stow destination is reached by url, not ae_title/host/port"
                 )
+            if self.calling_ae:
+                raise ValueError("calling_ae: only a dicom destination calls with an AE title")
         return self
 
 

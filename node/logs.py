@@ -103,6 +103,8 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # dicomweb-client logs one INFO line per STOW request; the forwarder logs its own.
+    logging.getLogger("dicomweb_client").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

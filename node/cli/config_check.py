@@ -35,7 +35,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print_json(config.model_dump(mode="json"))
     else:
         print(
-            f"{args.file}: OK ({len(config.routes)} routes, "
-            f"{len(config.destinations)} destinations)"
+            f"{args.file}: OK ({plural(len(config.routes), 'route')}, "
+            f"{plural(len(config.destinations), 'destination')})"
         )
     return EXIT_OK
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 route", "0 routes", "2 routes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

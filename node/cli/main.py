@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "echo",
     "send",
     "queue",
+    "status",
     "bank",
     "phantom",
     "config_check",
@@ -48,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def without_prog(message: str) -> str:
+    """``message`` without a leading program name, which :func:`main` adds once.
+
+    argparse names the parser that failed (``mr2nst: ...``, ``mr2nst queue: ...``); the
+    message then reads ``queue: ...`` so that the printed line starts with one
+    ``mr2nst:``.
+    """
+    for prefix in ("mr2nst: ", "mr2nst "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command.
 
@@ -58,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except (UsageError, ConfigError, EngineConfigError, WeightsError, RefinerError) as exc:
+    except UsageError as exc:
+        print(f"mr2nst: {without_prog(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, EngineConfigError, WeightsError, RefinerError) as exc:
         print(f"mr2nst: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

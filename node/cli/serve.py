@@ -13,6 +13,12 @@ def add_parser(sub: Any) -> None:
     """Register ``mr2nst serve``."""
     p = sub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
     p.add_argument("--config", required=True)
+    p.add_argument(
+        "--log-format",
+        choices=["json", "console", "auto"],
+        help="overrides logging.format: json lines, console for humans, auto = json "
+        "unless stderr is a terminal",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -21,6 +27,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mr2nst.node.service.node import Node
 
     config = config_of(args)
-    configure_logging(config.logging.format, config.logging.level)
+    configure_logging(args.log_format or config.logging.format, config.logging.level)
     Node(config).serve_forever()
     return EXIT_OK

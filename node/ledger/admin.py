@@ -10,11 +10,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, func, insert, or_, select, update
 
 from mr2nst.node.ledger.records import Clock
-from mr2nst.node.ledger.schema import deliveries, instances
+from mr2nst.node.ledger.schema import attempts, deliveries, instances
 from mr2nst.node.ledger.states import DeliveryState, InstanceState
+from mr2nst.node.ledger.stats import history
 
 
 class LedgerAdmin:
@@ -26,37 +27,70 @@ class LedgerAdmin:
     def retry(self, ids: Sequence[int] = ()) -> int:
         """Revive dead deliveries and failed jobs (all, or the given job ids).
 
+        Each revived delivery and job gets a ``retry`` row in its attempt history; the
+        history before it is kept.
+
         Returns:
             How many deliveries and jobs were revived.
         """
         now = self.clock()
         with self.engine.begin() as conn:
-            dq = update(deliveries).where(deliveries.c.state == DeliveryState.DEAD)
-            jq = update(instances).where(
+            dq = select(deliveries.c.id, deliveries.c.instance_id, deliveries.c.destination).where(
+                deliveries.c.state == DeliveryState.DEAD
+            )
+            jq = select(instances.c.id).where(
                 instances.c.state == InstanceState.FAILED, instances.c.spool_path.is_not(None)
             )
             if ids:
                 dq = dq.where(deliveries.c.instance_id.in_(ids))
                 jq = jq.where(instances.c.id.in_(ids))
-            n = conn.execute(
-                dq.values(
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    error=None,
-                    updated_at=now,
+            dead = conn.execute(dq).all()
+            failed = [int(r[0]) for r in conn.execute(jq)]
+            if dead:
+                conn.execute(
+                    update(deliveries)
+                    .where(
+                        deliveries.c.id.in_([d.id for d in dead]),
+                        deliveries.c.state == DeliveryState.DEAD,
+                    )
+                    .values(
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        error=None,
+                        updated_at=now,
+                    )
                 )
-            ).rowcount
-            n += conn.execute(
-                jq.values(
-                    state=InstanceState.RECEIVED,
-                    attempts=0,
-                    lease_until=None,
-                    error=None,
-                    updated_at=now,
+            if failed:
+                conn.execute(
+                    update(instances)
+                    .where(instances.c.id.in_(failed), instances.c.state == InstanceState.FAILED)
+                    .values(
+                        state=InstanceState.RECEIVED,
+                        attempts=0,
+                        lease_until=None,
+                        error=None,
+                        updated_at=now,
+                    )
                 )
-            ).rowcount
-            if n:
+            revived = [
+                {"instance_id": d.instance_id, "delivery_id": d.id, "destination": d.destination}
+                for d in dead
+            ] + [{"instance_id": job, "delivery_id": None, "destination": None} for job in failed]
+            if revived:
+                conn.execute(
+                    insert(attempts),
+                    [
+                        {
+                            **r,
+                            "at": now,
+                            "stage": "retry",
+                            "outcome": "revived",
+                            "reason": "mr2nst queue retry",
+                        }
+                        for r in revived
+                    ],
+                )
                 conn.execute(
                     update(instances)
                     .where(
@@ -69,7 +103,7 @@ class LedgerAdmin:
                     .where(instances.c.state == InstanceState.DONE)
                     .values(state=InstanceState.TRANSFORMED, updated_at=now)
                 )
-        return int(n)
+        return len(revived)
 
     def purge(self, ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Give up dead deliveries and failed jobs for good; return the rows whose files may go."""
@@ -131,20 +165,40 @@ class LedgerAdmin:
                 .values(spool_path=None, output_path=None)
             )
 
-    def queue(self, include_done: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
-        """Instances with their deliveries, newest first; unfinished ones unless include_done."""
+    def queue(
+        self,
+        include_done: bool = False,
+        limit: int = 1000,
+        *,
+        states: Sequence[str] = (),
+        destination: str | None = None,
+        study: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Instances with their deliveries and attempt history, newest first.
+
+        Args:
+            include_done: also settled instances (done, dropped, unrouted); implied by
+                ``states``.
+            limit: at most this many instances.
+            states: only instances in one of these states, or with a delivery in one of
+                them (instance and delivery state names alike).
+            destination: only instances bound for this destination (route, fallback or
+                delivery).
+            study: only this StudyInstanceUID.
+            since: only instances received at or after this time (seconds since the epoch).
+        """
         query = select(instances).order_by(instances.c.id.desc()).limit(limit)
-        if not include_done:
-            query = query.where(
-                instances.c.state.in_(
-                    (
-                        InstanceState.RECEIVED,
-                        InstanceState.PROCESSING,
-                        InstanceState.TRANSFORMED,
-                        InstanceState.FAILED,
-                    )
-                )
-            )
+        if states:
+            query = query.where(_in_states(states))
+        elif not include_done:
+            query = query.where(instances.c.state.in_(_UNSETTLED))
+        if destination is not None:
+            query = query.where(_bound_for(destination))
+        if study is not None:
+            query = query.where(instances.c.study_uid == study)
+        if since is not None:
+            query = query.where(instances.c.received_at >= since)
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
             ids = [r["id"] for r in rows]
@@ -157,25 +211,18 @@ class LedgerAdmin:
                 .mappings()
                 .all()
             )
+            histories = history(conn, ids)
         by_instance: dict[int, list[dict[str, Any]]] = {}
         for d in dels:
             by_instance.setdefault(d["instance_id"], []).append(
-                {
-                    k: d[k]
-                    for k in (
-                        "id",
-                        "destination",
-                        "state",
-                        "attempts",
-                        "next_attempt_at",
-                        "last_status",
-                        "error",
-                    )
-                }
+                {k: d[k] for k in _DELIVERY_KEYS if k in d}
             )
         for r in rows:
             r["destinations"] = json.loads(r["destinations"])
+            if isinstance(r.get("fallback_destinations"), str):
+                r["fallback_destinations"] = json.loads(r["fallback_destinations"])
             r["deliveries"] = by_instance.get(r["id"], [])
+            r["history"] = histories.get(r["id"], [])
         return rows
 
     def counts(self) -> dict[str, int]:
@@ -196,3 +243,51 @@ class LedgerAdmin:
                 }
             )
         return out
+
+
+# Instances still being worked on (or given up), as ``queue list`` shows them by default.
+_UNSETTLED = (
+    InstanceState.RECEIVED,
+    InstanceState.PROCESSING,
+    InstanceState.TRANSFORMED,
+    InstanceState.FAILED,
+)
+_DELIVERY_KEYS = (
+    "id",
+    "destination",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_status",
+    "error",
+    "payload",
+)
+
+
+def _in_states(states: Sequence[str]) -> ColumnElement[bool]:
+    """Instances in one of ``states``, or with a delivery in one of them."""
+    delivery_states = [s for s in states if s in set(DeliveryState)]
+    return or_(
+        instances.c.state.in_([s for s in states if s in set(InstanceState)]),
+        instances.c.id.in_(
+            select(deliveries.c.instance_id).where(deliveries.c.state.in_(delivery_states))
+        ),
+    )
+
+
+def _bound_for(destination: str) -> ColumnElement[bool]:
+    """Instances whose route, fallback or deliveries name ``destination``."""
+    # The route decision is a JSON list of names; match the name as JSON writes it.
+    needle = "%" + _escape_like(json.dumps(destination)) + "%"
+    return or_(
+        instances.c.destinations.like(needle, escape="\\"),
+        instances.c.fallback_destinations.like(needle, escape="\\"),
+        instances.c.id.in_(
+            select(deliveries.c.instance_id).where(deliveries.c.destination == destination)
+        ),
+    )
+
+
+def _escape_like(text: str) -> str:
+    """``text`` with LIKE's wildcards (and the escape character) escaped by a backslash."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import RowMapping
 
@@ -15,10 +16,30 @@ from mr2nst.node.ledger.states import InstanceState
 #: Seconds since the epoch; tests pass a fake one.
 Clock = Callable[[], float]
 
+#: Who moves an instance on: a worker (``method``), the forwarder alone (``forward``), or
+#: nobody (``none``: dropped or unrouted).
+Lane = Literal["method", "forward", "none"]
+
+#: What a delivery sends: the method's output, or the received file unchanged.
+Payload = Literal["derived", "original"]
+
+
+def lane_of(action: Disposition) -> Lane:
+    """The lane of an instance whose route decided ``action``."""
+    if action == "normalize":
+        return "method"
+    if action == "forward":
+        return "forward"
+    return "none"
+
 
 @dataclass(frozen=True)
 class Received:
-    """What the SCP records for one received instance."""
+    """What the SCP records for one received instance.
+
+    ``priority``, ``fallback_destinations`` and ``forward_original`` come from the route
+    (see :class:`~mr2nst.node.config.Route`); ``fallback_destinations`` empty means hold.
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -34,11 +55,19 @@ class Received:
     destinations: tuple[str, ...]
     state: InstanceState
     spool_path: str | None
+    priority: int = 0
+    fallback_destinations: tuple[str, ...] = ()
+    forward_original: tuple[str, ...] = ()
+
+    @property
+    def lane(self) -> Lane:
+        """The instance's lane, from its route's action."""
+        return lane_of(self.action)
 
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed processing job."""
+    """A claimed processing job (always of the ``method`` lane)."""
 
     id: int
     action: str
@@ -52,11 +81,14 @@ class Job:
     sop_instance_uid: str
     calling_ae: str
     received_at: float
+    lane: Lane = "method"
+    priority: int = 0
+    fallback_destinations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class DeliveryJob:
-    """A claimed delivery: send ``path`` to ``destination``."""
+    """A claimed delivery: send ``path`` (the ``payload``'s file) to ``destination``."""
 
     id: int
     instance_id: int
@@ -67,6 +99,7 @@ class DeliveryJob:
     study_uid: str
     series_uid: str
     route: str | None
+    payload: Payload = "derived"
 
 
 def job_from_row(row: RowMapping) -> Job:
@@ -84,19 +117,28 @@ def job_from_row(row: RowMapping) -> Job:
         sop_instance_uid=row["sop_instance_uid"],
         calling_ae=row["calling_ae"],
         received_at=row["received_at"],
+        lane=row["lane"],
+        priority=row["priority"],
+        fallback_destinations=tuple(json.loads(row["fallback_destinations"] or "[]")),
     )
 
 
 def delivery_job_from_row(row: RowMapping) -> DeliveryJob:
-    """The delivery of a just-claimed row of deliveries joined with its instance."""
+    """The delivery of a just-claimed row of deliveries joined with its instance.
+
+    An ``original`` delivery sends the received file (``spool_path``, which follows the file
+    if it was moved), a ``derived`` one the method's output (``output_path``).
+    """
+    original = row["payload"] == "original"
     return DeliveryJob(
         id=row["id"],
         instance_id=row["instance_id"],
         destination=row["destination"],
         attempts=row["attempts"] + 1,
-        path=row["output_path"] or "",
+        path=(row["spool_path"] if original else row["output_path"]) or "",
         sop_instance_uid=row["sop_instance_uid"],
         study_uid=row["study_uid"],
         series_uid=row["series_uid"],
         route=row["route"],
+        payload="original" if original else "derived",
     )

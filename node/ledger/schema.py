@@ -107,6 +107,7 @@ attempts = Table(
     Column("reason", Text),
     Column("seconds", Float),  # how long the attempt took
     Index("ix_attempts_instance", "instance_id", "id"),
+    Index("ix_attempts_stage", "stage"),
 )
 
 schema_version = Table(

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
-    GenerativeSelect,
     and_,
     create_engine,
     event,
-    func,
     insert,
     or_,
     select,
@@ -32,18 +30,17 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from mr2nst.node.errors import LedgerError
 from mr2nst.node.ledger.admin import LedgerAdmin
-from mr2nst.node.ledger.records import (
-    Clock,
-    DeliveryJob,
-    Job,
-    Received,
-    delivery_job_from_row,
-    job_from_row,
+from mr2nst.node.ledger.outgoing import (
+    LedgerOutgoing,
+    add_delivery,
+    adopt_v1_forwards,
+    delivery_ids,
+    finish_if_all_sent,
+    log_attempt,
 )
-from mr2nst.node.ledger.schema import deliveries, instances, migrate
-from mr2nst.node.ledger.states import DeliveryState, InstanceState
-
-_Select = TypeVar("_Select", bound=GenerativeSelect)
+from mr2nst.node.ledger.records import Clock, DeliveryJob, Job, Received, job_from_row
+from mr2nst.node.ledger.schema import instances, migrate
+from mr2nst.node.ledger.states import InstanceState
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -57,7 +54,7 @@ def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -
     cursor.close()
 
 
-class Ledger(LedgerAdmin):
+class Ledger(LedgerAdmin, LedgerOutgoing):
     """Operations on the ledger. Thread-safe; share one per process.
 
     Args:
@@ -95,7 +92,8 @@ class Ledger(LedgerAdmin):
             event.listen(engine, "connect", _sqlite_pragmas)
         try:
             with engine.begin() as conn:
-                migrate(conn, clock())
+                if 0 < migrate(conn, clock()) < 2:  # from v1: forwards move to their lane
+                    adopt_v1_forwards(conn, clock())
         except SQLAlchemyError as exc:
             engine.dispose()
             reason = str(exc).splitlines()[0]
@@ -111,18 +109,33 @@ class Ledger(LedgerAdmin):
     # -- receive ---------------------------------------------------------------------
 
     def record(self, rec: Received) -> int:
-        """Insert the row for a received instance in one transaction.
+        """Insert the row for a received instance, and its first deliveries, in one transaction.
+
+        A ``forward`` instance is recorded ``transformed`` with one pending delivery of the
+        original per destination: it goes straight to the forwarder, no worker claims it. A
+        ``normalize`` instance gets its ``forward_original`` deliveries here too; its method
+        job waits for a worker.
 
         Returns:
             The instance's job id.
         """
         now = self.clock()
-        values = {k: v for k, v in rec.__dict__.items() if k != "destinations"}
+        lane = rec.lane
+        original_to = rec.destinations if lane == "forward" else rec.forward_original
+        state = InstanceState.TRANSFORMED if lane == "forward" else rec.state
+        values = {
+            k: v
+            for k, v in rec.__dict__.items()
+            if k not in ("destinations", "fallback_destinations", "forward_original", "state")
+        }
         with self.engine.begin() as conn:
             result = conn.execute(
                 insert(instances).values(
                     **values,
+                    state=state,
+                    lane=lane,
                     destinations=json.dumps(list(rec.destinations)),
+                    fallback_destinations=json.dumps(list(rec.fallback_destinations)),
                     attempts=0,
                     received_at=now,
                     updated_at=now,
@@ -130,18 +143,16 @@ class Ledger(LedgerAdmin):
             )
             key = result.inserted_primary_key
             assert key is not None
-            return int(key[0])
+            job_id = int(key[0])
+            for dest in original_to:
+                add_delivery(conn, job_id, dest, "original", now)
+            return job_id
 
     # -- processing jobs -------------------------------------------------------------
 
-    def _locked(self, stmt: _Select) -> _Select:
-        """``stmt`` with ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL)."""
-        if self.engine.dialect.name == "postgresql":
-            return stmt.with_for_update(skip_locked=True)
-        return stmt
-
     def claim_job(self, owner: str, lease_s: float) -> Job | None:
-        """Atomically take the oldest runnable job: ``received`` -> ``processing``.
+        """Atomically take the next runnable job of the method lane: ``received`` ->
+        ``processing``; the highest route priority first, then the oldest.
 
         Runnable: ``received`` and not waiting for a retry, or ``processing`` under a lease
         that ran out (its worker died).
@@ -154,20 +165,22 @@ class Ledger(LedgerAdmin):
             The claimed job (``attempts`` counts this one), or None when none is runnable.
         """
         now = self.clock()
-        runnable = or_(
-            and_(
-                instances.c.state == InstanceState.RECEIVED,
-                or_(instances.c.lease_until.is_(None), instances.c.lease_until <= now),
+        runnable = and_(
+            instances.c.lane == "method",
+            or_(
+                and_(
+                    instances.c.state == InstanceState.RECEIVED,
+                    or_(instances.c.lease_until.is_(None), instances.c.lease_until <= now),
+                ),
+                and_(instances.c.state == InstanceState.PROCESSING, instances.c.lease_until < now),
             ),
-            and_(instances.c.state == InstanceState.PROCESSING, instances.c.lease_until < now),
         )
+        order = (instances.c.priority.desc(), instances.c.id)
         for _ in range(8):
             with self.engine.begin() as conn:
                 row = (
                     conn.execute(
-                        self._locked(
-                            select(instances).where(runnable).order_by(instances.c.id).limit(1)
-                        )
+                        self._locked(select(instances).where(runnable).order_by(*order).limit(1))
                     )
                     .mappings()
                     .first()
@@ -228,10 +241,12 @@ class Ledger(LedgerAdmin):
         out_series_uid: str | None,
         out_sop_uid: str | None,
         destinations: Sequence[str],
+        seconds: float | None = None,
     ) -> bool:
         """Record the output and create one pending delivery per destination, atomically.
 
-        The job becomes ``transformed`` (``done`` when there is no destination).
+        The job becomes ``transformed``, or ``done`` when nothing is left to send (no
+        destination, and any original already sent). The attempt goes into the history.
 
         Returns:
             False when ``owner`` lost the lease; nothing is recorded then.
@@ -242,7 +257,7 @@ class Ledger(LedgerAdmin):
                 update(instances)
                 .where(self._owned(job_id, owner))
                 .values(
-                    state=InstanceState.TRANSFORMED if destinations else InstanceState.DONE,
+                    state=InstanceState.TRANSFORMED,
                     output_path=output_path,
                     out_series_uid=out_series_uid,
                     out_sop_uid=out_sop_uid,
@@ -254,17 +269,12 @@ class Ledger(LedgerAdmin):
             ).rowcount
             if done != 1:
                 return False  # lease lost: another worker owns it now
+            have = delivery_ids(conn, job_id)
             for dest in destinations:
-                conn.execute(
-                    insert(deliveries).values(
-                        instance_id=job_id,
-                        destination=dest,
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        updated_at=now,
-                    )
-                )
+                if dest not in have:
+                    add_delivery(conn, job_id, dest, "derived", now)
+            log_attempt(conn, job_id, now, "transform", "transformed", seconds=seconds)
+            finish_if_all_sent(conn, job_id, now)
         return True
 
     def mark_job_error(
@@ -276,43 +286,96 @@ class Ledger(LedgerAdmin):
         permanent: bool,
         max_attempts: int,
         retry_in_s: float,
+        reason: str | None = None,
+        seconds: float | None = None,
     ) -> InstanceState:
-        """Give up on a job (``failed``) or requeue it to run after ``retry_in_s``.
+        """Requeue a job to run after ``retry_in_s``, or give it up.
+
+        A job is given up when the error is ``permanent`` or ``max_attempts`` attempts were
+        made. Then, when the instance has fallback destinations, the original is sent there
+        instead (pending ``original`` deliveries to those that have none yet; the instance
+        becomes ``transformed``, ``done`` once they are sent) and ``fallback_reason``
+        records why; without any (``on_failure = "hold"``) it becomes ``failed``.
 
         Args:
             job_id: the claimed job.
             owner: the lease holder.
-            error: why it failed (stored, cut to 2000 characters).
-            permanent: retrying cannot help: fail at once.
-            max_attempts: fail once this many attempts were made.
+            error: what went wrong (stored, cut to 2000 characters).
+            permanent: retrying cannot help: give up at once.
+            max_attempts: give up once this many attempts were made.
             retry_in_s: delay before a requeued job is runnable again.
+            reason: why it is given up, as ``"<code>: <detail>"``; default
+                ``"method.refused: <error>"`` when permanent, else
+                ``"method.failed: <error>"`` (attempts spent).
+            seconds: how long the attempt took (for the history).
 
         Returns:
-            The new state: ``failed`` or ``received``.
+            The new state: ``received`` (requeued), ``failed`` (held), ``transformed`` or
+            ``done`` (fell back); ``processing`` when ``owner`` lost the lease (nothing is
+            recorded then).
         """
         now = self.clock()
         with self.engine.begin() as conn:
-            attempts = (
-                conn.execute(select(instances.c.attempts).where(instances.c.id == job_id)).scalar()
-                or 0
-            )
-            state = (
-                InstanceState.FAILED
-                if permanent or attempts >= max_attempts
-                else InstanceState.RECEIVED
-            )
-            conn.execute(
+            # Take the row (and the write lock) first, so the lease cannot change under us.
+            owned = conn.execute(
                 update(instances)
                 .where(self._owned(job_id, owner))
-                .values(
-                    state=state,
-                    error=error[:2000],
-                    lease_owner=None,
-                    lease_until=None if state == InstanceState.FAILED else now + retry_in_s,
-                    updated_at=now,
+                .values(lease_owner=None, updated_at=now)
+            ).rowcount
+            if owned != 1:
+                return InstanceState.PROCESSING  # lease lost: another worker owns it now
+            row = (
+                conn.execute(
+                    select(instances.c.attempts, instances.c.fallback_destinations).where(
+                        instances.c.id == job_id
+                    )
                 )
+                .mappings()
+                .one()
             )
-        return state
+            error = error[:2000]
+            if not permanent and row["attempts"] < max_attempts:
+                self._set_instance(
+                    conn,
+                    job_id,
+                    state=InstanceState.RECEIVED,
+                    error=error,
+                    lease_until=now + retry_in_s,
+                )
+                log_attempt(conn, job_id, now, "transform", "requeued", error, seconds=seconds)
+                return InstanceState.RECEIVED
+            why = (reason or f"method.{'refused' if permanent else 'failed'}: {error}")[:2000]
+            fallback = json.loads(row["fallback_destinations"] or "[]")
+            if not fallback:
+                self._set_instance(
+                    conn, job_id, state=InstanceState.FAILED, error=error, lease_until=None
+                )
+                log_attempt(conn, job_id, now, "transform", "failed", why, seconds=seconds)
+                return InstanceState.FAILED
+            self._set_instance(
+                conn,
+                job_id,
+                state=InstanceState.TRANSFORMED,
+                error=error,
+                lease_until=None,
+                fallback_reason=why,
+            )
+            log_attempt(conn, job_id, now, "transform", "fallback", why, seconds=seconds)
+            have = delivery_ids(conn, job_id)
+            for dest in fallback:
+                delivery_id = have.get(dest) or add_delivery(conn, job_id, dest, "original", now)
+                log_attempt(
+                    conn, job_id, now, "fallback", "forward-original", why, delivery_id, dest
+                )
+            return finish_if_all_sent(conn, job_id, now)
+
+    def _set_instance(self, conn: Connection, job_id: int, **values: object) -> None:
+        """Update a job's row and hand back its lease (the caller checked it owns it)."""
+        conn.execute(
+            update(instances)
+            .where(instances.c.id == job_id)
+            .values(**values, lease_owner=None, updated_at=self.clock())
+        )
 
     def set_paths(
         self, job_id: int, *, spool_path: str | None = None, output_path: str | None = None
@@ -346,144 +409,6 @@ class Ledger(LedgerAdmin):
                     updated_at=self.clock(),
                 )
             )
-
-    # -- deliveries ------------------------------------------------------------------
-
-    def claim_deliveries(
-        self, owner: str, limit: int, lease_s: float, exclude: Iterable[int] = ()
-    ) -> list[DeliveryJob]:
-        """Atomically take up to ``limit`` due deliveries: -> ``sending``.
-
-        Due: ``pending``, or ``failed`` and past its retry time, or ``sending`` under a lease
-        that ran out.
-
-        Args:
-            owner: who holds the leases.
-            limit: at most this many.
-            lease_s: how long each lease lasts.
-            exclude: delivery ids not to take (being sent in this process).
-
-        Returns:
-            The claimed deliveries, oldest due first (``attempts`` counts this one).
-        """
-        now = self.clock()
-        due = or_(
-            and_(
-                deliveries.c.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
-                deliveries.c.next_attempt_at <= now,
-            ),
-            and_(deliveries.c.state == DeliveryState.SENDING, deliveries.c.lease_until < now),
-        )
-        candidates = self._locked(
-            _DELIVERY_COLUMNS.where(due, deliveries.c.id.not_in(list(exclude)))
-            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            .limit(limit)
-        )
-        claimed: list[DeliveryJob] = []
-        with self.engine.begin() as conn:
-            for row in conn.execute(candidates).mappings().all():
-                got = conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id == row["id"], due)
-                    .values(
-                        state=DeliveryState.SENDING,
-                        lease_owner=owner,
-                        lease_until=now + lease_s,
-                        attempts=deliveries.c.attempts + 1,
-                        updated_at=now,
-                    )
-                ).rowcount
-                if got == 1:
-                    claimed.append(delivery_job_from_row(row))
-        return claimed
-
-    def mark_sent(self, delivery_id: int, status: int) -> None:
-        """Record a delivered instance; the instance is ``done`` once all its deliveries are."""
-        now = self.clock()
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id)
-                .values(
-                    state=DeliveryState.SENT,
-                    last_status=status,
-                    error=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                )
-            )
-            instance_id = conn.execute(
-                select(deliveries.c.instance_id).where(deliveries.c.id == delivery_id)
-            ).scalar_one()
-            unsent = conn.execute(
-                select(func.count())
-                .select_from(deliveries)
-                .where(
-                    deliveries.c.instance_id == instance_id,
-                    deliveries.c.state != DeliveryState.SENT,
-                )
-            ).scalar_one()
-            if unsent == 0:
-                conn.execute(
-                    update(instances)
-                    .where(instances.c.id == instance_id)
-                    .values(state=InstanceState.DONE, updated_at=now)
-                )
-
-    def mark_delivery_failed(
-        self, delivery_id: int, status: int | None, error: str, retry_at: float | None
-    ) -> DeliveryState:
-        """Schedule a retry at ``retry_at``, or make the delivery ``dead`` when it is None.
-
-        Returns:
-            The new state: ``failed`` (a retry is scheduled) or ``dead``.
-        """
-        state = DeliveryState.FAILED if retry_at is not None else DeliveryState.DEAD
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id)
-                .values(
-                    state=state,
-                    last_status=status,
-                    error=error[:2000],
-                    lease_owner=None,
-                    lease_until=None,
-                    next_attempt_at=retry_at if retry_at is not None else self.clock(),
-                    updated_at=self.clock(),
-                )
-            )
-        return state
-
-    def release_delivery(self, delivery_id: int) -> None:
-        """Hand back a claimed delivery that was not attempted (graceful stop)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id, deliveries.c.state == DeliveryState.SENDING)
-                .values(
-                    state=DeliveryState.PENDING,
-                    lease_owner=None,
-                    lease_until=None,
-                    attempts=deliveries.c.attempts - 1,
-                    updated_at=self.clock(),
-                )
-            )
-
-
-# What a claimed delivery needs: the delivery, and its instance's output and UIDs.
-_DELIVERY_COLUMNS = select(
-    deliveries.c.id,
-    deliveries.c.instance_id,
-    deliveries.c.destination,
-    deliveries.c.attempts,
-    instances.c.output_path,
-    instances.c.sop_instance_uid,
-    instances.c.study_uid,
-    instances.c.series_uid,
-    instances.c.route,
-).join(instances, instances.c.id == deliveries.c.instance_id)
 
 
 __all__ = ["Clock", "DeliveryJob", "Job", "Ledger", "Received"]

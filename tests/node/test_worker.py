@@ -6,6 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import make_mg
+from structlog.testing import capture_logs
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.dicom.pixels import decode_stored
@@ -43,7 +44,9 @@ def env(tmp_path, clock):
     ledger.close()
 
 
-def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough") -> int:
+def enqueue(
+    ledger, spool, data: bytes, action="normalize", method="passthrough", priority=0
+) -> int:
     """Spool ``data`` and record it as received; returns the job id."""
     path = spool.write_incoming(data)
     return ledger.record(
@@ -62,6 +65,7 @@ def enqueue(ledger, spool, data: bytes, action="normalize", method="passthrough"
             ("cad",),
             InstanceState.RECEIVED,
             str(path),
+            priority=priority,
         )
     )
 
@@ -88,13 +92,27 @@ def test_passthrough_job_writes_derived_to_outbox(env, tmp_path):
     assert np.array_equal(decode_stored(out), decode_stored(src))
 
 
-def test_forward_job_uses_original_file(env, tmp_path):
-    """A forward job delivers the received file itself."""
+def test_forward_instance_never_reaches_a_worker(env, tmp_path):
+    """A forward is the forwarder's alone: no worker claims it, it logs no stage_transform."""
     _, spool, ledger, worker = env
     enqueue(ledger, spool, dicom_bytes(make_mg(), tmp_path), action="forward")
-    worker.run_once()
+    with capture_logs() as logs:
+        assert not worker.run_once()
+    assert not [e for e in logs if e["event"] == "stage_transform"]
     [row] = ledger.queue()
-    assert row["output_path"] == row["spool_path"] and row["out_sop_uid"] is None
+    assert row["state"] == "transformed" and row["lane"] == "forward"
+    assert row["output_path"] is None and row["deliveries"][0]["state"] == "pending"
+
+
+def test_worker_takes_the_higher_priority_job_first(env, tmp_path):
+    """Of two waiting jobs the worker processes the one of the higher-priority route first."""
+    _, spool, ledger, worker = env
+    data = dicom_bytes(make_mg(), tmp_path)
+    low = enqueue(ledger, spool, data, priority=0)
+    high = enqueue(ledger, spool, data, priority=10)
+    assert worker.run_once()
+    states = {r["id"]: r["state"] for r in ledger.queue()}
+    assert states == {high: "transformed", low: "received"}
 
 
 def test_corrupt_input_fails_permanently_and_moves_to_dead(env):

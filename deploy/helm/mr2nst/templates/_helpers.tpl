@@ -54,6 +54,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $node "allowed_callers" (append $callers (printf "%s@127.0.0.1" .Values.probes.callingAE)) }}
 {{- end }}
 {{- $_ := set $cfg "node" $node }}
+{{- $metrics := get $cfg "metrics" | default dict }}
+{{- $_ := set $metrics "host" "0.0.0.0" }}
+{{- $_ := set $metrics "port" (ternary (int .Values.metrics.port) 0 .Values.metrics.enabled) }}
+{{- $_ := set $cfg "metrics" $metrics }}
 {{- toToml $cfg }}
 {{- end }}
 
