@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import io
@@ -94,11 +95,13 @@ class Web:
                 if web.hold:
                     web.release.wait(WAIT_S)
                 payload = b"" if web.answer.body is None else web.answer.body.to_json().encode()
-                self.send_response(web.answer.status)
-                self.send_header("Content-Type", "application/dicom+json; charset=utf-8")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                # A client that timed out has closed the connection: nothing to answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(web.answer.status)
+                    self.send_header("Content-Type", "application/dicom+json; charset=utf-8")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
