@@ -172,6 +172,14 @@ class WorkersSection(_Section):
     # Processing attempts before a job that keeps failing is given up (then the route's
     # on_failure applies).
     max_attempts: int = Field(default=3, ge=1)
+    # Extra processes that run only the light methods (passthrough, ehm, spectral), so those
+    # never wait behind minutes-long mr2nst jobs; 0 = the `count` workers run them too.
+    light: int = Field(default=1, ge=0, le=16)
+
+    @property
+    def total(self) -> int:
+        """All worker processes: ``count`` (every method) plus ``light``."""
+        return self.count + self.light
 
 
 class MethodsSection(_Section):

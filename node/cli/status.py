@@ -58,7 +58,7 @@ def collect(config: Config, now: float) -> dict[str, Any]:
         "data_dir": str(data_dir),
         "node": None,
         "uptime_s": None,
-        "workers": {"alive": None, "configured": config.workers.count},
+        "workers": {"alive": None, "configured": config.workers.total},
         "weights": None,
         "disk": _disk(data_dir, config.node.min_free_disk_mb),
     }

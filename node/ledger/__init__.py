@@ -6,6 +6,8 @@
 package imports from here."""
 
 from mr2nst.node.ledger.records import (
+    LIGHT_LANES,
+    WORKER_LANES,
     Clock,
     DeliveryJob,
     Job,
@@ -18,6 +20,8 @@ from mr2nst.node.ledger.states import DeliveryState, InstanceState
 from mr2nst.node.ledger.store import Ledger
 
 __all__ = [
+    "LIGHT_LANES",
+    "WORKER_LANES",
     "Clock",
     "DeliveryJob",
     "DeliveryState",

@@ -18,16 +18,23 @@ Clock = Callable[[], float]
 
 #: Who moves an instance on: a worker (``method``), the forwarder alone (``forward``), or
 #: nobody (``none``: dropped or unrouted).
-Lane = Literal["method", "forward", "none"]
+Lane = Literal["method", "light", "forward", "none"]
 
 #: What a delivery sends: the method's output, or the received file unchanged.
 Payload = Literal["derived", "original"]
 
 
-def lane_of(action: Disposition) -> Lane:
-    """The lane of an instance whose route decided ``action``."""
+#: Methods that take seconds at most: their jobs go to the light lane.
+LIGHT_METHODS = frozenset({"passthrough", "ehm", "spectral"})
+#: Every lane a worker can claim from, and the one a light worker claims from.
+WORKER_LANES: tuple[Lane, ...] = ("method", "light")
+LIGHT_LANES: tuple[Lane, ...] = ("light",)
+
+
+def lane_of(action: Disposition, method: str | None = None) -> Lane:
+    """The lane of an instance whose route decided ``action`` with ``method``."""
     if action == "normalize":
-        return "method"
+        return "light" if method in LIGHT_METHODS else "method"
     if action == "forward":
         return "forward"
     return "none"
@@ -61,13 +68,13 @@ class Received:
 
     @property
     def lane(self) -> Lane:
-        """The instance's lane, from its route's action."""
-        return lane_of(self.action)
+        """The instance's lane, from its route's action and method."""
+        return lane_of(self.action, self.method)
 
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed processing job (always of the ``method`` lane)."""
+    """A claimed processing job (of the ``method`` or ``light`` lane)."""
 
     id: int
     action: str

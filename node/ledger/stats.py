@@ -19,7 +19,7 @@ from mr2nst.node.ledger.schema import attempts, deliveries, instances
 from mr2nst.node.ledger.states import DeliveryState, InstanceState
 
 #: The lanes that queue work (``none``: dropped or unrouted, nothing to do).
-LANES = ("method", "forward")
+LANES = ("method", "light", "forward")
 #: Deliveries still to be sent: due, being sent, or waiting to retry (not ``dead``).
 OPEN_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.FAILED)
 #: Instances still waiting for, or at, a worker (also waiting to retry processing).

@@ -38,7 +38,14 @@ from mr2nst.node.ledger.outgoing import (
     finish_if_all_sent,
     log_attempt,
 )
-from mr2nst.node.ledger.records import Clock, DeliveryJob, Job, Received, job_from_row
+from mr2nst.node.ledger.records import (
+    WORKER_LANES,
+    Clock,
+    DeliveryJob,
+    Job,
+    Received,
+    job_from_row,
+)
 from mr2nst.node.ledger.schema import instances, migrate
 from mr2nst.node.ledger.states import InstanceState
 
@@ -150,8 +157,10 @@ class Ledger(LedgerAdmin, LedgerOutgoing):
 
     # -- processing jobs -------------------------------------------------------------
 
-    def claim_job(self, owner: str, lease_s: float) -> Job | None:
-        """Atomically take the next runnable job of the method lane: ``received`` ->
+    def claim_job(
+        self, owner: str, lease_s: float, lanes: Sequence[str] = WORKER_LANES
+    ) -> Job | None:
+        """Atomically take the next runnable job of ``lanes``: ``received`` ->
         ``processing``; the highest route priority first, then the oldest.
 
         Runnable: ``received`` and not waiting for a retry, or ``processing`` under a lease
@@ -160,13 +169,14 @@ class Ledger(LedgerAdmin, LedgerOutgoing):
         Args:
             owner: who holds the lease (host, process, worker).
             lease_s: how long the lease lasts unless renewed.
+            lanes: the lanes this worker serves (a light worker: only ``light``).
 
         Returns:
             The claimed job (``attempts`` counts this one), or None when none is runnable.
         """
         now = self.clock()
         runnable = and_(
-            instances.c.lane == "method",
+            instances.c.lane.in_(list(lanes)),
             or_(
                 and_(
                     instances.c.state == InstanceState.RECEIVED,

@@ -56,7 +56,7 @@ class Health:
         spool: the node's file areas (free disk under ``data_dir``).
         min_free_mb: ``node.min_free_disk_mb``.
         workers_alive: how many worker processes are alive now.
-        workers_configured: ``workers.count``.
+        workers_configured: ``workers.count`` + ``workers.light``.
         weights: None when no route uses the ``mr2nst`` method, else whether its weights
             were verified when the node started.
     """
@@ -139,7 +139,7 @@ class NodeStatus:
         started_at: when the node started (seconds since the epoch).
         updated_at: when the file was last written.
         workers_alive: worker processes alive at that time.
-        workers_configured: ``workers.count``.
+        workers_configured: ``workers.count`` + ``workers.light``.
         weights: the ``weights`` health check's detail.
         stopped_at: when the node stopped gracefully (None while it runs).
     """

@@ -149,7 +149,7 @@ class Node:
             started_at=started_at,
             updated_at=started_at,
             workers_alive=self.workers.alive(),
-            workers_configured=self.config.workers.count,
+            workers_configured=self.config.workers.total,
             weights=self.health.weights_check().detail,
         )
         self._write_status()
@@ -233,7 +233,7 @@ class Node:
         self.start()
         try:
             while not self._stop.wait(1.0):
-                if self.workers is not None and self.workers.alive() < self.config.workers.count:
+                if self.workers is not None and self.workers.alive() < self.config.workers.total:
                     log.error("worker_died", alive=self.workers.alive())
                     self.workers.restart_dead()
         finally:

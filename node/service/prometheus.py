@@ -201,7 +201,7 @@ class HealthCollector(Collector):
         )
         yield GaugeMetricFamily(
             "mr2nst_workers_configured",
-            "Worker processes configured (workers.count)",
+            "Worker processes configured (workers.count + workers.light)",
             value=self.health.workers_configured,
         )
         try:

@@ -232,7 +232,7 @@ def _store(
     fields: Fields = {
         "route": decision.route,
         "action": decision.action,
-        "lane": lane_of(decision.action),
+        "lane": lane_of(decision.action, decision.method),
         "study_uid": arrival.study_uid,
         "series_uid": arrival.series_uid,
     }

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from mr2nst.bank.errors import BankError
 from mr2nst.core.errors import ImageError
 from mr2nst.node.config import Config
 from mr2nst.node.errors import PixelError, SafetyGateError
-from mr2nst.node.ledger import Job, Ledger
+from mr2nst.node.ledger import LIGHT_LANES, WORKER_LANES, Job, Ledger
 from mr2nst.node.ledger.states import InstanceState
 from mr2nst.node.logs import configure_logging, get_logger, instance_context
 from mr2nst.node.methods.registry import MethodCache
@@ -106,9 +107,18 @@ class Worker:
         ledger: where jobs are claimed and results recorded.
         spool: where derived files are written and failed sources buried.
         name: this worker's name, part of its lease owner id.
+        lanes: the lanes it claims from (a light worker: only ``light``).
     """
 
-    def __init__(self, config: Config, ledger: Ledger, spool: Spool, name: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        spool: Spool,
+        name: str,
+        lanes: Sequence[str] = WORKER_LANES,
+    ) -> None:
+        self.lanes = tuple(lanes)
         self.config = config
         self.ledger = ledger
         self.spool = spool
@@ -117,7 +127,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one job; False when there was none."""
-        job = self.ledger.claim_job(self.owner, self.config.workers.lease_s)
+        job = self.ledger.claim_job(self.owner, self.config.workers.lease_s, self.lanes)
         if job is None:
             return False
         with instance_context(
@@ -238,7 +248,12 @@ def share_cpu_threads(workers: int) -> int:
 
 
 def worker_main(
-    config: Config, name: str, stop: EventType, parent_pid: int, index: int = 0
+    config: Config,
+    name: str,
+    stop: EventType,
+    parent_pid: int,
+    index: int = 0,
+    lanes: Sequence[str] = WORKER_LANES,
 ) -> None:
     """Entry point of a worker process.
 
@@ -252,8 +267,8 @@ def worker_main(
     config = pin_gpu(config, index)
     share_cpu_threads(config.workers.count)
     ledger = Ledger.open(config.ledger_url)
-    worker = Worker(config, ledger, Spool(config.node.data_dir), name)
-    log.info("worker_started", worker=worker.owner, device=config.engine.device)
+    worker = Worker(config, ledger, Spool(config.node.data_dir), name, lanes)
+    log.info("worker_started", worker=worker.owner, lanes=list(lanes), device=config.engine.device)
     try:
         worker.loop(stop, parent_pid)
     finally:
@@ -271,17 +286,26 @@ class WorkerPool:
         self._procs: list[mp.process.BaseProcess] = []
 
     def _spawn(self, index: int) -> mp.process.BaseProcess:
+        """Worker ``index``: the first ``workers.count`` serve every lane, the rest ``light``."""
+        light = index >= self.config.workers.count
         proc = self._ctx.Process(
             target=worker_main,
-            name=f"mr2nst-worker-{index}",
-            args=(self.config, f"w{index}", self._stop, os.getpid(), index),
+            name=f"mr2nst-{'light-' if light else ''}worker-{index}",
+            args=(
+                self.config,
+                f"{'l' if light else 'w'}{index}",
+                self._stop,
+                os.getpid(),
+                index,
+                LIGHT_LANES if light else WORKER_LANES,
+            ),
         )
         proc.start()
         return proc
 
     def start(self) -> None:
-        """Spawn ``workers.count`` worker processes."""
-        self._procs = [self._spawn(i) for i in range(self.config.workers.count)]
+        """Spawn ``workers.count`` workers for every lane and ``workers.light`` light ones."""
+        self._procs = [self._spawn(i) for i in range(self.config.workers.total)]
 
     def restart_dead(self) -> None:
         """Replace worker processes that died (their jobs come back when the lease ends)."""

@@ -91,7 +91,8 @@ class Serve:
                 **sections.pop("node", {}),
             },
             "engine": {"features": "seeded-random", **sections.pop("engine", {})},
-            "workers": {"count": 1, "lease_s": 2, **sections.pop("workers", {})},
+            # One worker for every lane unless a test asks for light workers.
+            "workers": {"count": 1, "light": 0, "lease_s": 2, **sections.pop("workers", {})},
             "forwarding": {
                 "poll_s": 0.2,
                 "backoff_initial_s": 0.3,

@@ -60,6 +60,26 @@ def test_forward_is_delivered_while_the_worker_is_stopped(tmp_path, phantoms, cl
     assert [e["sop_uid"] for e in transforms] == [str(read(phantoms["ge"][0]).SOPInstanceUID)]
 
 
+def test_light_method_is_processed_while_the_engine_worker_is_stopped(tmp_path, phantoms, cleanup):
+    """With the worker of every lane stopped, a light worker still runs a passthrough job."""
+    cad = StoreSCP(tmp_path, "CAD").start()
+    cleanup(cad)
+    node = Serve(tmp_path, [GE_ROUTE], {"cad": cad.port}, workers={"light": 1}).start()
+    cleanup(node)
+    started = node.wait_for_event("worker_started", count=2)
+    [full] = [e for e in started if e["lanes"] == ["method", "light"]]
+    engine = psutil.Process(int(full["worker"].split(":")[1]))
+    engine.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: engine.status() == psutil.STATUS_STOPPED, 10, "the worker to stop")
+        assert storescu(node.port, phantoms["ge"][:1]).returncode == 0
+        [got] = wait_for(lambda: cad.files(), 30, "the passthrough output, the engine stopped")
+        assert read(got).ImageType[0] == "DERIVED" and engine.status() == psutil.STATUS_STOPPED
+    finally:
+        engine.send_signal(signal.SIGCONT)
+    assert node.stop() == 0
+
+
 def test_ml_view_reaches_the_destination_as_the_original(tmp_path, cleanup):
     """A GE MG with ViewPosition ML cannot be normalized (no ML references): the original
     goes to the route's destinations unchanged, and the ledger and log say why."""

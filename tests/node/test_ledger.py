@@ -6,7 +6,7 @@ import pytest
 from support import fresh_postgres, postgres_url
 
 from mr2nst.node.errors import LedgerError
-from mr2nst.node.ledger import DeliveryState, InstanceState, Ledger, Received
+from mr2nst.node.ledger import LIGHT_LANES, DeliveryState, InstanceState, Ledger, Received
 from mr2nst.node.ledger.schema import SCHEMA_VERSION
 
 
@@ -65,11 +65,10 @@ def received(
         peer="127.0.0.1",
         route="r",
         action=action,
-        method="passthrough",
         destinations=tuple(dests),
         state=state,
         spool_path=f"/spool/{n}.dcm",
-        **route,
+        **{"method": "passthrough", **route},
     )
 
 
@@ -321,6 +320,15 @@ def test_higher_priority_is_claimed_first(ledger):
     order = [ledger.claim_job(f"w{i}", 30).id for i in range(4)]
     assert order == [high_a, high_b, low, negative]
     assert ledger.claim_job("w", 30) is None
+
+
+def test_light_worker_takes_only_light_jobs(ledger):
+    """A light worker never claims an mr2nst job; a worker of every lane takes either."""
+    heavy = ledger.record(received(0, method="mr2nst"))
+    light = ledger.record(received(1, method="ehm"))
+    assert ledger.claim_job("light", 30, LIGHT_LANES).id == light
+    assert ledger.claim_job("light", 30, LIGHT_LANES) is None
+    assert ledger.claim_job("full", 30).id == heavy
 
 
 def test_higher_priority_delivery_is_sent_first(ledger):

@@ -130,7 +130,8 @@ def test_normalize_route_records_lane_priority_and_fallback(node):
     _, status = store(n.port, make_mg())
     assert status == StoreStatus.SUCCESS
     [row] = n.ledger.queue()
-    assert (row["state"], row["lane"], row["priority"]) == ("received", "method", 3)
+    # passthrough is a light method: its jobs never wait behind mr2nst jobs
+    assert (row["state"], row["lane"], row["priority"]) == ("received", "light", 3)
     assert as_list(row["fallback_destinations"]) == ["pacs"]
     [send] = n.ledger.claim_deliveries("f", 10, 60)
     assert (send.destination, send.payload) == ("archive", "original")

@@ -179,7 +179,7 @@ def test_live_node_writes_status_and_health_then_stops(tmp_path, capsys):
         status = read_status(data)
         assert status is not None and status.pid == os.getpid() and status.port == node.port
         code, out = run_status(conf, capsys, "--json")
-        assert code == 0 and json.loads(out)["workers"]["configured"] == 1
+        assert code == 0 and json.loads(out)["workers"]["configured"] == 2  # count 1 + light 1
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
             assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
     finally:
