@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import BankCorrupt, BankError, RejectedFile
 from .ingest import ingest_file
-from .manifest import UNIT_SCALE, Entry, Layout, Manifest
+from .manifest import UNIT_SCALE, Entry, Layout, Manifest, uid_problem
 from .selection import Reference, choose, needs_mirror
 from .stats import DomainStats, domain_stats
 
@@ -111,7 +111,10 @@ class Bank:
                     report.rejected.append((str(path), str(exc)))
                 else:
                     uid = item.entry.sop_instance_uid
-                    if uid in known:
+                    problem = uid_problem(uid)
+                    if problem:  # ingest_file checks too; never let a UID become a bad path
+                        report.rejected.append((str(path), problem))
+                    elif uid in known:
                         report.already.append(str(path))
                     else:
                         self.layout.write_arrays(uid, item.image, item.mask)
@@ -135,7 +138,8 @@ class Bank:
             self.layout.write(
                 Manifest(entries=tuple(e for e in manifest.entries if e.sop_instance_uid != uid))
             )
-            self.layout.delete_arrays(uid)
+            if not uid_problem(uid):  # an unsafe UID (hand-edited manifest) names no files
+                self.layout.delete_arrays(uid)
         return entry
 
     def verify(self) -> list[str]:
@@ -144,6 +148,10 @@ class Bank:
         manifest = self.layout.read()
         for entry in manifest.entries:
             uid = entry.sop_instance_uid
+            problem = uid_problem(uid)
+            if problem:
+                problems.append(f"{uid!r}: {problem}; not a safe file name")
+                continue
             try:
                 image = self.layout.load_image(entry, mmap=False)
                 self.layout.load_mask(entry)

@@ -21,7 +21,7 @@ from mr2nst.core.segmentation import segment_breast
 
 from .dicom_image import decode, text_of
 from .errors import PixelError, RejectedFile
-from .manifest import UNIT_SCALE, Entry
+from .manifest import UNIT_SCALE, Entry, uid_problem
 from .stats import histogram_of
 
 MAMMOGRAPHY_SOP_CLASSES = (
@@ -52,6 +52,9 @@ def ingest_file(path: Path) -> Ingested:
     uid = text_of(ds, "SOPInstanceUID")
     if not uid:
         raise RejectedFile("no SOPInstanceUID")
+    problem = uid_problem(uid)
+    if problem:  # the UID names the bank's files: nothing unsafe becomes a path
+        raise RejectedFile(f"{problem}; the bank names its files after it")
     try:
         decoded = decode(ds)
     except PixelError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,39 @@ import numpy.typing as npt
 from .errors import BankCorrupt
 
 MANIFEST_VERSION = 1
+UID_MAX = 64
+# The bank names its files after SOP Instance UIDs, so a UID must be safe as a file name:
+# digits and dots only (no "/", "..", leading dot or NUL), non-empty components, at most 64
+# characters. Leading zeros in a component (not conformant, but seen in the wild) are
+# allowed since they cannot make a path escape. pydicom's ``UID.is_valid`` is not used
+# here: its ``$`` accepts a trailing newline.
+_SAFE_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 UNIT_SCALE = 65535.0
 HIST_BINS = 1024  # per-entry histogram of breast pixels over [0, 1]
+
+
+def uid_problem(uid: str) -> str:
+    """Why ``uid`` cannot name a file in the bank, or ``""`` when it can."""
+    if not uid:
+        return "empty SOPInstanceUID"
+    if len(uid) > UID_MAX:
+        return f"SOPInstanceUID is {len(uid)} characters long (a UID has at most {UID_MAX})"
+    if not _SAFE_UID.fullmatch(uid):
+        return f"SOPInstanceUID {uid[:80]!r} is not a valid UID (digits and dots only)"
+    return ""
+
+
+def file_name(uid: str) -> str:
+    """``<uid>.npy``, the name of a bank file of ``uid``.
+
+    Raises:
+        BankCorrupt: ``uid`` is not a valid UID, so not safe as a file name (a path
+            component could escape the bank).
+    """
+    problem = uid_problem(uid)
+    if problem:
+        raise BankCorrupt(f"{problem}: refused as a bank file name")
+    return f"{uid}.npy"
 
 
 @dataclass(frozen=True)
@@ -87,10 +119,12 @@ class Layout:
         self.lock_path = self.root / ".lock"
 
     def image_path(self, uid: str) -> Path:
-        return self.images / f"{uid}.npy"
+        """``images/<uid>.npy``; raises BankCorrupt for a UID that is not safe as a file name."""
+        return self.images / file_name(uid)
 
     def mask_path(self, uid: str) -> Path:
-        return self.masks / f"{uid}.npy"
+        """``masks/<uid>.npy``; raises BankCorrupt for a UID that is not safe as a file name."""
+        return self.masks / file_name(uid)
 
     def create(self) -> None:
         for path in (self.root, self.images, self.masks):

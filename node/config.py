@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -48,6 +49,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _host_label(label: str) -> bool:
+    """One label of a host name: 1-63 ASCII letters, digits or inner hyphens."""
+    ok = 0 < len(label) <= 63 and label.isascii() and label.replace("-", "").isalnum()
+    return ok and not label.startswith("-") and not label.endswith("-")
+
+
+def check_listen_host(value: str) -> str:
+    """``node.host``: an IPv4/IPv6 address or a host name (``999.1.1.1`` is neither)."""
+    host = value.strip()
+    if not host:  # all interfaces, as for 0.0.0.0
+        return value
+    labels = host.rstrip(".").split(".")
+    numeric = all(label.isdigit() for label in labels)
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        if not numeric and len(host) <= 253 and all(_host_label(x) for x in labels):
+            return host
+    raise ValueError(f"{value!r} is not an IP address or host name")
+
+
 class NodeSection(_Section):
     """``[node]``: the SCP's identity, address, limits and data directory."""
 
@@ -56,6 +79,8 @@ class NodeSection(_Section):
     port: Port = 11112
     data_dir: Path = Path("./mr2nst-data")
     max_associations: int = Field(default=8, ge=1, le=1024)
+    # Associations (TCP connections) one source IP may hold at once; more are closed unread.
+    max_associations_per_peer: int = Field(default=4, ge=1, le=1024)
     allowed_callers: tuple[str, ...] = ()
     min_free_disk_mb: int = Field(default=2048, ge=0)
     # Seconds an association may stay silent before it is released (DIMSE/ACSE/network).
@@ -63,6 +88,11 @@ class NodeSection(_Section):
     # Hours that spool (received) and outbox (derived) files are kept once all their
     # deliveries are settled; ledger rows are kept for good.
     retention_hours: float = Field(default=24.0, ge=0)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return check_listen_host(value)
 
     @field_validator("allowed_callers")
     @classmethod
@@ -314,7 +344,15 @@ class Destination(_Section):
     ae_title: AETitle | None = None
     host: str = ""
     port: Port | None = None
+    # dicom: C-STORE over TLS (1.2 or later). The server's certificate is verified against
+    # ca_certificates (a PEM file; empty: the system's trust store) and, unless
+    # tls_verify_hostname is false, must name `host` (DNS name or IP address in its SAN).
     tls: bool = False
+    ca_certificates: str = ""
+    tls_verify_hostname: bool = True
+    # dicom + tls: our client certificate and its key (PEM), for peers that verify callers.
+    certificate: str = ""
+    private_key: str = ""
     # dicom: our AE title towards this peer (empty: forwarding.calling_ae, then node.ae_title).
     calling_ae: str = Field(default="", max_length=16, pattern=r"^([\x20-\x5b\x5d-\x7e]*[^ ])?$")
     # Seconds to wait for the connection / for each response (0: forwarding's defaults).
@@ -329,13 +367,6 @@ class Destination(_Section):
     url: str = ""
     token_env: str = Field(default="", pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")
 
-    @field_validator("tls")
-    @classmethod
-    def _no_tls_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("TLS destinations are not supported yet")
-        return value
-
     @field_validator("token_env", mode="before")
     @classmethod
     def _env_name(cls, value: object) -> object:
@@ -345,6 +376,19 @@ class Destination(_Section):
                 "not starting with a digit)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Destination:
+        keys = ("ca_certificates", "certificate", "private_key")
+        if not self.tls:
+            for key in keys:
+                if getattr(self, key):
+                    raise ValueError(f"{key}: only a destination with tls = true has it")
+            return self
+        if self.kind != "dicom":
+            raise ValueError("tls: only a dicom destination has it (stow uses an https:// url)")
+        check_pem_files(self.certificate, self.private_key, self.ca_certificates)
+        return self
 
     @model_validator(mode="after")
     def _check_kind(self) -> Destination:
@@ -367,6 +411,66 @@ class Destination(_Section):
             if self.calling_ae:
                 raise ValueError("calling_ae: only a dicom destination calls with an AE title")
         return self
+
+
+def check_pem_files(certificate: str, private_key: str, ca_certificates: str) -> None:
+    """Check that TLS files exist and load (raises ValueError naming the key)."""
+    if bool(certificate) != bool(private_key):
+        key = "private_key" if certificate else "certificate"
+        raise ValueError(f"{key}: certificate and private_key go together")
+    for key, value in (
+        ("certificate", certificate),
+        ("private_key", private_key),
+        ("ca_certificates", ca_certificates),
+    ):
+        if value and not Path(value).is_file():
+            raise ValueError(f"{key}: {value}: no such file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if certificate:
+        try:
+            context.load_cert_chain(certificate, private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"private_key: {certificate} / {private_key}: cannot load the certificate "
+                f"and its key ({exc.__class__.__name__}: {exc})"
+            ) from None
+    if ca_certificates:
+        try:
+            context.load_verify_locations(cafile=ca_certificates)
+        except (OSError, ssl.SSLError) as exc:
+            why = f"{exc.__class__.__name__}: {exc}"
+            raise ValueError(f"ca_certificates: {ca_certificates}: cannot load ({why})") from None
+
+
+class TlsSection(_Section):
+    """``[tls]``: DICOM TLS (1.2 or later) for incoming associations."""
+
+    # The node's certificate (chain) and private key, PEM files.
+    certificate: str = ""
+    private_key: str = ""
+    # PEM file of the CA certificates that client certificates are verified against.
+    ca_certificates: str = ""
+    # Require a client certificate that verifies against ca_certificates.
+    verify_clients: bool = False
+    # node.port speaks TLS only (plaintext callers fail the handshake and are disconnected).
+    require: bool = False
+    # A second, TLS-only listener on this port, beside node.port; 0 = none.
+    port: Port = 0
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TlsSection:
+        if (self.require or self.port) and not (self.certificate and self.private_key):
+            key = "require" if self.require else "port"
+            raise ValueError(f"{key}: needs certificate and private_key")
+        if self.verify_clients and not self.ca_certificates:
+            raise ValueError("verify_clients: needs ca_certificates")
+        check_pem_files(self.certificate, self.private_key, self.ca_certificates)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the node listens with TLS at all (on node.port or on tls.port)."""
+        return self.require or bool(self.port)
 
 
 class ForwardingSection(_Section):
@@ -423,10 +527,17 @@ class Config(_Section):
     spectral: SpectralSection = SpectralSection()
     routes: tuple[Route, ...] = ()
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    tls: TlsSection = TlsSection()
     forwarding: ForwardingSection = ForwardingSection()
     derived: DerivedSection = DerivedSection()
     metrics: MetricsSection = MetricsSection()
     logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _check_tls_port(self) -> Config:
+        if self.tls.port and self.tls.port == self.node.port:
+            raise ValueError("tls.port: must differ from node.port (use tls.require instead)")
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:

@@ -3,7 +3,8 @@
 JSON lines when stderr is not a TTY (or ``format = "json"``), a console renderer on a
 TTY. Per-instance context (job_id, study_uid, series_uid, sop_uid, calling_ae, route)
 travels through contextvars. pynetdicom's stdlib logging is rendered by the same
-processors. Keys that would carry PHI are removed from every event.
+processors, and so are Python ``warnings`` (pydicom) and every library logger. Keys that
+would carry PHI are removed from every event.
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # Python warnings (pydicom's UserWarnings) become records of the "py.warnings" logger,
+    # rendered like every other line instead of raw text on stderr.
+    logging.captureWarnings(True)
+    # Library loggers that installed their own handlers (raw text) hand their records to
+    # the root handler instead.
+    for logger in logging.Logger.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            logger.handlers[:] = []
+            logger.propagate = True
     # pynetdicom is chatty at INFO (one line per PDU event); keep it at WARNING unless debugging.
     logging.getLogger("pynetdicom").setLevel(
         numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)

@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "echo",
     "send",
     "queue",
+    "ledger",
     "status",
     "bank",
     "phantom",

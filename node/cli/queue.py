@@ -43,12 +43,12 @@ def add_parser(sub: Any) -> None:
         "deliveries and failed jobs; purge: give them up and delete their files.",
     )
     p.add_argument("action", choices=["list", "retry", "purge"])
-    p.add_argument("ids", nargs="*", type=int, help="job ids (retry: default all)")
+    p.add_argument("ids", nargs="*", type=int, help="job ids (retry and purge: these jobs)")
     p.add_argument("--config")
     p.add_argument(
         "--all",
         action="store_true",
-        help="list: include settled jobs; purge: every dead delivery and failed job",
+        help="list: include settled jobs; retry, purge: every dead delivery and failed job",
     )
     p.add_argument(
         "--state", choices=STATES, help="list: jobs in this state or with a delivery in it"
@@ -95,7 +95,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     """List the ledger's work, revive dead work (``retry``) or drop it and its files (``purge``).
 
     Raises:
-        UsageError: a bad ``--since``, or ``purge`` without ids or ``--all``.
+        UsageError: a bad ``--since``, or ``retry`` or ``purge`` without ids or ``--all``.
     """
     from mr2nst.node.ledger import Ledger
 
@@ -104,6 +104,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
         raise UsageError(
             "queue purge: name the job ids to purge, or give --all to purge every dead "
             "delivery and failed job"
+        )
+    if args.action == "retry" and not args.ids and not args.all:
+        raise UsageError(
+            "queue retry: name the job ids to retry, or give --all to retry every dead "
+            "delivery and failed job (permanent rejections included)"
         )
     config = config_of(args)
     ledger = Ledger.open(config.ledger_url)

@@ -7,16 +7,22 @@ the conformance statement: docs/conformance.md, "The derived instance".
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, UID, generate_uid
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 from mr2nst.core.intensity import StoredRange
 from mr2nst.core.method import Provenance
@@ -123,11 +129,38 @@ def series_number(source: Dataset, offset: int) -> int:
     )
 
 
+def _encodings(source: Dataset) -> list[str]:
+    """The Python codecs of the source's SpecificCharacterSet (ASCII when it has none)."""
+    charset = source.get("SpecificCharacterSet")
+    if not charset:
+        return ["ascii"]  # the default repertoire
+    return convert_encodings(charset)
+
+
+def _encodable(value: str, encodings: list[str]) -> bool:
+    """Whether ``value`` can be written whole in one of ``encodings`` (no replacement)."""
+    for encoding in encodings:
+        try:
+            value.encode(encoding)
+        except (UnicodeError, LookupError):
+            continue
+        return True
+    return False
+
+
 def series_description(source: Dataset, suffix: str) -> str:
     """The source's SeriesDescription plus ``suffix`` within LO's 64 characters; the source
-    part is truncated first, so the suffix always survives."""
+    part is truncated first, so the suffix always survives.
+
+    The result is valid in the source's character set: the source part is kept as decoded
+    when that set can encode it, else it falls back to ASCII (``?`` for the rest); the
+    suffix is ASCII.
+    """
     suffix = _text(suffix, LO_MAX)
-    base = _text(str(source.get("SeriesDescription") or ""), LO_MAX, ascii_only=False)
+    text = str(source.get("SeriesDescription") or "").replace("\ufffd", "?")
+    base = _text(text, LO_MAX, ascii_only=False)
+    if not _encodable(base, _encodings(source)):
+        base = _text(text, LO_MAX)
     room = LO_MAX - len(suffix)
     return (base[:room].rstrip() + suffix).strip() if room > 0 else suffix.strip()
 
@@ -202,14 +235,83 @@ def _dt(moment: datetime) -> str:
 
 
 def _copy_source(source: Dataset) -> Dataset:
-    """A deep copy of the source's top-level elements except the dropped ones."""
+    """A copy of the source's top-level elements except the dropped ones.
+
+    Text whose bytes depend on the character set keeps the source's bytes (see
+    :func:`_copy_elements`), so patient identity survives byte for byte, invalid bytes
+    included.
+    """
     out = Dataset()
-    for raw in source.elements():
-        tag = raw.tag
-        if tag in _DROPPED_TAGS or tag.element == 0:
-            continue
-        out.add(copy.deepcopy(source[tag]))  # source[tag] parses raw elements with their encoding
+    _copy_elements(source, out, skip=lambda tag: tag in _DROPPED_TAGS or tag.element == 0)
     return out
+
+
+def _copy_elements(
+    source: Dataset, out: Dataset, skip: Callable[[BaseTag], bool] = lambda tag: False
+) -> None:
+    """Copy ``source``'s elements into ``out`` (recursively through sequences).
+
+    An element of a character-set dependent VR (PN, LO, SH, ST, LT, UC, UT) that is still
+    undecoded is copied as a raw element, its value bytes untouched, so that decoding and
+    re-encoding cannot alter it (invalid UTF-8 would become U+FFFD, ISO 2022 escapes could
+    move). Text values are independent of byte order and VR encoding, so the raw value is
+    valid in the derived file's Explicit VR Little Endian as well. Other elements are parsed
+    and deep-copied as before. ``out`` is then marked as Explicit VR Little Endian in its own
+    character set, so that pydicom writes its raw elements as they are (see :func:`_seal`).
+    """
+    for elem in source.elements():
+        tag = elem.tag
+        if skip(tag):
+            continue
+        raw = _raw_text(elem)
+        if raw is not None:
+            out.add(raw)  # type: ignore[arg-type]  # pydicom stores raw elements alike
+            continue
+        parsed = source[tag]
+        if parsed.VR == "SQ":
+            out.add(
+                DataElement(tag, "SQ", Sequence([_copy_item(item, out) for item in parsed.value]))
+            )
+        else:
+            out.add(copy.deepcopy(parsed))
+
+
+def _raw_text(elem: DataElement | RawDataElement) -> RawDataElement | None:
+    """``elem`` as an Explicit VR Little Endian raw element, when it is undecoded text.
+
+    Text already decoded (read by some code before) cannot give its bytes back: pydicom
+    keeps only the decoded string, which is re-encoded when written.
+    """
+    if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+        return None
+    vr = elem.VR
+    if vr is None:  # implicit VR: the dictionary's (private or unknown tags: parse instead)
+        try:
+            vr = dictionary_VR(elem.tag)
+        except KeyError:
+            return None
+    if vr not in CUSTOMIZABLE_CHARSET_VR or not isinstance(elem.value, bytes):
+        return None  # not text, or a deferred value (None) that has no bytes to copy
+    return elem._replace(VR=vr, is_implicit_VR=False, is_little_endian=True)
+
+
+def _copy_item(item: Dataset, parent: Dataset) -> Dataset:
+    """A copy of one sequence item, its text kept as raw bytes (see :func:`_copy_elements`)."""
+    out = Dataset(parent_encoding=parent._character_set)
+    _copy_elements(item, out)
+    _seal(out)
+    return out
+
+
+def _seal(ds: Dataset) -> None:
+    """Mark ``ds`` as Explicit VR Little Endian in its own character set.
+
+    pydicom writes raw elements unchanged only when a data set's original encoding and
+    character set equal the ones it writes in; it otherwise decodes and re-encodes them,
+    which is what altered invalid or unusual text. pydicom also skips resolving ambiguous
+    VRs on this path, so :func:`build_derived` does that itself before sealing.
+    """
+    ds.set_original_encoding(False, True, ds._character_set)
 
 
 def _source_reference(source: Dataset, same_geometry: bool) -> Dataset:
@@ -288,6 +390,8 @@ def build_derived(
     _add_lossy_history(out, source)
     out.file_meta = _file_meta(source, sop_uid, equipment)
     encode_into(out, stored, rng)  # also sets the transfer syntax (Explicit VR Little Endian)
+    correct_ambiguous_vr(out, True)
+    _seal(out)  # copied text is written with the source's bytes
     return out
 
 
@@ -309,7 +413,7 @@ def _add_contributor(
 ) -> None:
     """The source's ContributingEquipmentSequence items plus this node's."""
     contributors = [
-        copy.deepcopy(item) for item in source.get("ContributingEquipmentSequence") or []
+        _copy_item(item, out) for item in source.get("ContributingEquipmentSequence") or []
     ]
     contributors.append(_equipment_item(equipment, description, moment))
     out.ContributingEquipmentSequence = Sequence(contributors)

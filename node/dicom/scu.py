@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ def _associate(
     called: str,
     timeouts: tuple[float, float],
     contexts: Sequence[tuple[str, list[str]]],
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> tuple[Association | None, _AssociationWatch]:
     """Request an association proposing ``contexts`` (established or not; None when the
     host name cannot be resolved, with the reason in the watch).
@@ -148,6 +150,7 @@ def _associate(
             port,
             ae_title=called,
             evt_handlers=watch.handlers(),  # type: ignore[arg-type]  # pynetdicom's alias
+            tls_args=tls_args,
         )
     except OSError as exc:  # pynetdicom resolves the host name before it connects
         watch.socket_error = f"cannot resolve host {host!r} ({exc.strerror or exc})"
@@ -215,6 +218,7 @@ def store_datasets(
     timeout_s: float = 30.0,
     connect_timeout_s: float | None = None,
     exact_syntax: bool = False,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> list[StoreOutcome]:
     """Send data sets with C-STORE, over one association per 128 distinct contexts.
 
@@ -228,6 +232,7 @@ def store_datasets(
         connect_timeout_s: TCP connection timeout (None: ``timeout_s``).
         exact_syntax: propose only each data set's own transfer syntax (a destination
             that transcodes sends exactly the syntax it is configured with).
+        tls_args: (SSL context, host name to verify) to speak TLS; None: plaintext.
 
     Returns:
         One outcome per item, in order. Never raises for a network or peer failure.
@@ -251,10 +256,11 @@ def store_datasets(
                 timeout_s=timeout_s,
                 connect_timeout_s=connect_timeout_s,
                 exact_syntax=exact_syntax,
+                tls_args=tls_args,
             )
         ]
     assoc, watch = _associate(
-        calling, host, port, called, timeouts, [(c, list(s)) for c, s in contexts]
+        calling, host, port, called, timeouts, [(c, list(s)) for c, s in contexts], tls_args
     )
     if assoc is None or not assoc.is_established:
         why, no_context = describe_failure(assoc, where, watch, timeouts)

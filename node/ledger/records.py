@@ -31,6 +31,20 @@ WORKER_LANES: tuple[Lane, ...] = ("method", "light")
 LIGHT_LANES: tuple[Lane, ...] = ("light",)
 
 
+# The ledger state a route decision starts an instance in (normalize: received). A forward
+# is ready to send at once: the forwarder takes it, no worker (its own lane).
+_STATE_OF_ACTION = {
+    "drop": InstanceState.DROPPED,
+    "none": InstanceState.UNROUTED,
+    "forward": InstanceState.TRANSFORMED,
+}
+
+
+def state_of_action(action: str) -> InstanceState:
+    """The ledger state a route decision starts an instance in (the SCP and a rebuild)."""
+    return _STATE_OF_ACTION.get(action, InstanceState.RECEIVED)
+
+
 def lane_of(action: Disposition, method: str | None = None) -> Lane:
     """The lane of an instance whose route decided ``action`` with ``method``."""
     if action == "normalize":

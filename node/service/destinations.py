@@ -24,6 +24,7 @@ from mr2nst.node.config import Destination as DestinationConfig
 from mr2nst.node.dicom.scu import read_file, store_datasets
 from mr2nst.node.dicom.status import Response, classify_store_response, format_status
 from mr2nst.node.dicom.transcode import transcode
+from mr2nst.node.service.tls import client_tls_args
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ class DicomStoreDestination:
         self.calling_ae = calling_ae
         self.timeouts = timeouts
         self.limit = AssociationLimit(cfg.max_associations)
+        # Built once: TLS settings and files were checked at config load.
+        self.tls_args = client_tls_args(cfg)
 
     @classmethod
     def from_config(
@@ -175,6 +178,7 @@ class DicomStoreDestination:
                 timeout_s=self.timeouts.response_s,
                 connect_timeout_s=self.timeouts.connect_s,
                 exact_syntax=self.cfg.transfer_syntax != "as-received",
+                tls_args=self.tls_args,
             )
         if outcome.status is None:
             # No context for this SOP class / syntax is a configuration matter:

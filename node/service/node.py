@@ -19,7 +19,9 @@ from wsgiref.simple_server import WSGIServer
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mr2nst.node.config import Config
+from mr2nst.node.errors import NodeError
 from mr2nst.node.ledger import Ledger
+from mr2nst.node.ledger.reconcile import find_orphans, register_incoming
 from mr2nst.node.logs import get_logger
 from mr2nst.node.methods.registry import check_engine, check_methods
 from mr2nst.node.service.destinations import build_destinations
@@ -33,6 +35,18 @@ from mr2nst.node.service.worker import WorkerPool
 from mr2nst.node.version import VERSION
 
 log = get_logger("mr2nst.node")
+
+
+class StartupError(NodeError):
+    """The node cannot start: its data directory is unusable or its port is taken."""
+
+
+class LostLedgerError(NodeError):
+    """Files in spool/in or outbox/ have no ledger row: the ledger was lost or replaced.
+
+    The node does not start, so that nothing acknowledged is forgotten; ``mr2nst ledger
+    rebuild`` re-registers the files.
+    """
 
 
 class Node:
@@ -57,6 +71,8 @@ class Node:
         self.workers: WorkerPool | None = None
         self.forwarder: Forwarder | None = None
         self.server: ThreadedAssociationServer | None = None
+        # The second, TLS-only listener on tls.port (None when tls.port is 0).
+        self.tls_server: ThreadedAssociationServer | None = None
         self.metrics: Metrics | None = None
         self._metrics_server: WSGIServer | None = None
         self.health: Health | None = None
@@ -92,6 +108,8 @@ class Node:
             The node.
 
         Raises:
+            StartupError: ``data_dir`` is unusable or the port is taken.
+            LostLedgerError: spool/in or outbox/ hold files without a ledger row.
             LedgerError: the ledger cannot be opened.
             WeightsError: an ``mr2nst`` route's weights are missing or corrupt.
             EngineConfigError: the engine's settings or refiner are unusable.
@@ -101,9 +119,96 @@ class Node:
         if self.uses_engine:
             # Weights, refiner, settings: stop now with a reason rather than fail every job.
             check_engine(cfg)
-        self.spool.create()
-        stale = self.spool.clear_tmp()
+        stale = self._prepare_data_dir()
         self.ledger = Ledger.open(cfg.ledger_url)
+        try:
+            self._reconcile()
+            self._check_port()
+            self._start_services(started_at)
+        except BaseException:
+            self.stop()  # what did start stops again; the ledger is closed
+            raise
+        self._announce(stale)
+        self._start_status_file(started_at)
+        return self
+
+    def _prepare_data_dir(self) -> int:
+        """Create the data dirs, check that they are writable, clear spool/tmp.
+
+        Returns:
+            The number of half-written files removed from spool/tmp.
+
+        Raises:
+            StartupError: ``data_dir`` is not a writable directory.
+        """
+        root = self.spool.root
+        try:
+            self.spool.create()
+            probe = self.spool.tmp / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return self.spool.clear_tmp()
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StartupError(
+                f"node.data_dir {str(root)!r} is not a usable directory: "
+                f"{exc.strerror or exc}{where}"
+            ) from None
+
+    def _reconcile(self) -> None:
+        """Refuse to start when spool/in or outbox/ hold files that no ledger row knows.
+
+        Raises:
+            LostLedgerError: such files exist (the ledger was lost or replaced).
+        """
+        assert self.ledger is not None
+        orphans = find_orphans(self.ledger, self.spool.incoming, self.spool.outbox)
+        if orphans.interrupted and not orphans:
+            # Cut between the file and its row: never acknowledged, but keep it (the
+            # sender resends; an identical duplicate at worst).
+            report = register_incoming(
+                self.ledger, orphans.interrupted, self.router.decide, self.config.node.ae_title
+            )
+            log.warning(
+                "interrupted_receives_registered",
+                registered=len(report.registered),
+                left=[item["path"] for item in report.left],
+            )
+        if orphans:
+            raise LostLedgerError(
+                f"{orphans.summary()} under {self.spool.root} have no ledger row "
+                "(was the ledger deleted or replaced?); not starting, so that no "
+                "acknowledged instance is forgotten: run "
+                "'mr2nst ledger rebuild --config FILE', then start again"
+            )
+
+    def _check_port(self) -> None:
+        """Fail before any worker starts when the SCP cannot bind ``node.host``:``node.port``.
+
+        Raises:
+            StartupError: the address cannot be resolved or the port is in use.
+        """
+        host, port = self.config.node.host, self.config.node.port
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port} (node.host, node.port): {exc.strerror or exc}"
+            ) from None
+
+    def _start_services(self, started_at: float) -> None:
+        """Metrics, workers, forwarder, then the SCP (the ledger is open).
+
+        Raises:
+            StartupError: the SCP cannot listen on ``node.host``:``node.port``.
+        """
+        cfg = self.config
+        assert self.ledger is not None
         self.workers = WorkerPool(cfg)
         workers = self.workers
         self.health = Health(
@@ -117,7 +222,13 @@ class Node:
         self.metrics = Metrics(self.ledger, destinations=list(cfg.destinations))
         self.metrics.add_health(self.health, started_at)
         if cfg.metrics.port:
-            self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self._metrics_server = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         workers.start()
         self.forwarder = Forwarder(
             cfg, self.ledger, self.spool, build_destinations(cfg), metrics=self.metrics
@@ -131,10 +242,21 @@ class Node:
             Allowlist.parse(cfg.node.allowed_callers),
             self.metrics,
         )
-        self.server = start_scp(cfg, service)
-        self._announce(stale)
-        self._start_status_file(started_at)
-        return self
+        try:
+            self.server = start_scp(cfg, service)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {cfg.node.host}:{cfg.node.port} (node.host, node.port): "
+                f"{exc.strerror or exc}"
+            ) from None
+        if cfg.tls.port:  # a second, TLS-only listener with the same handlers
+            try:
+                self.tls_server = start_scp(cfg, service, port=cfg.tls.port, tls=True)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {cfg.node.host}:{cfg.tls.port} (node.host, tls.port): "
+                    f"{exc.strerror or exc}"
+                ) from None
 
     def _start_status_file(self, started_at: float) -> None:
         """Write the status file now, and again every few seconds until the node stops."""
@@ -201,12 +323,14 @@ class Node:
     def stop(self) -> None:
         """Graceful stop: no new associations, finish in-flight work, then exit."""
         timeout = self.config.node.network_timeout_s
-        if self.server is not None:
-            self.server.shutdown()
-            deadline = time.monotonic() + timeout
-            while self.server.active_associations and time.monotonic() < deadline:
-                time.sleep(0.1)
-            for assoc in self.server.active_associations:
+        servers = [s for s in (self.server, self.tls_server) if s is not None]
+        for server in servers:
+            server.shutdown()
+        deadline = time.monotonic() + timeout
+        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for server in servers:
+            for assoc in server.active_associations:
                 assoc.abort()
         if self.workers is not None:
             self.workers.stop(timeout=max(timeout, self.config.workers.lease_s))
@@ -218,7 +342,8 @@ class Node:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.ledger is not None:
-            log.info("node_stopped", queue=self.ledger.counts())
+            if self.server is not None:
+                log.info("node_stopped", queue=self.ledger.counts())
             self.ledger.close()
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:

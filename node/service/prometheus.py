@@ -268,12 +268,16 @@ class Metrics:
         self.registry.register(HealthCollector(health, started_at))
 
     def app(self) -> WSGIApp:
-        """The WSGI app: ``/health`` (JSON; 200 or 503) and the metrics on any other path."""
+        """The WSGI app: ``/metrics`` (Prometheus text), ``/health`` (JSON; 200 or 503) and
+        404 on every other path (``/``, ``/metrics/x``, ``/favicon.ico``, ...)."""
         metrics_app = make_wsgi_app(self.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO", "").rstrip("/") != "/health":
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
                 return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if path != "/health":
+                return _not_found(start_response)
             if self.health is None:
                 code, body = 404, {"status": "unknown", "reason": "no health checks here"}
             else:
@@ -308,6 +312,20 @@ class Metrics:
 
 
 _REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+
+
+def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """A plain 404: only ``/metrics`` and ``/health`` are served."""
+    data = b"not found: this endpoint serves only /metrics and /health\n"
+    start_response(
+        "404 Not Found",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [data]
 
 
 class _QuietHandler(WSGIRequestHandler):

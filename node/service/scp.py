@@ -24,13 +24,17 @@ from pynetdicom.transport import ThreadedAssociationServer
 from mr2nst.node.config import Config
 from mr2nst.node.dicom.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
 from mr2nst.node.dicom.status import AssociateReject, StoreStatus, format_status
+from mr2nst.node.dicom.validate import UnreadableDataset, check_dataset
 from mr2nst.node.errors import SpoolError
 from mr2nst.node.ledger import Ledger, Received, lane_of
+from mr2nst.node.ledger.records import state_of_action
 from mr2nst.node.ledger.states import InstanceState
 from mr2nst.node.logs import get_logger, instance_context
+from mr2nst.node.service.guard import PeerLimits, pdu_limit, serve
 from mr2nst.node.service.prometheus import Metrics
 from mr2nst.node.service.routing import Decision, Router
 from mr2nst.node.service.spool import Spool
+from mr2nst.node.service.tls import server_context
 
 log = get_logger("mr2nst.scp")
 
@@ -110,14 +114,6 @@ class _Arrival:
 
 
 Fields = dict[str, object]
-
-# The ledger state a route decision starts an instance in (normalize: received). A forward
-# is ready to send at once: the forwarder takes it, no worker (its own lane).
-_STATE_OF_ACTION = {
-    "drop": InstanceState.DROPPED,
-    "none": InstanceState.UNROUTED,
-    "forward": InstanceState.TRANSFORMED,
-}
 
 
 def handle_requested(event: Event, service: StoreService) -> None:
@@ -226,6 +222,10 @@ def _store(
             "reason": "SOP Class/Instance UID differ from the request"
         }
     try:
+        check_dataset(arrival.dataset, arrival.transfer_syntax)
+    except UnreadableDataset as exc:
+        return CANNOT_UNDERSTAND, {"reason": str(exc)}
+    try:
         decision = service.router.decide(arrival.dataset, calling_ae, called_ae)
     except Exception as exc:  # edge: a malformed element read by a route match
         return CANNOT_UNDERSTAND, {"reason": f"cannot evaluate routes: {exc.__class__.__name__}"}
@@ -261,7 +261,7 @@ def _persist(
     event: Event, service: StoreService, arrival: _Arrival, decision: Decision, fields: Fields
 ) -> tuple[StoreStatus, Fields]:
     """Write the file (unless dropped) and commit its ledger row; remove the file on failure."""
-    state = _STATE_OF_ACTION.get(decision.action, InstanceState.RECEIVED)
+    state = state_of_action(decision.action)
     path: str | None = None
     if state != InstanceState.DROPPED:
         try:
@@ -318,7 +318,7 @@ def build_ae(config: Config) -> AE:
 
 
 def start_scp(
-    config: Config, service: StoreService, port: int | None = None
+    config: Config, service: StoreService, port: int | None = None, tls: bool | None = None
 ) -> ThreadedAssociationServer:
     """Start listening without blocking.
 
@@ -326,6 +326,7 @@ def start_scp(
         config: the node's configuration.
         service: the C-STORE handler's collaborators.
         port: listen here instead of ``node.port`` (0: an ephemeral port, for tests).
+        tls: speak TLS only (``[tls]``'s certificate); None: as ``tls.require`` says.
 
     Returns:
         The running server; ``server_address`` has the port.
@@ -336,10 +337,16 @@ def start_scp(
         (evt.EVT_C_ECHO, handle_echo, [service]),
         (evt.EVT_C_STORE, handle_store, [service]),
     ]
-    server = ae.start_server(
+    use_tls = config.tls.require if tls is None else tls
+    # Bounded per peer and per PDU (node/service/guard.py says why pynetdicom needs help).
+    return serve(
+        ae,
         (config.node.host, config.node.port if port is None else port),
-        block=False,
         evt_handlers=handlers,
+        ssl_context=server_context(config.tls, config.node.network_timeout_s) if use_tls else None,
+        limits=PeerLimits(
+            per_peer=config.node.max_associations_per_peer,
+            pdu_deadline_s=config.node.network_timeout_s,
+            max_pdu_length=pdu_limit(ae),
+        ),
     )
-    assert isinstance(server, ThreadedAssociationServer)
-    return server

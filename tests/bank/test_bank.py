@@ -165,3 +165,71 @@ def test_readers_see_consistent_banks_while_adding(tmp_path, refs):
     done.set()
     thread.join()
     assert errors == [] and len(Bank(bank_dir).entries()) == 8
+
+
+@pytest.mark.parametrize(
+    "uid",
+    [
+        "../../x",
+        "../x",
+        "/abs/x",
+        "1.2/../../x",
+        "..",
+        ".hidden",
+        "1.2.3\nx",
+        "1." * 40 + "1",  # 81 characters
+        "1.2..3",
+    ],
+)
+def test_unsafe_sop_instance_uid_is_rejected_and_writes_nothing_outside(tmp_path, uid):
+    """A reference whose SOPInstanceUID is not a valid UID is rejected with the reason, and
+    no file appears outside (or inside) the bank; a normal UID next to it is still added."""
+    folder = tmp_path / "in"
+    write(folder, "evil", SOPInstanceUID=uid)
+    write(folder, "good", seed=1)
+    root = tmp_path / "a" / "b" / "bank"
+    root.parent.mkdir(parents=True)  # ../../x from images/ lands in tmp_path/a
+    before = {p for p in tmp_path.rglob("*")}
+    bank = Bank(root)
+    report = bank.add([folder])
+    assert [Path(f).stem for f, _ in report.rejected] == ["evil"]
+    [(_, reason)] = report.rejected
+    assert "SOPInstanceUID" in reason and ("not a valid UID" in reason or "at most 64" in reason)
+    assert [e.source for e in report.added] == [str(folder / "good.dcm")]
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert all(root == p or root in p.parents for p in new), sorted(map(str, new))
+    assert not (Path("/abs") / "x.npy").exists()
+    good = report.added[0].sop_instance_uid
+    assert sorted(p.name for p in (root / "images").iterdir()) == [f"{good}.npy"]
+    assert bank.verify() == []
+
+
+def test_unsafe_uids_in_remove_verify_and_layout_touch_no_path(tmp_path, refs):
+    """remove with a traversal UID finds nothing and deletes nothing; a hand-edited manifest
+    entry with such a UID is reported by verify, removable, and names no file."""
+    import dataclasses
+
+    from mr2nst.bank.errors import BankCorrupt
+    from mr2nst.bank.manifest import Manifest
+
+    root = tmp_path / "bank"
+    bank = Bank(root)
+    bank.add([refs])
+    victim = tmp_path / "victim.npy"
+    victim.write_bytes(b"keep")
+    with pytest.raises(BankError):
+        bank.remove("../victim")
+    assert victim.exists()
+    for bad in ("../victim", "/abs/x", "1.2/3"):
+        with pytest.raises(BankCorrupt):
+            bank.layout.image_path(bad)
+        with pytest.raises(BankCorrupt):
+            bank.layout.mask_path(bad)
+    first = bank.entries()[0]
+    evil = dataclasses.replace(first, sop_instance_uid="../../victim")
+    with bank.layout.locked():
+        bank.layout.write(Manifest(entries=(*bank.manifest().entries, evil)))
+    problems = bank.verify()
+    assert len(problems) == 1 and "not a valid UID" in problems[0]
+    assert bank.remove("../../victim").sop_instance_uid == "../../victim"
+    assert victim.exists() and bank.verify() == [] and len(bank.entries()) == 8

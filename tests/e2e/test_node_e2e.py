@@ -171,7 +171,7 @@ def test_permanent_rejection_goes_dead_then_queue_retry(tmp_path, phantoms, clea
     [item] = node.queue()["items"]
     assert item["deliveries"][0]["attempts"] == 1 and item["deliveries"][0]["last_status"] == 0xA900
     peer.status = 0
-    out = node.cli("queue", "retry")
+    out = node.cli("queue", "retry", "--all")
     assert out.returncode == 0 and "revived 1" in out.stdout
     wait_for(lambda: peer.received == 1, 60, "delivery after retry")
 

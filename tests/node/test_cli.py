@@ -70,7 +70,9 @@ def test_queue_list_retry_purge(tmp_path, capsys):
         listed["counts"]["delivery_dead"] == 1
         and listed["items"][0]["deliveries"][0]["state"] == "dead"
     )
-    assert main(["queue", "retry", "--json", "--config", str(conf)]) == 0
+    assert main(["queue", "retry", "--json", "--config", str(conf)]) == 2  # no ids, no --all
+    capsys.readouterr()
+    assert main(["queue", "retry", "--all", "--json", "--config", str(conf)]) == 0
     assert json.loads(capsys.readouterr().out) == {"revived": 1}
 
     ledger = Ledger.open(cfg.ledger_url)
@@ -144,6 +146,28 @@ def test_queue_purge_without_ids_refuses_in_one_line(tmp_path, capsys):
     assert main(["queue", "purge", "--config", str(conf)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("mr2nst: queue purge: ") and "--all" in line
+
+
+def test_queue_retry_without_ids_refuses_in_one_line(jobs, capsys):
+    """`queue retry` with neither ids nor --all exits 2 with one line and revives nothing
+    (a permanent rejection stays dead); with --all it revives every dead delivery."""
+    conf, _ids = jobs
+    cfg = parse_config({"node": {"data_dir": str(conf.parent / "d")}}, environ={})
+    ledger = Ledger.open(cfg.ledger_url)
+    before = ledger.counts()
+    ledger.close()
+    assert before.get("delivery_dead", 0) >= 1
+    assert main(["queue", "retry", "--config", str(conf)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mr2nst: queue retry: ") and "--all" in line
+    ledger = Ledger.open(cfg.ledger_url)
+    assert ledger.counts() == before
+    ledger.close()
+    assert main(["queue", "retry", "--all", "--json", "--config", str(conf)]) == 0
+    assert json.loads(capsys.readouterr().out)["revived"] >= 1
+    ledger = Ledger.open(cfg.ledger_url)
+    assert ledger.counts().get("delivery_dead", 0) == 0
+    ledger.close()
 
 
 @pytest.fixture

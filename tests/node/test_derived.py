@@ -14,6 +14,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -397,3 +398,64 @@ def test_iod_validator_finds_no_new_errors(
     if valid_source:
         assert source_errors == []  # the factory builds IOD-valid MG sources
     assert set(derived_errors) <= set(source_errors), derived_errors
+
+
+def _raw_value(data: bytes, keyword: str) -> bytes:
+    """The undecoded value bytes of a top-level element of an encoded file."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    ds = dcmread(io.BytesIO(data))
+    elem = ds.get_item(tag_for_keyword(keyword))  # type: ignore[arg-type]
+    assert isinstance(elem, RawDataElement), keyword
+    return bytes(elem.value)
+
+
+# (SpecificCharacterSet, PatientName bytes, StudyDescription bytes): each must reach the
+# derived file byte for byte, with the same SpecificCharacterSet.
+CHARSETS = {
+    "latin-1": ("ISO_IR 100", "Müller^Zoë".encode("latin-1"), "Dépistage".encode("latin-1")),
+    "utf-8": ("ISO_IR 192", "Müller^Zoë^李".encode(), "Dépistage 乳腺".encode()),
+    "invalid-utf-8": ("ISO_IR 192", b"\xff\xfe\xc3", b"ok \xff\xfe\xc3"),
+    "iso-2022-japanese": (
+        ["", "ISO 2022 IR 87"],
+        b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B",
+        b"\x1b$B;3ED\x1b(B",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHARSETS))
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_copied_text_keeps_its_bytes_and_character_set(name: str, syntax: str) -> None:
+    """PatientName (and other copied text) reaches the derived file with the source's bytes
+    (invalid UTF-8 included) and the same SpecificCharacterSet; the node's own text stays
+    valid in that character set."""
+    from pydicom.dataelem import RawDataElement
+
+    charset, name_bytes, study_bytes = CHARSETS[name]
+    source = make_mg()
+    source.SpecificCharacterSet = charset
+    source.SeriesDescription = "L CC"
+    del source.PatientName, source.StudyDescription
+    source.file_meta.TransferSyntaxUID = syntax
+    encoded = _bytes(source)
+    # Put the exact bytes in as raw elements, then read the file back as the node does.
+    buf = io.BytesIO()
+    template = dcmread(io.BytesIO(encoded))
+    for tag, vr, value in ((0x00100010, "PN", name_bytes), (0x00081030, "LO", study_bytes)):
+        padded = value + b" " * (len(value) % 2)
+        template._dict[Tag(tag)] = RawDataElement(  # type: ignore[index]
+            Tag(tag), vr, len(padded), padded, 0, False, True
+        )
+    dcmwrite(buf, template, enforce_file_format=True)
+    read = dcmread(io.BytesIO(buf.getvalue()))
+    assert _raw_value(buf.getvalue(), "PatientName").rstrip(b" ") == name_bytes  # sanity
+    derived = _bytes(_build(read))
+    assert _raw_value(derived, "PatientName").rstrip(b" ") == name_bytes
+    assert _raw_value(derived, "StudyDescription").rstrip(b" ") == study_bytes
+    out = dcmread(io.BytesIO(derived))
+    assert out.SpecificCharacterSet == read.SpecificCharacterSet
+    # The node's own text decodes cleanly in the source's character set.
+    assert str(out.SeriesDescription) == "L CC [UIH style, mr2NST]"
+    assert str(out.DerivationDescription) == PROVENANCE.describe()

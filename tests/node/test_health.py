@@ -110,3 +110,24 @@ def test_health_without_checks_is_404(tmp_path):
         server.shutdown()
         server.server_close()
     assert code == 404 and json.loads(body)["status"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/metrics/x", "/metrics/", "/health/", "/health/x", "/favicon.ico", "/x", "/metricsx"],
+)
+def test_only_metrics_and_health_are_served(serve, path):
+    """Any path but /metrics and /health is 404 (real HTTP on an ephemeral port)."""
+    port = serve()
+    code, body = get(port, path)
+    assert code == 404
+    assert "mr2nst_" not in body and "status" not in body
+    assert get(port, "/metrics")[0] == 200 and get(port, "/health")[0] == 200
+    assert get(port, "/metrics?name[]=mr2nst_workers_configured")[0] == 200
+
+
+def test_metrics_endpoint_binds_loopback_by_default():
+    """The endpoint listens on the loopback interface unless configured otherwise."""
+    from mr2nst.node.config import MetricsSection
+
+    assert MetricsSection().host in ("127.0.0.1", "::1", "localhost")

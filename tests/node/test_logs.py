@@ -3,6 +3,8 @@
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import structlog
@@ -88,3 +90,38 @@ def test_no_phi_in_logs_of_a_real_store(tmp_path, captured):
     out = captured.getvalue()
     for value in ("Doe^Jane", "PID-12345", "19600101", "ACC-98765"):
         assert value not in out
+
+
+WARNING_SCRIPT = """
+import logging, sys, warnings
+import pydicom
+from pydicom.dataset import Dataset
+from mr2nst.node.logs import configure_logging
+
+raw = logging.getLogger("somelib")  # a library logger with its own raw-text handler
+raw.addHandler(logging.StreamHandler(sys.stderr))
+configure_logging("json", "info")
+ds = Dataset()
+ds.SOPInstanceUID = "1.2.abc"  # pydicom (default settings) warns: invalid UI value
+warnings.warn("a plain UserWarning")
+raw.warning("raw library text")
+logging.getLogger("pydicom").warning("pydicom logger line")
+"""
+
+
+def test_python_warnings_and_library_loggers_are_json(tmp_path):
+    """pydicom's UserWarnings and library loggers with their own handlers log JSON lines."""
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", WARNING_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = [line for line in done.stderr.splitlines() if line.strip()]
+    events = [json.loads(line) for line in out]  # every line parses as JSON
+    text = " ".join(str(e.get("event")) for e in events)
+    assert "1.2.abc" in text and "a plain UserWarning" in text
+    assert "raw library text" in text and "pydicom logger line" in text
+    assert any(e.get("logger") == "py.warnings" and e["level"] == "warning" for e in events)
+    assert len(events) >= 4
