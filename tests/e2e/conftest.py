@@ -37,5 +37,7 @@ def cleanup():
                 thing.stop()
             elif hasattr(thing, "shutdown"):
                 thing.shutdown()
+            elif hasattr(thing, "stop"):  # e.g. the TLS storescp of test_tls_e2e
+                thing.stop()
         except Exception:  # noqa: BLE001 - best-effort teardown
             pass
