@@ -39,13 +39,13 @@ unit: setup
 e2e: setup
 	$(PY) -m pytest tests/e2e
 
-lint: setup tree
+lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	cd $(TYPECHECK) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports --no-cache $(CURDIR)/pyproject.toml
+	$(VENV)/bin/lint-imports --no-cache
 
-# mypy and import-linter cannot follow setuptools' editable-install finder, so they read a
-# tree of symlinks that lays the folders out under their installed names.
+# mypy cannot follow setuptools' editable-install finder, so it reads a tree of symlinks
+# that lays the folders out under their installed names.
 tree:
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mr2nst
 	touch $(TYPECHECK)/mr2nst/py.typed
