@@ -31,7 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "status",
     "bank",
     "phantom",
-    "config_check",
+    "config",
     "evaluate",
     "bench",
     "train_refiner",

@@ -1,4 +1,4 @@
-"""``mr2nst serve``: run the node until SIGINT/SIGTERM."""
+"""``mr2nst serve``: run the node until SIGINT/SIGTERM; SIGHUP reloads its config file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from mr2nst.node.logs import configure_logging
 
 def add_parser(sub: Any) -> None:
     """Register ``mr2nst serve``."""
-    p = sub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
+    p = sub.add_parser(
+        "serve", help="run the node until SIGINT/SIGTERM (SIGHUP reloads routes and destinations)"
+    )
     p.add_argument("--config", required=True)
     p.add_argument(
         "--log-format",
@@ -24,9 +26,11 @@ def add_parser(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node with ``--config`` until SIGINT/SIGTERM; exit 0 after a graceful stop."""
+    from pathlib import Path
+
     from mr2nst.node.service.node import Node
 
     config = config_of(args)
     configure_logging(args.log_format or config.logging.format, config.logging.level)
-    Node(config).serve_forever()
+    Node(config, Path(args.config).resolve()).serve_forever()
     return EXIT_OK

@@ -7,7 +7,7 @@ the ledger's.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, func, insert, or_, select, update
@@ -225,6 +225,44 @@ class LedgerAdmin:
             r["history"] = histories.get(r["id"], [])
         return rows
 
+    def expire_dead_leases(self, host: str, alive: Callable[[int], bool]) -> int:
+        """End at once the leases held by processes of ``host`` that no longer exist.
+
+        Lease owners read ``host:pid:role``. After a crash (kill -9, OOM), the restarted
+        node takes back its predecessor's jobs and sends now, instead of after the lease
+        (a minute for a delivery) runs out; leases of live processes, and of other hosts
+        sharing a PostgreSQL ledger, are left alone.
+
+        Args:
+            host: this host's name, as the owners write it.
+            alive: whether a process id exists on this host.
+
+        Returns:
+            How many jobs and deliveries were freed.
+        """
+        now = self.clock()
+        prefix = f"{_escape_like(host)}:%"
+        held = (
+            (instances, instances.c.state == InstanceState.PROCESSING),
+            (deliveries, deliveries.c.state == DeliveryState.SENDING),
+        )
+        freed = 0
+        with self.engine.begin() as conn:
+            for table, leased in held:
+                owners = conn.execute(
+                    select(table.c.lease_owner)
+                    .where(leased, table.c.lease_owner.like(prefix, escape="\\"))
+                    .distinct()
+                ).scalars()
+                dead = [o for o in owners if not _owner_alive(o, alive)]
+                if dead:
+                    freed += conn.execute(
+                        update(table)
+                        .where(leased, table.c.lease_owner.in_(dead))
+                        .values(lease_until=now - 1.0)  # lapsed: claimable at once
+                    ).rowcount
+        return freed
+
     def counts(self) -> dict[str, int]:
         """Number of instances per state and deliveries per state (keys ``delivery_<state>``)."""
         with self.engine.connect() as conn:
@@ -262,6 +300,14 @@ _DELIVERY_KEYS = (
     "error",
     "payload",
 )
+
+
+def _owner_alive(owner: str, alive: Callable[[int], bool]) -> bool:
+    """Whether the process of a ``host:pid:role`` lease owner is alive (unparsable: yes)."""
+    parts = owner.split(":")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return True
+    return alive(int(parts[1]))
 
 
 def _in_states(states: Sequence[str]) -> ColumnElement[bool]:

@@ -88,6 +88,11 @@ def check_methods(config: Config) -> None:
             )
 
 
+def uses_engine(config: Config) -> bool:
+    """Whether a route runs the ``mr2nst`` method (so the engine and its weights matter)."""
+    return any(r.action == "normalize" and r.method == "mr2nst" for r in config.routes)
+
+
 def check_engine(config: Config) -> None:
     """Build the mr2nst method once on the CPU, so that a bad setup stops the node at start.
 

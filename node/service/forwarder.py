@@ -35,6 +35,16 @@ from mr2nst.node.service.spool import Spool
 log = get_logger("mr2nst.forwarder")
 
 
+def _lease_s(config: Config) -> float:
+    """A delivery's lease: long enough for the slowest destination's send (its own
+    timeout, if longer than the node's)."""
+    slowest = max(
+        [config.node.network_timeout_s]
+        + [d.timeout_s + d.connect_timeout_s for d in config.destinations.values()]
+    )
+    return max(60.0, 3 * slowest)
+
+
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Exponential backoff with jitter.
 
@@ -75,12 +85,7 @@ class Forwarder:
         self.destinations = destinations
         self.rng = rng or random.Random()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:forwarder"
-        # Long enough for the slowest destination's send (its own timeout, if longer).
-        slowest = max(
-            [config.node.network_timeout_s]
-            + [d.timeout_s + d.connect_timeout_s for d in config.destinations.values()]
-        )
-        self.lease_s = max(60.0, 3 * slowest)
+        self.lease_s = _lease_s(config)
         self._pool = ThreadPoolExecutor(
             config.forwarding.concurrency, thread_name_prefix="mr2nst-send"
         )
@@ -88,6 +93,15 @@ class Forwarder:
         self._lock = threading.Lock()
         self._stopping = False
         self._scheduler = BackgroundScheduler(timezone="UTC")
+
+    def set_destinations(self, destinations: Mapping[str, Destination], config: Config) -> None:
+        """Send with ``destinations`` from now on (a config reload of ``config``).
+
+        Sends in flight finish with the destination they started with; a delivery whose
+        destination is gone fails permanently, as at start.
+        """
+        self.lease_s = _lease_s(config)
+        self.destinations = destinations
 
     @property
     def stopping(self) -> bool:

@@ -142,6 +142,9 @@ class NodeStatus:
         workers_configured: ``workers.count`` + ``workers.light``.
         weights: the ``weights`` health check's detail.
         stopped_at: when the node stopped gracefully (None while it runs).
+        reloaded_at: when the node last tried to reload its config (None: never).
+        reload_ok: whether that reload was applied.
+        reload_detail: what it changed, or why it was refused.
     """
 
     pid: int
@@ -156,6 +159,9 @@ class NodeStatus:
     workers_configured: int
     weights: str
     stopped_at: float | None = None
+    reloaded_at: float | None = None
+    reload_ok: bool | None = None
+    reload_detail: str = ""
 
     def refreshed(self, workers_alive: int, now: float) -> NodeStatus:
         """The same status at ``now`` with ``workers_alive`` workers."""
@@ -166,7 +172,7 @@ class NodeStatus:
         now = time.time() if now is None else now
         if self.stopped_at is not None:
             return False, f"stopped at {_iso(self.stopped_at)}"
-        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+        if self.host == socket.gethostname() and not pid_alive(self.pid):
             return False, f"process {self.pid} is gone (the node was killed or crashed)"
         age = now - self.updated_at
         if age > STATUS_STALE_S:
@@ -204,7 +210,7 @@ def read_status(data_dir: Path) -> NodeStatus | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)

@@ -13,21 +13,30 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mr2nst.node.config import Config
-from mr2nst.node.errors import NodeError
+from mr2nst.core.errors import CoreError
+from mr2nst.node.config import Config, load_config
+from mr2nst.node.errors import ConfigError, NodeError
 from mr2nst.node.ledger import Ledger
 from mr2nst.node.ledger.reconcile import find_orphans, register_incoming
 from mr2nst.node.logs import get_logger
-from mr2nst.node.methods.registry import check_engine, check_methods
+from mr2nst.node.methods.registry import check_engine, check_methods, uses_engine
 from mr2nst.node.service.destinations import build_destinations
 from mr2nst.node.service.forwarder import Forwarder
-from mr2nst.node.service.health import STATUS_REFRESH_S, Health, NodeStatus, write_status
+from mr2nst.node.service.health import (
+    STATUS_REFRESH_S,
+    Health,
+    NodeStatus,
+    pid_alive,
+    write_status,
+)
 from mr2nst.node.service.prometheus import Metrics
+from mr2nst.node.service.reload import plan_reload
 from mr2nst.node.service.routing import Router
 from mr2nst.node.service.scp import Allowlist, StoreService, start_scp
 from mr2nst.node.service.spool import Spool
@@ -56,15 +65,17 @@ class Node:
 
     Args:
         config: the node's configuration.
+        config_path: the file it was loaded from, read again by :meth:`reload` (SIGHUP).
 
     Raises:
         ConfigError: a route names a method this build does not provide, or matches on a
             key that is not a DICOM keyword.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         check_methods(config)
         self.config = config
+        self.config_path = config_path
         self.router = Router(config.routes)
         self.spool = Spool(config.node.data_dir)
         self.ledger: Ledger | None = None
@@ -78,6 +89,8 @@ class Node:
         self.health: Health | None = None
         self.status: NodeStatus | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by the signal handlers: stop or reload
+        self._reload_requested = False
         self._stopped = threading.Event()  # ends the status file refresher
         self._status_lock = threading.Lock()
 
@@ -123,12 +136,15 @@ class Node:
         self.ledger = Ledger.open(cfg.ledger_url)
         try:
             self._reconcile()
+            # A crashed predecessor's jobs and sends are taken back now, not when their
+            # leases run out.
+            freed = self.ledger.expire_dead_leases(socket.gethostname(), pid_alive)
             self._check_port()
             self._start_services(started_at)
         except BaseException:
             self.stop()  # what did start stops again; the ledger is closed
             raise
-        self._announce(stale)
+        self._announce(stale, freed)
         self._start_status_file(started_at)
         return self
 
@@ -296,7 +312,7 @@ class Node:
             except OSError as exc:
                 log.warning("status_file_not_written", error=str(exc))
 
-    def _announce(self, removed_partial_files: int) -> None:
+    def _announce(self, removed_partial_files: int, leases_freed: int) -> None:
         """Log that the node is up, with its settings and queue (and loudly if unfit for use)."""
         cfg = self.config
         assert self.ledger is not None
@@ -310,6 +326,7 @@ class Node:
             routes=[r.name for r in cfg.routes],
             metrics=f"{cfg.metrics.host}:{self.metrics_port}" if self.metrics_port else None,
             removed_partial_files=removed_partial_files,
+            leases_freed=leases_freed,
             queue=self.ledger.counts(),
             **engine_fields(cfg),
         )
@@ -350,24 +367,84 @@ class Node:
         """Ask :meth:`serve_forever` to stop (a signal handler)."""
         log.info("stop_requested", signal=signal.Signals(signum).name if signum else None)
         self._stop.set()
+        self._wake.set()
+
+    def request_reload(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Ask :meth:`serve_forever` to :meth:`reload` (the SIGHUP handler)."""
+        self._reload_requested = True
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Read the config file again and apply its routes and destinations.
+
+        Associations in flight go on; each instance is routed with the routes in force
+        when it arrives, each send uses the destination in force when it starts. Other
+        changed sections are logged as needing a restart. A file that fails to load or
+        check changes nothing. The outcome goes to the log and the status file.
+
+        Returns:
+            Whether the new routes and destinations are in force.
+        """
+        try:
+            if self.config_path is None:
+                raise ConfigError("the node was started without a config file")
+            plan = plan_reload(self.config, load_config(self.config_path))
+            destinations = build_destinations(plan.config)
+        except (NodeError, CoreError, OSError) as exc:  # OSError: a TLS file became unreadable
+            log.error("config_reload_failed", config=str(self.config_path), error=str(exc))
+            self._record_reload(False, f"not reloaded: {exc}")
+            return False
+        self.router.replace(plan.config.routes)
+        if self.forwarder is not None:
+            self.forwarder.set_destinations(destinations, plan.config)
+        if self.metrics is not None:
+            self.metrics.set_destinations(list(plan.config.destinations))
+        self.config = plan.config
+        log.info(
+            "config_reloaded",
+            config=str(self.config_path),
+            changed=list(plan.changed),
+            routes=[r.name for r in plan.config.routes],
+            destinations=sorted(plan.config.destinations),
+        )
+        detail = f"changed: {', '.join(plan.changed) or 'nothing'}"
+        if plan.needs_restart:
+            log.warning(
+                "config_reload_needs_restart",
+                sections=list(plan.needs_restart),
+                reason="only routes and destinations are reloaded; restart to apply the rest",
+            )
+            detail += f"; restart to apply: {', '.join(plan.needs_restart)}"
+        self._record_reload(True, detail)
+        return True
+
+    def _record_reload(self, ok: bool, detail: str) -> None:
+        """Put a reload's outcome in the status file (``mr2nst config reload`` waits on it)."""
+        with self._status_lock:
+            if self.status is not None:
+                self.status = replace(
+                    self.status, reloaded_at=time.time(), reload_ok=ok, reload_detail=detail
+                )
+        self._write_status()
 
     def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM, then stop gracefully."""
+        """Run until SIGINT/SIGTERM, then stop gracefully; reload on SIGHUP."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
         self.start()
         try:
-            while not self._stop.wait(1.0):
+            while not self._stop.is_set():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                if self._reload_requested and not self._stop.is_set():
+                    self._reload_requested = False
+                    self.reload()
                 if self.workers is not None and self.workers.alive() < self.config.workers.total:
                     log.error("worker_died", alive=self.workers.alive())
                     self.workers.restart_dead()
         finally:
             self.stop()
-
-
-def uses_engine(config: Config) -> bool:
-    """Whether a route runs the ``mr2nst`` method (so the engine and its weights matter)."""
-    return any(r.action == "normalize" and r.method == "mr2nst" for r in config.routes)
 
 
 def engine_fields(config: Config) -> dict[str, str | None]:

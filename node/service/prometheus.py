@@ -259,8 +259,15 @@ class Metrics:
             registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self._ledger_collector: LedgerCollector | None = None
         if ledger is not None:
-            self.registry.register(LedgerCollector(ledger, destinations))
+            self._ledger_collector = LedgerCollector(ledger, destinations)
+            self.registry.register(self._ledger_collector)
+
+    def set_destinations(self, destinations: Sequence[str]) -> None:
+        """Report these destinations (with 0 while idle) from now on (a config reload)."""
+        if self._ledger_collector is not None:
+            self._ledger_collector.destinations = tuple(destinations)
 
     def add_health(self, health: Health, started_at: float) -> None:
         """Answer ``/health`` with ``health`` and export its checks as gauges."""

@@ -101,6 +101,16 @@ class Router:
         check_routes(routes)
         self._routes = tuple(routes)
 
+    def replace(self, routes: Sequence[Route]) -> None:
+        """Decide from now on with ``routes`` (a config reload); decisions in progress finish
+        with the routes they started with.
+
+        Raises:
+            ConfigError: a route matches on a key that is not a DICOM keyword or AE key.
+        """
+        check_routes(routes)
+        self._routes = tuple(routes)
+
     def decide(self, ds: Dataset, calling_ae: str, called_ae: str) -> Decision:
         """The first route that matches and applies to ``ds``.
 
@@ -113,8 +123,9 @@ class Router:
             That route's decision, or one with action ``"none"`` when no route applies.
         """
         skipped: list[str] = []
+        routes = self._routes  # one consistent set, even if a reload replaces them now
         sop_class = str(ds.get("SOPClassUID", ""))
-        for route in self._routes:
+        for route in routes:
             if not matches(route.match, ds, calling_ae, called_ae):
                 continue
             if route.action == "normalize" and sop_class not in NORMALIZABLE_SOP_CLASSES:

@@ -257,12 +257,14 @@ def worker_main(
 ) -> None:
     """Entry point of a worker process.
 
-    Workers ignore SIGINT and SIGTERM: a Ctrl-C or a signal to the whole process group
-    reaches the node, which stops its workers through ``stop`` after their current job.
+    Workers ignore SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a signal to the whole process
+    group reaches the node, which stops its workers through ``stop`` after their current
+    job (and reloads routes and destinations itself on SIGHUP).
     (A worker killed inside the shared Event's lock would hang the node's stop.)
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(config.logging.format, config.logging.level)
     config = pin_gpu(config, index)
     share_cpu_threads(config.workers.count)

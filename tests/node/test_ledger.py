@@ -560,3 +560,35 @@ def test_v1_forwards_waiting_for_a_worker_move_to_the_forward_lane(tmp_path, clo
         assert state_of(ledger, 1) == "transformed" and state_of(ledger, 3) == "done"
     finally:
         ledger.close()
+
+
+def test_leases_of_dead_processes_on_this_host_end_at_start(ledger, clock):
+    """A crashed predecessor's job and send are freed at once; live and foreign ones are not."""
+    dead_job = ledger.record(received())
+    live_job = ledger.record(received())
+    other_host_job = ledger.record(received())
+    ledger.claim_job("node-a:111:worker-0", 300)
+    ledger.claim_job("node-a:222:worker-0", 300)
+    ledger.claim_job("node-b:111:worker-0", 300)
+    forward = ledger.record(received(dests=("cad",)))
+    ledger.claim_job("node-a:222:worker-0", 300)
+    ledger.mark_transformed(
+        forward,
+        "node-a:222:worker-0",
+        output_path="x",
+        out_series_uid=None,
+        out_sop_uid=None,
+        destinations=["cad"],
+    )
+    [send] = ledger.claim_deliveries("node-a:111:forwarder", 10, 300)
+
+    freed = ledger.expire_dead_leases("node-a", alive=lambda pid: pid == 222)
+    assert freed == 2
+    assert ledger.claim_job("new", 1000).id == dead_job  # no wait for the 300 s lease
+    assert ledger.claim_job("new", 30) is None  # live_job and other_host_job stay held
+    assert [d.id for d in ledger.claim_deliveries("new", 10, 30)] == [send.id]
+    clock.t += 301
+    assert {ledger.claim_job("new", 30).id, ledger.claim_job("new", 30).id} == {
+        live_job,
+        other_host_job,
+    }
