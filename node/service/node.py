@@ -137,8 +137,12 @@ class Node:
         try:
             self._reconcile()
             # A crashed predecessor's jobs and sends are taken back now, not when their
-            # leases run out.
-            freed = self.ledger.expire_dead_leases(socket.gethostname(), pid_alive)
+            # leases run out. This process holds no lease yet: one in its pid is a
+            # predecessor's (in a container the node is always pid 1).
+            me = os.getpid()
+            freed = self.ledger.expire_dead_leases(
+                socket.gethostname(), lambda pid: pid != me and pid_alive(pid)
+            )
             self._check_port()
             self._start_services(started_at)
         except BaseException:
