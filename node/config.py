@@ -83,6 +83,9 @@ class NodeSection(_Section):
     max_associations_per_peer: int = Field(default=4, ge=1, le=1024)
     allowed_callers: tuple[str, ...] = ()
     min_free_disk_mb: int = Field(default=2048, ge=0)
+    # The largest data set taken in (after inflating a deflated one); larger ones are
+    # refused 0xA700. Raise it for tomosynthesis or other multi-frame objects.
+    max_dataset_mb: int = Field(default=256, ge=1, le=65536)
     # Seconds an association may stay silent before it is released (DIMSE/ACSE/network).
     network_timeout_s: float = Field(default=60.0, gt=0)
     # Hours that spool (received) and outbox (derived) files are kept once all their
@@ -234,6 +237,18 @@ class SafetySection(_Section):
     constant_block_px: int = Field(default=32, ge=4)
 
 
+class FastSection(_Section):
+    """Settings of the ``fast`` method: the student trained by ``mr2nst train-fast``.
+
+    The student imitates the ``mr2nst`` method of this same config (engine, bank,
+    references, refiner); a checkpoint trained for another is refused at start.
+    """
+
+    checkpoint: str = ""
+    # Inference tile in pixels (a multiple of the student's stride); 0: the checkpoint's.
+    tile: int = Field(default=0, ge=0, le=8192)
+
+
 class SpectralSection(_Section):
     """Settings of the ``spectral`` method.
 
@@ -274,7 +289,7 @@ class BankSection(_Section):
     allow_fewer: bool = False
 
 
-Method = Literal["mr2nst", "ehm", "spectral", "passthrough"]
+Method = Literal["mr2nst", "fast", "ehm", "spectral", "passthrough"]
 #: What a route does with the instances it matches.
 Action = Literal["normalize", "forward", "drop"]
 #: What the router decided for one instance: its route's action, or "none" (no route applied).
@@ -525,6 +540,7 @@ class Config(_Section):
     safety: SafetySection = SafetySection()
     bank: BankSection = BankSection()
     spectral: SpectralSection = SpectralSection()
+    fast: FastSection = FastSection()
     routes: tuple[Route, ...] = ()
     destinations: dict[str, Destination] = Field(default_factory=dict)
     tls: TlsSection = TlsSection()

@@ -16,7 +16,25 @@ _DEFAULTS = lab.BenchSettings
 
 def add_parser(sub: Any) -> None:
     """Register ``mr2nst bench``."""
-    p = sub.add_parser("bench", help="engine speed and memory against the plain reference loop")
+    p = sub.add_parser(
+        "bench",
+        help="engine speed and memory against the plain reference loop; with --method "
+        "fast, the fast student against its teacher",
+    )
+    p.add_argument(
+        "--method",
+        choices=("engine", "fast"),
+        default="engine",
+        help="engine: the engine against the plain loop (default); fast: the student of "
+        "--config's [fast] checkpoint against its teacher, the config's mr2nst method",
+    )
+    p.add_argument("--config", help="node config (needed by --method fast)")
+    p.add_argument(
+        "--teacher",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--method fast: also time the teacher once (default: yes)",
+    )
     p.add_argument("--size", nargs=2, type=int, default=_DEFAULTS.size, metavar=("H", "W"))
     p.add_argument(
         "--patch-size",
@@ -89,6 +107,30 @@ def settings_of(args: argparse.Namespace) -> lab.BenchSettings:
     )
 
 
+def _fast_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``--method fast``: the student against its teacher (``--size``, ``--repeats``,
+    ``--seed``, ``--threads`` apply; the engine options do not).
+
+    Raises:
+        UsageError: no ``--config``.
+    """
+    from mr2nst.node.errors import UsageError
+    from mr2nst.node.lab.bench_fast import FastBenchSettings, run_fast_bench
+
+    if not args.config:
+        raise UsageError("bench --method fast needs --config (with [fast] checkpoint)")
+    return run_fast_bench(
+        FastBenchSettings(
+            config=args.config,
+            size=(int(args.size[0]), int(args.size[1])),
+            repeats=max(1, args.repeats if args.repeats != _DEFAULTS.repeats else 3),
+            seed=args.seed,
+            threads=args.threads,
+            teacher=args.teacher,
+        )
+    )
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -102,7 +144,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     Progress lines go to stderr unless ``--json`` is given.
     """
-    report = lab.run_bench(settings_of(args), say=_stderr if not args.json else _quiet)
+    if args.method == "fast":
+        report = _fast_bench(args)
+    else:
+        report = lab.run_bench(settings_of(args), say=_stderr if not args.json else _quiet)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:

@@ -30,6 +30,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="node config (its [engine] section sets the engine)")
     p.add_argument("--refiner", help="trained refiner checkpoint: adds the mr2nst_trained row")
     p.add_argument(
+        "--fast",
+        metavar="PATH",
+        help="fast student checkpoint (mr2nst train-fast, for this run's mr2nst method and "
+        "bank): adds the fast row",
+    )
+    p.add_argument(
         "--domain-source", help="source-domain DICOMs held apart, for the domain classifier"
     )
     p.add_argument(
@@ -50,6 +56,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = lab.parse_methods(args.methods, UsageError)
     if args.refiner:
         methods = (*methods, lab.TRAINED)
+    if args.fast:
+        methods = (*methods, lab.FAST)
     for name in ("source", "target", "truth", "domain_source"):
         value = getattr(args, name)
         if value is not None and not Path(value).is_dir():
@@ -64,6 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         truth=Path(args.truth) if args.truth else None,
         domain_source=Path(args.domain_source) if args.domain_source else None,
         refiner=args.refiner,
+        fast=args.fast,
         classifier_steps=args.classifier_steps,
         command=" ".join(["mr2nst", *sys.argv[1:]]) if sys.argv else "",
         progress=sys.stderr.isatty(),

@@ -9,6 +9,7 @@ Exit codes: 0 success, 2 usage or config error (one-line reason), 1 runtime fail
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -35,6 +36,7 @@ COMMANDS: tuple[str, ...] = (
     "evaluate",
     "bench",
     "train_refiner",
+    "train_fast",
 )
 
 
@@ -80,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mr2nst: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_RUNTIME
+    except BrokenPipeError:  # e.g. `mr2nst queue list --json | head`: the reader left
+        # Python's documented recipe: point stdout at devnull so that the flush at exit
+        # does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_RUNTIME
     except (NodeError, BankError) as exc:
         print(f"mr2nst: error: {exc}", file=sys.stderr)

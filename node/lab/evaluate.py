@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mr2nst.node.lab.runner import METHODS, TRAINED, Runner
+from mr2nst.node.lab.runner import FAST, METHODS, TRAINED, Runner
 from mr2nst.node.lab.scoring import IMAGE_METRICS, METRICS, Context, Item, metric_context, score
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "METRICS",
     "REFERENCE_ROW",
     "TRAINED",
+    "FAST",
     "parse_methods",
     "run_evaluation",
     "split_target",
@@ -129,6 +130,7 @@ def run_evaluation(
     truth: Path | None = None,
     domain_source: Path | None = None,
     refiner: str | None = None,
+    fast: str | None = None,
     classifier_steps: int = 150,
     command: str = "",
     progress: bool = False,
@@ -144,6 +146,8 @@ def run_evaluation(
         truth: the true target rendering of each source, and the phantom's ground truth.
         domain_source: source-domain DICOMs held apart, for the domain classifier.
         refiner: a trained refiner checkpoint (the :data:`TRAINED` row).
+        fast: a fast student checkpoint (the :data:`FAST` row); its teacher must be this
+            run's mr2nst method on this run's bank.
         classifier_steps: the domain classifier's training steps.
         command: the command line, for the report.
         progress: show a progress bar.
@@ -160,7 +164,7 @@ def run_evaluation(
 
     sources = _dicoms(source)
     bank, references, held_files = _target_bank(target, out, len(sources))
-    runner = Runner(config, bank, methods, refiner_path=refiner)
+    runner = Runner(config, bank, methods, refiner_path=refiner, fast_path=fast)
     device = torch.device("cuda" if runner.cuda else "cpu")
     held = [_load(p) for p in held_files]
     domain = [_load(p) for p in _dicoms(domain_source)] if domain_source else []
@@ -181,6 +185,7 @@ def run_evaluation(
         "engine": {**asdict(runner.core), "grids": list(runner.core.grids)},
         "references": config.methods.references,
         "refiner": refiner or "",
+        "fast": runner.fast_info,
         "intensity_scale": "[0, 1] over the full BitsStored range, brighter = denser",
         **ctx_info,
         "reference_row": scores.summary(REFERENCE_ROW),

@@ -101,6 +101,8 @@ DESCRIPTIONS = {
     "mr2nst_s1": "scale 1 of the mr2nst run alone",
     "mr2nst_s2": "scale 2 of the mr2nst run alone",
     "mr2nst_trained": "the same run's scales (or bands) merged by the trained refiner",
+    "fast": "the fast student of the mr2nst row (mr2nst train-fast): one feed-forward pass "
+    "with mr2nst's scaling, references and tone step around it",
     "true_target": "(reference) the true target rendering itself",
 }
 

@@ -29,6 +29,7 @@ METHODS = (
     "mr2nst_s2",
 )
 TRAINED = "mr2nst_trained"
+FAST = "fast"
 #: Methods that need no mr2NST engine of all grids.
 _WITHOUT_FULL_ENGINE = {"passthrough", "ehm", "spectral", "nst_single"}
 
@@ -94,10 +95,20 @@ class Runner:
         bank: the reference bank the methods select from.
         methods: the names of :data:`METHODS` to produce.
         refiner_path: a trained refiner checkpoint: adds :data:`TRAINED`.
+        fast_path: a fast student checkpoint: adds :data:`FAST` (checked against the mr2nst
+            method built here, its teacher).
+
+    Raises:
+        ConfigError: the student was trained for another teacher or bank.
     """
 
     def __init__(
-        self, config: Any, bank: Any, methods: tuple[str, ...], refiner_path: str | None = None
+        self,
+        config: Any,
+        bank: Any,
+        methods: tuple[str, ...],
+        refiner_path: str | None = None,
+        fast_path: str | None = None,
     ) -> None:
         from mr2nst.core.engine import Mr2nstEngine, resolved_device
         from mr2nst.core.refiner import load_refiner
@@ -129,6 +140,11 @@ class Runner:
             self.one_ref = Mr2nstMethod(full, bank, 1, True, VERSION)
             if refiner_path:
                 self.refiner = load_refiner(refiner_path, full.refiner_expectation()).eval()
+        self.fast: Any = None
+        self.fast_info: dict[str, Any] | None = None
+        if fast_path:
+            assert self.mr2nst is not None  # "fast" needs the full engine: its teacher
+            self.fast, self.fast_info = _fast_method(self.mr2nst, fast_path, self.cuda)
 
     def run(self, item: Item) -> dict[str, Output]:
         """Every method's output for one source.
@@ -158,6 +174,7 @@ class Runner:
         for name, method in (
             ("nst_single", self.nst_single),
             ("mr2nst_1ref", self.one_ref),
+            (FAST, self.fast),
             ("mr2nst", self.mr2nst),
         ):
             if method is not None:
@@ -212,6 +229,35 @@ class Runner:
         out: Image = stats.low + np.clip(image, 0.0, 1.0) * np.float32(stats.high - stats.low)
         out[~mask] = np.float32(stats.background)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _fast_method(teacher: Any, path: str, cuda: bool) -> tuple[Any, dict[str, Any]]:
+    """The ``fast`` method of the student at ``path``, checked against ``teacher``."""
+    from mr2nst.node.methods.fast import (
+        FastMethod,
+        StudentEngine,
+        check_teacher,
+        load_checkpoint,
+        teacher_fingerprint,
+    )
+    from mr2nst.node.version import VERSION
+
+    checkpoint = load_checkpoint(path)
+    check_teacher(checkpoint, teacher, path)
+    engine = StudentEngine(
+        checkpoint.student,
+        teacher.engine.config,
+        teacher_fingerprint(teacher),
+        device="cuda" if cuda else "cpu",
+    )
+    method = FastMethod(engine, teacher.bank, teacher.references, True, VERSION)
+    info = {
+        "checkpoint": path,
+        "teacher": checkpoint.teacher,
+        "training": checkpoint.training,
+        "parameters": checkpoint.student.parameter_count(),
+    }
+    return method, info
 
 
 def _call(method: Any, item: Item) -> Callable[[], Image]:

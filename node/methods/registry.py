@@ -70,11 +70,59 @@ def _mr2nst(config: Config, device: str | None = None) -> Method:
     )
 
 
+def _fast(config: Config, device: str | None = None) -> Method:
+    """The ``fast`` method: the student of ``[fast] checkpoint``, checked against the
+    ``mr2nst`` method that this config defines (its teacher).
+
+    Raises:
+        ConfigError: no checkpoint is set, it cannot be read, or it was trained for
+            another teacher (engine settings, weights, refiner, references or bank).
+        WeightsError: the teacher's feature weights are missing or corrupt.
+    """
+    from mr2nst.core.engine import resolved_device
+    from mr2nst.node.methods.fast import (
+        FastMethod,
+        StudentEngine,
+        check_teacher,
+        load_checkpoint,
+        teacher_fingerprint,
+    )
+    from mr2nst.node.methods.mr2nst import Mr2nstMethod
+
+    path = config.fast.checkpoint
+    if not path:
+        raise ConfigError(
+            "fast.checkpoint: not set, but method fast is used (train a student first: "
+            "mr2nst train-fast --source GE_DIR --config FILE --out fast.pt)"
+        )
+    checkpoint = load_checkpoint(path)
+    teacher = _mr2nst(config, device="cpu")  # built for its fingerprint, then dropped
+    assert isinstance(teacher, Mr2nstMethod)
+    check_teacher(checkpoint, teacher, path)
+    where = device or str(resolved_device(config.engine.core()))
+    engine = StudentEngine(
+        checkpoint.student,
+        teacher.engine.config,
+        teacher_fingerprint(teacher),
+        tile=config.fast.tile,
+        device=where,
+    )
+    return FastMethod(
+        engine,
+        teacher.bank,
+        teacher.references,
+        teacher.allow_fewer,
+        VERSION,
+        refiner_name=teacher.refiner_name,
+    )
+
+
 FACTORIES: dict[str, MethodFactory] = {
     "passthrough": lambda config: Passthrough(engine_version=VERSION),
     "ehm": _ehm,
     "spectral": _spectral,
     "mr2nst": _mr2nst,
+    "fast": _fast,
 }
 
 
@@ -91,6 +139,22 @@ def check_methods(config: Config) -> None:
 def uses_engine(config: Config) -> bool:
     """Whether a route runs the ``mr2nst`` method (so the engine and its weights matter)."""
     return any(r.action == "normalize" and r.method == "mr2nst" for r in config.routes)
+
+
+def uses_fast(config: Config) -> bool:
+    """Whether a route runs the ``fast`` method (so its checkpoint must fit the teacher)."""
+    return any(r.action == "normalize" and r.method == "fast" for r in config.routes)
+
+
+def check_fast(config: Config) -> None:
+    """Load the ``fast`` student once and check it against its teacher, so that a missing,
+    corrupt or mismatched checkpoint stops the node at start (exit 2) with a reason.
+
+    Raises:
+        ConfigError: the checkpoint is missing, unreadable or trained for another teacher.
+        WeightsError: the teacher's feature weights are missing or corrupt.
+    """
+    _fast(config, device="cpu")
 
 
 def check_engine(config: Config) -> None:

@@ -25,7 +25,13 @@ from mr2nst.node.errors import ConfigError, NodeError
 from mr2nst.node.ledger import Ledger
 from mr2nst.node.ledger.reconcile import find_orphans, register_incoming
 from mr2nst.node.logs import get_logger
-from mr2nst.node.methods.registry import check_engine, check_methods, uses_engine
+from mr2nst.node.methods.registry import (
+    check_engine,
+    check_fast,
+    check_methods,
+    uses_engine,
+    uses_fast,
+)
 from mr2nst.node.service.destinations import build_destinations
 from mr2nst.node.service.forwarder import Forwarder
 from mr2nst.node.service.health import (
@@ -132,6 +138,8 @@ class Node:
         if self.uses_engine:
             # Weights, refiner, settings: stop now with a reason rather than fail every job.
             check_engine(cfg)
+        if uses_fast(cfg):
+            check_fast(cfg)  # the student's checkpoint, and that it fits its teacher
         stale = self._prepare_data_dir()
         self.ledger = Ledger.open(cfg.ledger_url)
         try:
@@ -261,6 +269,7 @@ class Node:
             cfg.node.min_free_disk_mb,
             Allowlist.parse(cfg.node.allowed_callers),
             self.metrics,
+            max_dataset_bytes=cfg.node.max_dataset_mb << 20,
         )
         try:
             self.server = start_scp(cfg, service)

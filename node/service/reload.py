@@ -13,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mr2nst.node.config import Config
-from mr2nst.node.methods.registry import check_engine, check_methods, uses_engine
+from mr2nst.node.methods.registry import (
+    check_engine,
+    check_fast,
+    check_methods,
+    uses_engine,
+    uses_fast,
+)
 from mr2nst.node.service.routing import check_routes
 
 #: The sections a running node takes from a reloaded file.
@@ -59,6 +65,8 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
     check_methods(merged)
     if uses_engine(merged) and not uses_engine(running):
         check_engine(merged)
+    if uses_fast(merged) and not uses_fast(running):
+        check_fast(merged)
     changed = tuple(s for s in RELOADABLE if getattr(running, s) != getattr(new, s))
     needs_restart = tuple(
         s

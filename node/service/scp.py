@@ -24,7 +24,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from mr2nst.node.config import Config
 from mr2nst.node.dicom.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
 from mr2nst.node.dicom.status import AssociateReject, StoreStatus, format_status
-from mr2nst.node.dicom.validate import UnreadableDataset, check_dataset
+from mr2nst.node.dicom.validate import (
+    UnreadableDataset,
+    check_dataset,
+    encoding_mismatch,
+    oversize,
+)
 from mr2nst.node.errors import SpoolError
 from mr2nst.node.ledger import Ledger, Received, lane_of
 from mr2nst.node.ledger.records import state_of_action
@@ -88,6 +93,7 @@ class StoreService:
         min_free_mb: below this much free disk under ``data_dir``, stores are refused.
         allowlist: the calling AEs allowed to associate.
         metrics: the serving process's Prometheus metrics, if any.
+        max_dataset_bytes: larger data sets (inflated) are refused 0xA700.
     """
 
     spool: Spool
@@ -96,6 +102,7 @@ class StoreService:
     min_free_mb: float
     allowlist: Allowlist
     metrics: Metrics | None = None
+    max_dataset_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,16 @@ def _store(
     """Check, route and persist one C-STORE; the status to return and the fields to log."""
     if service.spool.free_mb() < service.min_free_mb:
         return OUT_OF_RESOURCES, {"reason": "free disk below node.min_free_disk_mb"}
+    encoded = _request(event).DataSet
+    if encoded is not None:
+        too_large = oversize(
+            encoded.getbuffer(), str(event.context.transfer_syntax), service.max_dataset_bytes
+        )
+        if too_large:
+            return OUT_OF_RESOURCES, {"reason": too_large}
+        mismatch = encoding_mismatch(encoded.getbuffer()[:8], str(event.context.transfer_syntax))
+        if mismatch:
+            return CANNOT_UNDERSTAND, {"reason": mismatch}
     try:
         arrival = _arrival(event, calling_ae, called_ae)
     except Exception as exc:  # edge: any parse failure of peer data is "cannot understand"

@@ -42,7 +42,9 @@ def run_transfer(
         One row per input file, in order.
 
     Raises:
-        ConfigError: ``method`` is not available.
+        ConfigError: ``method`` is not available or its settings are unusable (e.g. a
+            ``fast`` checkpoint trained for another teacher).
+        WeightsError: the method's weights are missing or corrupt.
     """
     if method not in FACTORIES:
         raise ConfigError(
@@ -56,7 +58,9 @@ def run_transfer(
         tiles.n = p.tiles_done
         tiles.set_postfix(scale=p.scale, iteration=p.iteration, loss=f"{p.loss:.4g}", refresh=True)
 
-    pipeline = Pipeline(config, MethodCache(config, progress=on_progress))
+    methods = MethodCache(config, progress=on_progress)
+    methods.get(method)  # a method that cannot be built stops the run before any file
+    pipeline = Pipeline(config, methods)
     results: list[TransferRow] = []
     for path in tqdm(list(iter_files(inputs)), desc="transfer", unit="image", disable=not progress):
         result: TransferRow = {"input": str(path), "output": None, "error": ""}

@@ -193,3 +193,72 @@ def test_refiner_adds_a_trained_row_from_the_same_scales(tmp_path):
     assert trained == pytest.approx(s0, abs=1e-6)
     assert metrics["mr2nst_trained"]["seconds"] is not None  # the run's cost plus the merge
     assert "| mr2nst_trained |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_fast_adds_a_row_and_refuses_a_student_of_another_bank(tmp_path, capsys):
+    """--fast adds the student's row; a student trained on another bank is refused (exit 2)."""
+    from mr2nst.bank.bank import Bank
+
+    write_phantom_set(tmp_path / "src", 2, size=(160, 128), seed=12)
+    write_phantom_set(tmp_path / "tgt", 8, size=(160, 128), seed=912)
+    refs, _ = split_target(sorted((tmp_path / "tgt" / "uih").glob("*.dcm")))
+    Bank(tmp_path / "bank").add(refs)  # the bank evaluate builds from --target
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        TINY + f'[bank]\npath = "{tmp_path / "bank"}"\nallow_fewer = true\n', encoding="utf-8"
+    )
+    student = tmp_path / "fast.pt"
+    tiny = ["--width", "8", "--depth", "1", "--crop", "32", "--crops-per-image", "2"]
+    assert (
+        main(
+            [
+                "train-fast",
+                "--source",
+                str(tmp_path / "tgt" / "ge"),
+                "--config",
+                str(config),
+                "--out",
+                str(student),
+                "--epochs",
+                "1",
+                *tiny,
+            ]
+        )  # fmt: skip
+        == 0
+    )
+
+    def evaluate(target: Path, out: Path) -> int:
+        return main(
+            [
+                "evaluate",
+                "--source",
+                str(tmp_path / "src" / "ge"),
+                "--target",
+                str(target),
+                "--truth",
+                str(tmp_path / "src"),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                "--methods",
+                "ehm,mr2nst",
+                "--fast",
+                str(student),
+            ]  # fmt: skip
+        )
+
+    assert evaluate(tmp_path / "tgt" / "uih", tmp_path / "out") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics) == ["ehm", "mr2nst", "fast"]
+    assert metrics["fast"]["ssim"]["n"] == 2 and metrics["fast"]["seconds"] is not None
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["fast"]["teacher"]["settings"]["iterations"] == 2
+    assert "| fast |" in (tmp_path / "out" / "report.md").read_text()
+
+    capsys.readouterr()
+    other = tmp_path / "other"
+    write_phantom_set(other, 8, size=(160, 128), seed=913)  # another bank
+    assert evaluate(other / "uih", tmp_path / "out2") == 2
+    assert "trained for another mr2nst setup" in capsys.readouterr().err

@@ -63,6 +63,7 @@ def node(tmp_path):
             Router(cfg.routes),
             cfg.node.min_free_disk_mb,
             scp.Allowlist.parse(cfg.node.allowed_callers),
+            max_dataset_bytes=cfg.node.max_dataset_mb << 20,
         )
         server = scp.start_scp(cfg, service, port=0)
         started.append((server, ledger))
@@ -259,3 +260,102 @@ def test_whole_instance_still_stored(node, tmp_path):
     data, _ = file_bytes(ds)
     assert store_bytes(n, tmp_path, data, ds) == StoreStatus.SUCCESS
     assert len(list(n.spool.incoming.iterdir())) == 1
+
+
+# Found by the hostile suite (tests/hostile): data sets that were acknowledged and then
+# could not be delivered, and a deflate bomb. Sent as raw PDUs (exactly these bytes).
+
+
+def raw_mg():
+    """A small MG and its explicit VR little endian data set bytes (no file meta)."""
+    from raw_peer import dataset_bytes
+
+    ds = make_mg(rows=32, cols=24)
+    del ds.file_meta
+    return ds, dataset_bytes(ds)
+
+
+def send_raw(n, data: bytes, ds, **kw):
+    from raw_peer import send_bytes
+
+    return send_bytes(n.port, data, sop_uid=str(ds.SOPInstanceUID), **kw)
+
+
+def test_implicit_bytes_on_explicit_context_c000(node):
+    """Implicit VR bytes on an Explicit VR context: 0xC000, nothing stored."""
+    from raw_peer import dataset_bytes
+
+    n = node()
+    ds, _ = raw_mg()
+    assert send_raw(n, dataset_bytes(ds, implicit=True), ds) == StoreStatus.CANNOT_UNDERSTAND
+    assert stored_nothing(n)
+
+
+def test_explicit_bytes_on_implicit_context_c000(node):
+    """Explicit VR bytes on an Implicit VR context: 0xC000, nothing stored."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    n = node()
+    ds, data = raw_mg()
+    status = send_raw(n, data, ds, transfer_syntax=ImplicitVRLittleEndian)
+    assert status == StoreStatus.CANNOT_UNDERSTAND
+    assert stored_nothing(n)
+
+
+def test_undefined_length_pixel_data_on_native_syntax_c000(node):
+    """Pixel Data of undefined length (items) on Explicit VR Little Endian: 0xC000."""
+    from raw_peer import dataset_bytes
+
+    n = node()
+    ds, _ = raw_mg()
+    frame = bytes(ds.PixelData)
+    del ds.PixelData
+    items = b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0" + struct.pack("<L", len(frame))
+    items += frame + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    pixel = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + items
+    assert send_raw(n, dataset_bytes(ds) + pixel, ds) == StoreStatus.CANNOT_UNDERSTAND
+    assert stored_nothing(n)
+
+
+def test_odd_length_value_c000(node):
+    """A value of odd length (PS3.5 7.1.1): 0xC000, nothing stored."""
+    n = node()
+    ds, data = raw_mg()
+    lo = struct.pack("<HH", 0x0010, 0x0020) + b"LO"
+    even = lo + struct.pack("<H", len(ds.PatientID) + 1) + ds.PatientID.encode() + b" "
+    assert data.count(even) == 1
+    odd = data.replace(even, lo + struct.pack("<H", len(ds.PatientID)) + ds.PatientID.encode())
+    assert send_raw(n, odd, ds) == StoreStatus.CANNOT_UNDERSTAND
+    assert stored_nothing(n)
+
+
+def test_deflate_bomb_refused_a700_without_inflating(node):
+    """0.1 MB that inflates past node.max_dataset_mb: 0xA700, counted without being kept."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    n = node(max_dataset_mb=16)
+    ds, data = raw_mg()
+    bomb = data + struct.pack("<HH2sHL", 0x7FE1, 0x1001, b"OB", 0, 100_000_000)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(bomb)
+    for _ in range(100):
+        body += deflate.compress(b"\0" * 1_000_000)
+    body += deflate.flush()
+    assert len(body) < 200_000
+    before = psutil.Process().memory_info().rss
+    status = send_raw(n, body, ds, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    assert status == StoreStatus.OUT_OF_RESOURCES
+    assert psutil.Process().memory_info().rss - before < 64 * 1024 * 1024
+    assert stored_nothing(n)
+
+
+def test_data_set_over_max_dataset_mb_refused_a700(node):
+    """A plain data set larger than node.max_dataset_mb: 0xA700, nothing stored."""
+    n = node(max_dataset_mb=1)
+    ds, data = raw_mg()
+    filler = struct.pack("<HH2sHL", 0x7FE1, 0x1001, b"OB", 0, 2_000_000) + b"\0" * 2_000_000
+    status = send_raw(n, data + filler, ds)
+    assert status == StoreStatus.OUT_OF_RESOURCES
+    assert stored_nothing(n)

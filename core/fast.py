@@ -1,0 +1,227 @@
+"""The fast student: a compact fully convolutional network that imitates the engine.
+
+A site trains it once on its own engine's outputs (``mr2nst train-fast``) and then runs it
+on every image in seconds on a CPU. It maps the engine's input (the content scaled to
+[0, 1]) to the engine's output, before the tone mapping that the method applies to both.
+
+Inputs, four channels at native resolution: the content ``c``; the breast mask; a coarse
+context, ``c`` averaged over ``context``×``context`` blocks of the whole image and
+upsampled again (what a tile cannot see of the rest of the breast); and white noise,
+from which the network draws the grain that the engine's style loss synthesizes (a
+deterministic map of ``c`` alone could only learn its average, a blur). The noise comes
+from a fixed seed over the whole image, so the output is reproducible.
+
+The network is a small U-Net (``depth`` stride-2 levels, ``width`` channels at full
+resolution, doubling per level) that predicts a residual added to ``c``. It has no
+global operation, so an output pixel depends only on inputs within :attr:`halo` pixels;
+:func:`run_student` therefore tiles any image with that halo, aligned to the network's
+stride, and the stitched result equals an untiled run (tests check ≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from .errors import EngineConfigError
+from .intensity import FloatImage
+
+#: Bumped when the architecture or its inputs change (part of every checkpoint).
+STUDENT_REVISION = 1
+#: Channels of the input: content, mask, coarse context, noise.
+IN_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student's architecture and input settings (recorded in its checkpoint).
+
+    Attributes:
+        width: channels at full resolution (doubled at each level below).
+        depth: stride-2 levels (1..4); tiles are aligned to ``2**depth`` pixels.
+        context: block size of the coarse context channel, in pixels.
+        noise_seed: seed of the noise channel at inference.
+        tile: inference tile size in pixels (a multiple of ``2**depth``).
+    """
+
+    width: int = 16
+    depth: int = 2
+    context: int = 32
+    noise_seed: int = 0
+    tile: int = 512
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.width <= 128:
+            raise EngineConfigError(f"fast.width: must be 4..128, got {self.width}")
+        if not 1 <= self.depth <= 4:
+            raise EngineConfigError(f"fast.depth: must be 1..4, got {self.depth}")
+        if self.context < 2:
+            raise EngineConfigError(f"fast.context: must be >= 2, got {self.context}")
+        if self.tile < 64 or self.tile % self.stride:
+            raise EngineConfigError(
+                f"fast.tile: must be >= 64 and a multiple of {self.stride}, got {self.tile}"
+            )
+
+    @property
+    def stride(self) -> int:
+        """The network's total downsampling: tile origins and sizes are multiples of it."""
+        return int(2**self.depth)
+
+    @property
+    def halo(self) -> int:
+        """Pixels of context each side of a tile: the receptive radius, rounded up to the
+        stride (two 3×3 convolutions per level going down, one per level going up)."""
+        radius = 2  # the two full-resolution convolutions
+        for level in range(1, self.depth + 1):
+            radius += 3 * 2**level  # stride-2 conv + conv (down), conv (up), at 2**level px
+        radius += 2  # the full-resolution convolution after the last upsampling, and slack
+        return -(-radius // self.stride) * self.stride
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the checkpoint."""
+        return asdict(self)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU())
+
+
+class Student(nn.Module):
+    """The student U-Net: ``(N, 4, H, W)`` inputs -> ``(N, 1, H, W)`` output, with H and W
+    multiples of ``2**depth``."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.stem = nn.Sequential(_conv(IN_CHANNELS, w), _conv(w, w))
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in range(config.depth):
+            cin, cout = w * 2**level, w * 2 ** (level + 1)
+            self.down.append(nn.Sequential(_conv(cin, cout, stride=2), _conv(cout, cout)))
+            self.up.append(_conv(cout + cin, cin))
+        self.head = nn.Conv2d(w, 1, 1)
+        nn.init.zeros_(self.head.weight)  # untrained: the output is the content itself
+        assert self.head.bias is not None
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The output image: content plus the predicted residual."""
+        skips = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in reversed(self.up):
+            skip = skips.pop()
+            y = up(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skip], 1))
+        residual: Tensor = self.head(y)
+        return x[:, :1] + residual
+
+    def parameter_count(self) -> int:
+        """How many weights the student has."""
+        return sum(p.numel() for p in self.parameters())
+
+    def weights_id(self) -> str:
+        """A short content hash of the parameters (for provenance)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+
+def padded_shape(shape: tuple[int, int], stride: int) -> tuple[int, int]:
+    """``shape`` rounded up to multiples of ``stride``."""
+    return (-(-shape[0] // stride) * stride, -(-shape[1] // stride) * stride)
+
+
+def coarse_context(content: Tensor, block: int) -> Tensor:
+    """``content`` ``(1, 1, H, W)`` averaged over ``block``-pixel blocks, upsampled back."""
+    h, w = content.shape[-2:]
+    small = F.interpolate(
+        content, size=(max(1, round(h / block)), max(1, round(w / block))), mode="area"
+    )
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def student_inputs(
+    content: FloatImage,
+    mask: npt.NDArray[np.bool_],
+    config: StudentConfig,
+    noise: npt.NDArray[np.float32] | None = None,
+) -> Tensor:
+    """The four input channels ``(4, Hp, Wp)`` for a whole image, zero-padded at the bottom
+    and right to multiples of the stride (the output is cropped back).
+
+    Args:
+        content: the content in [0, 1], ``(H, W)``.
+        mask: the breast mask, ``(H, W)``.
+        config: the student's settings (context block, noise seed, stride).
+        noise: the noise channel ``(Hp, Wp)``; default: standard normal from ``noise_seed``.
+    """
+    h, w = content.shape
+    hp, wp = padded_shape((h, w), config.stride)
+    c = torch.zeros((1, 1, hp, wp))
+    c[0, 0, :h, :w] = torch.from_numpy(np.ascontiguousarray(content, dtype=np.float32))
+    m = torch.zeros((hp, wp))
+    m[:h, :w] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+    if noise is None:
+        noise = np.random.default_rng(config.noise_seed).standard_normal((hp, wp), np.float32)
+    z = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32))
+    return torch.stack([c[0, 0], m, coarse_context(c, config.context)[0, 0], z])
+
+
+def tiles(size: int, tile: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the tiles that cover ``0..size``."""
+    for start in range(0, size, tile):
+        yield start, min(size, start + tile)
+
+
+@torch.inference_mode()
+def run_student(
+    student: Student,
+    content: FloatImage,
+    mask: npt.NDArray[np.bool_],
+    *,
+    tile: int | None = None,
+    device: str = "cpu",
+) -> FloatImage:
+    """The student's output for one image, computed tile by tile with a halo.
+
+    Args:
+        student: the network (in eval mode, on ``device``).
+        content: the content in [0, 1], ``(H, W)``.
+        mask: the breast mask.
+        tile: tile size (default the student's ``config.tile``; a multiple of the stride);
+            one at least as large as the image runs it untiled.
+        device: where the network runs.
+
+    Returns:
+        The output ``(H, W)``, float32 (not clipped; the method's tone mapping follows).
+    """
+    cfg = student.config
+    tile = tile or cfg.tile
+    if tile % cfg.stride:
+        raise EngineConfigError(f"fast.tile: must be a multiple of {cfg.stride}, got {tile}")
+    h, w = content.shape
+    inputs = student_inputs(content, mask, cfg)
+    hp, wp = inputs.shape[-2:]
+    out = np.empty((hp, wp), dtype=np.float32)
+    halo = cfg.halo
+    for y0, y1 in tiles(hp, tile):
+        for x0, x1 in tiles(wp, tile):
+            ry0, rx0 = max(0, y0 - halo), max(0, x0 - halo)
+            ry1, rx1 = min(hp, y1 + halo), min(wp, x1 + halo)
+            region = inputs[None, :, ry0:ry1, rx0:rx1].to(device)
+            pred = student(region)[0, 0].float().cpu().numpy()
+            out[y0:y1, x0:x1] = pred[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
+    return out[:h, :w]
