@@ -3,8 +3,12 @@
 #   1. the CUDA smoke tests (autocast + channels-last transfer, Adam and L-BFGS);
 #   2. `mr2nst bench` on CUDA at the paper's settings: the plain loop (patch 512, Adam 400,
 #      fp32, every tile) against the engine (time to reach the plain loss), plus the
-#      default-config full transfer that the targets are about (<= 15 s, <= 6 GB peak).
-# Results land in ${OUT:-.}/gpu-bench.json and ${OUT:-.}/gpu-pytest.txt.
+#      default-config full transfer that the targets are about (<= 15 s, <= 6 GB peak);
+#   3. the fast student (issue #14) on CUDA: a tiny student is trained on two phantoms (its
+#      speed does not depend on its training), then `mr2nst bench --method fast` times it
+#      on a 2294x1914 phantom (target <= 0.1 s).
+# Results land in ${OUT:-.}/gpu-bench.json, ${OUT:-.}/gpu-fast-bench.json and
+# ${OUT:-.}/gpu-pytest.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
@@ -23,4 +27,30 @@ print("speedup", d["speedup"], "reached", d["comparison"]["reached"])
 print("plain s", round(d["plain"]["seconds"], 1), "engine s", round(d["engine"]["seconds"], 1))
 dft = d.get("default", {})
 print("default config s", dft.get("seconds"), "cuda MiB", dft.get("cuda_max_allocated_mb"))
+PYEOF
+# The fast student: its architecture at the defaults, a 1-epoch training on two phantoms.
+FAST="$(mktemp -d)"
+"$MR2NST" phantom "$FAST/p" --n 2 --size 256 208 --seed 3 > /dev/null
+cat > "$FAST/node.toml" <<TOML
+[engine]
+features = "seeded-random"
+patch_size = 64
+iterations = 2
+[methods]
+references = 2
+[bank]
+path = "$FAST/bank"
+allow_fewer = true
+[fast]
+checkpoint = "$FAST/fast.pt"
+TOML
+"$MR2NST" bank add "$FAST/p/uih" --config "$FAST/node.toml" > /dev/null
+"$MR2NST" train-fast --source "$FAST/p/ge" --config "$FAST/node.toml" --out "$FAST/fast.pt" \
+    --epochs 1 > /dev/null
+timeout "${FAST_TIMEOUT:-120}" "$MR2NST" bench --method fast --config "$FAST/node.toml" \
+    --no-teacher --json --out "$OUT/gpu-fast-bench.json" > /dev/null
+"$PY" - "$OUT/gpu-fast-bench.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print("fast student s", d["seconds"], "runs", d["seconds_runs"], "device", d["machine"]["device"])
 PYEOF

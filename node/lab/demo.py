@@ -6,8 +6,11 @@ checks every derived instance, and writes a before/after PNG and a summary.
 
 The phantom is written in both renderings (``phantom/ge`` is sent, ``phantom/uih`` is the
 true UIH rendering of each source), so ``before_after.png`` shows, per image,
-source | mr2NST output | true UIH with native-resolution zooms on a µC cluster and on an
-edge: the evaluation's montage (:func:`~mr2nst.node.lab.report.montage_png`).
+source | mr2NST output | fast student | true UIH with native-resolution zooms on a µC
+cluster and on an edge: the evaluation's montage
+(:func:`~mr2nst.node.lab.report.montage_png`). The fast student is trained by the demo on
+its own GE images (a few epochs; ``mr2nst train-fast`` on a site's images is the real
+thing) and run through the node's pipeline.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ DEMO_METHOD = "mr2nst"
 N_REFERENCES = 10  # phantom UIH images in the demo's bank (CC and MLO, both sides)
 DEMO_PATCH = 128
 DEMO_ITERATIONS = 8
+FAST_EPOCHS = 6  # the demo's student: a few epochs on its own three images
 
 
 class Sink:
@@ -83,11 +87,16 @@ class Sink:
 
 
 def demo_config(
-    data_dir: Path, sink_port: int, bank_dir: Path, engine: dict[str, Any] | None = None
+    data_dir: Path,
+    sink_port: int,
+    bank_dir: Path,
+    engine: dict[str, Any] | None = None,
+    fast_checkpoint: Path | None = None,
 ) -> Config:
     """The demo node's config: one route sending GE mammograms through mr2nst to the sink.
 
-    ``engine`` overrides the demo's CPU-sized engine settings.
+    ``engine`` overrides the demo's CPU-sized engine settings; ``fast_checkpoint`` is
+    where the demo's student goes (``[fast] checkpoint``).
     """
     return parse_config(
         {
@@ -113,6 +122,7 @@ def demo_config(
             "workers": {"count": 1, "lease_s": 60},
             "methods": {"references": 5},
             "bank": {"path": str(bank_dir), "allow_fewer": True},
+            "fast": {"checkpoint": str(fast_checkpoint or "")},
             "routes": [
                 {
                     "name": "ge-mammo",
@@ -132,7 +142,9 @@ def demo_config(
     )
 
 
-def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str]:
+def check_derived(
+    source: Dataset, derived: Dataset, config: Config, method: str = DEMO_METHOD
+) -> list[str]:
     """The derived-series rules a CAD vendor relies on; returns the problems found."""
     problems = []
     if derived.SeriesInstanceUID == source.SeriesInstanceUID:
@@ -150,11 +162,11 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
         problems.append("SourceImageSequence does not reference the source")
     if (
         "seeded-random" in config.engine.features
-        and DEMO_METHOD == "mr2nst"
+        and method in ("mr2nst", "fast")
         and "seeded-random" not in derived.DerivationDescription
     ):
         problems.append("DerivationDescription does not say seeded-random")
-    if f"method={DEMO_METHOD}" not in derived.DerivationDescription:
+    if f"method={method}" not in derived.DerivationDescription:
         problems.append("DerivationDescription does not name the method")
     if derived.PhotometricInterpretation != source.PhotometricInterpretation:
         problems.append("photometric interpretation changed")
@@ -162,9 +174,14 @@ def check_derived(source: Dataset, derived: Dataset, config: Config) -> list[str
 
 
 def before_after_png(
-    pairs: Sequence[tuple[Dataset, Dataset]], path: Path, files: dict[str, Path] | None = None
+    pairs: Sequence[tuple[Dataset, Dataset]],
+    path: Path,
+    files: dict[str, Path] | None = None,
+    fast: dict[str, Dataset] | None = None,
 ) -> None:
-    """Per image: source | derived output (| true UIH) with µC-cluster and edge zooms.
+    """Per image: source | derived output (| fast) (| true UIH) with µC-cluster and edge zooms.
+
+    ``fast`` maps a source SOPInstanceUID to the fast student's derived instance.
 
     ``files`` maps a source SOPInstanceUID to its phantom file ``DIR/ge/NAME.dcm``; the
     ground truth then comes from ``DIR/uih/NAME.dcm`` (true UIH), ``DIR/truth/NAME.json``
@@ -178,6 +195,9 @@ def before_after_png(
     for source, derived in pairs:
         before = decode(source)
         panels = [("before (GE)", before.image), (f"after ({DEMO_METHOD})", decode(derived).image)]
+        student = (fast or {}).get(str(source.SOPInstanceUID))
+        if student is not None:
+            panels.append(("fast (student)", decode(student).image))
         file = (files or {}).get(str(source.SOPInstanceUID))
         root, name = (file.parent.parent, file.stem) if file else (None, "image")
         mask_png = root / "truth" / f"{name}_mask.png" if root else None
@@ -204,6 +224,7 @@ def run_demo(
     timeout_s: float = 600.0,
     engine: dict[str, Any] | None = None,
     n_references: int = N_REFERENCES,
+    fast_epochs: int = FAST_EPOCHS,
 ) -> bool:
     """Run the whole path once; print a summary and return True when every check passed.
 
@@ -214,6 +235,7 @@ def run_demo(
         timeout_s: how long to wait for the derived instances.
         engine: engine settings over the demo's (the tests use tiny ones).
         n_references: phantom UIH images in the reference bank.
+        fast_epochs: epochs of the demo's fast student (trained on the sent images).
 
     Returns:
         Whether every image was acknowledged, normalized, received and passed the checks.
@@ -229,17 +251,21 @@ def run_demo(
         _reference_bank(out, n_references, size)
         sink = Sink(out / "received")
         try:
-            config = demo_config(out / "node-data", sink.start(), out / "bank", engine)
+            config = demo_config(
+                out / "node-data", sink.start(), out / "bank", engine, out / "fast.pt"
+            )
             acked = _send_and_wait(config, sink, sources, timeout_s)
         finally:
             sink.stop()
-    pairs, problems, errors = _check_received(out, sources, sink.received, config, files)
+        fast = _fast_student(out, config, sources, fast_epochs)
+    pairs, problems, errors = _check_received(out, sources, sink.received, config, files, fast)
     summary: dict[str, Any] = {
         "sent": len(sources),
         "acknowledged": acked,
         "derived_received": len(sink.received),
         "derived_series": sorted({str(d.SeriesInstanceUID) for _, d in pairs}),
         "method": DEMO_METHOD,
+        "fast_derived": len(fast),
         "problems": problems,
         "iod_errors": errors,
         "seconds": round(time.monotonic() - started, 1),
@@ -250,6 +276,7 @@ def run_demo(
     ok = (
         acked == len(sources)
         and len(pairs) == len(sources)
+        and len(fast) == len(sources)
         and not problems
         and all(not e for e in errors.values())
     )
@@ -330,12 +357,49 @@ def _send_and_wait(config: Config, sink: Sink, sources: Sequence[Dataset], timeo
     return acked
 
 
+def _fast_student(
+    out: Path, config: Config, sources: Sequence[Dataset], epochs: int
+) -> dict[str, Dataset]:
+    """Train a small fast student on the demo's own GE images (its teacher: the demo's
+    mr2nst method), then derive each source with it through the node's pipeline.
+
+    Returns:
+        The fast derived instance of each source, by the source's SOP Instance UID.
+    """
+    from mr2nst.node.lab.train_fast import FastTrainingSettings, train_fast
+    from mr2nst.node.methods.registry import MethodCache
+    from mr2nst.node.service.pipeline import Pipeline
+
+    started = time.monotonic()
+    settings = FastTrainingSettings(
+        source=str(out / "phantom" / "ge"),
+        config="(the demo's)",
+        out=out / "fast.pt",
+        epochs=epochs,
+        teacher_cache=out / "fast-teacher-cache",
+        crop=128,
+    )
+    with (out / "fast-training.jsonl").open("w") as events, contextlib.redirect_stdout(events):
+        summary = train_fast(settings, config)
+    print(
+        f"demo: trained a fast student ({summary['parameters']} parameters, {epochs} epochs) "
+        f"on the {len(sources)} images in {time.monotonic() - started:.0f} s"
+    )
+    pipeline = Pipeline(config, MethodCache(config))
+    derived = {str(s.SOPInstanceUID): pipeline.derive(s, "fast") for s in sources}
+    (out / "fast").mkdir(exist_ok=True)
+    for d in derived.values():
+        d.save_as(out / "fast" / f"{d.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return derived
+
+
 def _check_received(
     out: Path,
     sources: Sequence[Dataset],
     received: Sequence[Dataset],
     config: Config,
     files: dict[str, Path],
+    fast: dict[str, Dataset],
 ) -> tuple[list[tuple[Dataset, Dataset]], dict[str, list[str]], dict[str, int]]:
     """Pair each source with its derived instance, check them, draw the before/after picture.
 
@@ -347,8 +411,13 @@ def _check_received(
     by_source = {d.SourceImageSequence[0].ReferencedSOPInstanceUID: d for d in received}
     pairs = [(s, by_source[s.SOPInstanceUID]) for s in sources if s.SOPInstanceUID in by_source]
     problems = {str(s.SOPInstanceUID): check_derived(s, d, config) for s, d in pairs}
+    for s in sources:  # the fast student's outputs pass the same checks
+        student = fast.get(str(s.SOPInstanceUID))
+        if student is not None:
+            found = [f"fast: {p}" for p in check_derived(s, student, config, "fast")]
+            problems[str(s.SOPInstanceUID)] = problems.get(str(s.SOPInstanceUID), []) + found
     files_received = sorted((out / "received").glob("*.dcm"))
     errors = {p.name: len(iod_errors(p)) for p in files_received} if dciodvfy_available() else {}
     if pairs:
-        before_after_png(pairs, out / "before_after.png", files)
+        before_after_png(pairs, out / "before_after.png", files, fast)
     return pairs, {k: v for k, v in problems.items() if v}, errors

@@ -248,6 +248,7 @@ def _fast_method(teacher: Any, path: str, cuda: bool) -> tuple[Any, dict[str, An
         checkpoint.student,
         teacher.engine.config,
         teacher_fingerprint(teacher),
+        teacher_features=teacher.engine.weights_id,
         device="cuda" if cuda else "cpu",
     )
     method = FastMethod(engine, teacher.bank, teacher.references, True, VERSION)

@@ -127,6 +127,8 @@ class StudentEngine:
         teacher: the teacher's fingerprint.
         tile: the inference tile (0: the student's own).
         device: where the student runs.
+        teacher_features: the teacher's feature weights id (provenance: a student of a
+            ``seeded-random`` teacher says so, as its teacher's outputs do).
     """
 
     def __init__(
@@ -136,10 +138,12 @@ class StudentEngine:
         teacher: str,
         tile: int = 0,
         device: str = "cpu",
+        teacher_features: str = "",
     ) -> None:
         self.student = student.to(device)
         self._config = teacher_config
         self.teacher = teacher
+        self.teacher_features = teacher_features
         self.tile = tile or student.config.tile
         self.device = device
 
@@ -209,7 +213,8 @@ class FastMethod(Mr2nstMethod):
         notes = (
             f"student width {cfg.width} depth {cfg.depth} "
             f"({engine.student.parameter_count()} parameters)",
-            f"teacher mr2nst {engine.teacher}",
+            f"teacher mr2nst {engine.teacher}"
+            + (f" (features {engine.teacher_features})" if engine.teacher_features else ""),
             f"tone {engine.config.tone}",
         )
         provenance = replace(out.provenance, method=self.name, scales=(), notes=notes)

@@ -104,6 +104,7 @@ def _fast(config: Config, device: str | None = None) -> Method:
         checkpoint.student,
         teacher.engine.config,
         teacher_fingerprint(teacher),
+        teacher_features=teacher.engine.weights_id,
         tile=config.fast.tile,
         device=where,
     )

@@ -106,6 +106,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert run_demo(tmp_path / "demo", n=2, size=(256, 208), engine=tiny, n_references=4)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["derived_received"] == 2 and summary["problems"] == {}
+    assert summary["fast_derived"] == 2  # the third panel: the demo's own fast student
+    assert (tmp_path / "demo" / "fast.pt").exists()
     assert (tmp_path / "demo" / "before_after.png").stat().st_size > 1000
 
 
@@ -388,7 +390,7 @@ def test_serve_log_format_overrides_config(tmp_path, capsys, monkeypatch, flag, 
     from mr2nst.node.service import node
 
     class FakeNode:
-        def __init__(self, config):
+        def __init__(self, config, config_path=None):
             self.config = config
 
         def serve_forever(self):

@@ -1,6 +1,7 @@
 """Tests of the C-STORE SCP with real pynetdicom associations on ephemeral ports."""
 
 import json
+from io import BytesIO
 from types import SimpleNamespace
 
 import pydicom
@@ -9,6 +10,7 @@ from dicom_factory import make_mg
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 from structlog.testing import capture_logs
 
@@ -243,7 +245,10 @@ def fake_event(ds, *, abstract=None, affected=None, raise_on_dataset=False):
     ev.context = SimpleNamespace(
         abstract_syntax=abstract or ds.SOPClassUID, transfer_syntax=ExplicitVRLittleEndian
     )
-    ev.request = SimpleNamespace(AffectedSOPInstanceUID=affected or ds.SOPInstanceUID)
+    ev.request = SimpleNamespace(
+        AffectedSOPInstanceUID=affected or ds.SOPInstanceUID,
+        DataSet=BytesIO(encode(ds, False, True)),  # explicit VR little endian, as the context
+    )
     return ev
 
 
