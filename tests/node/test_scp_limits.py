@@ -207,10 +207,18 @@ def stored_nothing(n) -> bool:
 
 
 def store_bytes(n, tmp_path, data: bytes, ds, transfer_syntax=ExplicitVRLittleEndian):
-    """Write ``data`` to a file and C-STORE it; the status."""
-    path = tmp_path / "sent.dcm"
-    path.write_bytes(data)
-    return send_file(n.port, path, ds.SOPClassUID, transfer_syntax)
+    """C-STORE the data set part of the file bytes ``data`` exactly as given (raw PDUs:
+    pynetdicom's ``send_c_store(path)`` would re-encode it); the status."""
+    from raw_peer import send_bytes
+
+    start = 144 + struct.unpack("<L", data[140:144])[0]  # after the file meta group
+    return send_bytes(
+        n.port,
+        data[start:],
+        sop_class=str(ds.SOPClassUID),
+        sop_uid=str(ds.SOPInstanceUID),
+        transfer_syntax=transfer_syntax,
+    )
 
 
 def test_truncated_at_301_bytes_c000(node, tmp_path):
