@@ -4,7 +4,6 @@ import select
 import socket
 import struct
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -188,17 +187,6 @@ def file_bytes(ds, transfer_syntax=ExplicitVRLittleEndian) -> tuple[bytes, int]:
     data = out.getvalue()
     meta_length = struct.unpack("<L", data[140:144])[0]  # (0002,0000) group length value
     return data, 144 + meta_length
-
-
-def send_file(port: int, path: Path, sop_class: str, transfer_syntax: str) -> int | None:
-    """C-STORE the file at ``path`` as encoded (not decoded by the sender); the status."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(sop_class, transfer_syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MR2NST")
-    assert assoc.is_established
-    rsp = assoc.send_c_store(path)
-    assoc.release()
-    return int(rsp.Status) if "Status" in rsp else None
 
 
 def stored_nothing(n) -> bool:
