@@ -16,6 +16,12 @@ resolution, doubling per level) that predicts a residual added to ``c``. It has 
 global operation, so an output pixel depends only on inputs within :attr:`halo` pixels;
 :func:`run_student` therefore tiles any image with that halo, aligned to the network's
 stride, and the stitched result equals an untiled run (tests check ≤ 1e-4).
+
+When the engine runs in detail mode (``detail_sigma`` σ > 0) its output is
+``L_σ(start) + M − L_σ(M)``: the start image's low band, exactly, and the transfer's high
+band. :func:`compose` gives the student's output the same form, so the student learns
+only the high band (texture, grain and the µCs in it); the low band is the teacher's by
+construction.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from torch import Tensor, nn
 
 from .errors import EngineConfigError
 from .intensity import FloatImage
+from .merge import with_detail_of
 
-#: Bumped when the architecture or its inputs change (part of every checkpoint).
-STUDENT_REVISION = 1
+#: Bumped when the architecture, its inputs or its output's composition change (part of
+#: every checkpoint). 2: the engine's detail mode is applied to the output.
+STUDENT_REVISION = 2
 #: Channels of the input: content, mask, coarse context, noise.
 IN_CHANNELS = 4
 
@@ -186,6 +194,12 @@ def tiles(size: int, tile: int) -> Iterator[tuple[int, int]]:
         yield start, min(size, start + tile)
 
 
+def compose(output: Tensor, start: Tensor, detail_sigma: float) -> Tensor:
+    """The engine's detail mode on a student output: ``L_σ(start) + output − L_σ(output)``
+    (``output`` itself when σ is 0)."""
+    return with_detail_of(output, start, detail_sigma)
+
+
 @torch.inference_mode()
 def run_student(
     student: Student,
@@ -194,6 +208,7 @@ def run_student(
     *,
     tile: int | None = None,
     device: str = "cpu",
+    detail_sigma: float = 0.0,
 ) -> FloatImage:
     """The student's output for one image, computed tile by tile with a halo.
 
@@ -204,6 +219,8 @@ def run_student(
         tile: tile size (default the student's ``config.tile``; a multiple of the stride);
             one at least as large as the image runs it untiled.
         device: where the network runs.
+        detail_sigma: the teacher engine's detail mode σ (0: off), applied to the whole
+            stitched output (:func:`compose`).
 
     Returns:
         The output ``(H, W)``, float32 (not clipped; the method's tone mapping follows).
@@ -224,4 +241,8 @@ def run_student(
             region = inputs[None, :, ry0:ry1, rx0:rx1].to(device)
             pred = student(region)[0, 0].float().cpu().numpy()
             out[y0:y1, x0:x1] = pred[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
-    return out[:h, :w]
+    image = out[:h, :w]
+    if detail_sigma > 0:
+        start = inputs[0, :h, :w]
+        image = compose(torch.from_numpy(np.ascontiguousarray(image)), start, detail_sigma).numpy()
+    return image

@@ -40,6 +40,12 @@ def add_parser(sub: Any) -> None:
         "--crops-per-image", type=int, default=_DEFAULTS.crops_per_image, help="per epoch"
     )
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    p.add_argument(
+        "--detail-weight",
+        type=float,
+        default=_DEFAULTS.detail_weight,
+        help="extra L1 weight on bright local peaks (µCs) of the start image",
+    )
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.set_defaults(func=cmd_train_fast)
 
@@ -65,6 +71,7 @@ def cmd_train_fast(args: argparse.Namespace) -> int:
             batch=args.batch,
             crops_per_image=args.crops_per_image,
             lr=args.lr,
+            detail_weight=args.detail_weight,
             seed=args.seed,
             progress=sys.stderr.isatty(),
         )

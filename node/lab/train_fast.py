@@ -20,7 +20,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,6 +44,7 @@ class FastTrainingSettings:
     batch: int = 8
     crops_per_image: int = 16
     lr: float = 2e-3
+    detail_weight: float = 4.0
     seed: int = 0
     progress: bool = False  # bars on stderr (a terminal); JSON lines otherwise
 
@@ -102,11 +103,14 @@ def train_fast(settings: FastTrainingSettings, config: Any = None) -> dict[str, 
             batch=settings.batch,
             lr=settings.lr,
             seed=settings.seed,
+            detail_weight=settings.detail_weight,
         )
         student_config = StudentConfig(width=settings.width, depth=settings.depth)
     except ValueError as exc:  # EngineConfigError is a ValueError too
         raise _usage(str(exc)) from None
     teacher = _teacher(config)
+    # The student's output takes the engine's detail mode, as the teacher's did.
+    train = replace(train, detail_sigma=teacher.method.engine.config.detail_sigma)
     state = None
     student = _seeded_student(student_config, settings.seed)
     if settings.resume:

@@ -174,7 +174,14 @@ class StudentEngine:
         """The student's output for the image the teacher would have started from."""
         started = time.perf_counter()
         start = content if init is None else init
-        image = run_student(self.student, start, content_mask, tile=self.tile, device=self.device)
+        image = run_student(
+            self.student,
+            start,
+            content_mask,
+            tile=self.tile,
+            device=self.device,
+            detail_sigma=self._config.detail_sigma,
+        )
         image = np.clip(image, 0.0, 1.0)
         image[~content_mask] = np.float32(background)
         return EngineResult(

@@ -146,3 +146,28 @@ def test_resume_continues_exactly():
     assert resumed.epoch == 4 and len(resumed.losses) == 4
     for a, b in zip(straight.state_dict().values(), second.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_detail_mode_composes_the_output_as_the_engine_does():
+    """With the teacher's detail σ the output is L_σ(start) + S − L_σ(S) of the raw output S."""
+    from mr2nst.core.merge import with_detail_of
+
+    student = randomized(StudentConfig(width=8, depth=2))
+    content, mask = image((90, 70), seed=5)
+    raw = run_student(student, content, mask)
+    composed = run_student(student, content, mask, detail_sigma=2.0)
+    expected = with_detail_of(torch.from_numpy(raw), torch.from_numpy(content), 2.0).numpy()
+    np.testing.assert_allclose(composed, expected, atol=1e-5)
+    assert np.abs(composed - raw).max() > 1e-3
+
+
+def test_peak_weight_marks_a_planted_bright_spot():
+    """A 2-pixel bright spot on noise weighs 1 + extra; almost all of the rest weighs 1."""
+    from mr2nst.core.lab.student_train import peak_weight
+
+    gen = torch.Generator().manual_seed(0)
+    start = 0.5 + 0.01 * torch.randn(1, 1, 48, 48, generator=gen)
+    start[0, 0, 20, 20:22] += 0.3
+    weight = peak_weight(start, 4.0)
+    assert weight[0, 0, 20, 20] == 5.0 and weight[0, 0, 20, 21] == 5.0
+    assert (weight == 1.0).float().mean() > 0.97
