@@ -61,7 +61,7 @@ class StudentTrainSettings:
     l1_weight: float = 1.0
     ssim_weight: float = 1.0
     spectrum_weight: float = 0.5
-    detail_weight: float = 4.0
+    detail_weight: float = 16.0  # the tuning set (s8): µC CNR 0.792 vs 0.785 at 4
     detail_sigma: float = 0.0
     breast_fraction: float = 0.9
     seed: int = 0

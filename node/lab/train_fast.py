@@ -44,7 +44,7 @@ class FastTrainingSettings:
     batch: int = 8
     crops_per_image: int = 16
     lr: float = 2e-3
-    detail_weight: float = 4.0
+    detail_weight: float = 16.0  # the tuning set (s8): µC CNR 0.792 vs 0.785 at 4
     seed: int = 0
     progress: bool = False  # bars on stderr (a terminal); JSON lines otherwise
 
