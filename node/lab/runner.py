@@ -233,25 +233,9 @@ class Runner:
 
 def _fast_method(teacher: Any, path: str, cuda: bool) -> tuple[Any, dict[str, Any]]:
     """The ``fast`` method of the student at ``path``, checked against ``teacher``."""
-    from mr2nst.node.methods.fast import (
-        FastMethod,
-        StudentEngine,
-        check_teacher,
-        load_checkpoint,
-        teacher_fingerprint,
-    )
-    from mr2nst.node.version import VERSION
+    from mr2nst.node.methods.fast import fast_method
 
-    checkpoint = load_checkpoint(path)
-    check_teacher(checkpoint, teacher, path)
-    engine = StudentEngine(
-        checkpoint.student,
-        teacher.engine.config,
-        teacher_fingerprint(teacher),
-        teacher_features=teacher.engine.weights_id,
-        device="cuda" if cuda else "cpu",
-    )
-    method = FastMethod(engine, teacher.bank, teacher.references, True, VERSION)
+    method, checkpoint = fast_method(path, teacher, device="cuda" if cuda else "cpu")
     info = {
         "checkpoint": path,
         "teacher": checkpoint.teacher,

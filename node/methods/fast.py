@@ -226,3 +226,35 @@ class FastMethod(Mr2nstMethod):
         )
         provenance = replace(out.provenance, method=self.name, scales=(), notes=notes)
         return replace(out, provenance=provenance)
+
+
+def fast_method(
+    path: str | Path, teacher: Mr2nstMethod, *, tile: int = 0, device: str = "cpu"
+) -> tuple[FastMethod, StudentCheckpoint]:
+    """The ``fast`` method of the student at ``path``, checked against ``teacher``.
+
+    The method shares the teacher's bank, references and tone; only the engine is the
+    student's.
+
+    Raises:
+        ConfigError: the checkpoint cannot be read, or was trained for another teacher.
+    """
+    checkpoint = load_checkpoint(path)
+    check_teacher(checkpoint, teacher, path)
+    engine = StudentEngine(
+        checkpoint.student,
+        teacher.engine.config,
+        teacher_fingerprint(teacher),
+        tile=tile,
+        device=device,
+        teacher_features=teacher.engine.weights_id,
+    )
+    method = FastMethod(
+        engine,
+        teacher.bank,
+        teacher.references,
+        teacher.allow_fewer,
+        teacher.version,
+        refiner_name=teacher.refiner_name,
+    )
+    return method, checkpoint

@@ -80,13 +80,7 @@ def _fast(config: Config, device: str | None = None) -> Method:
         WeightsError: the teacher's feature weights are missing or corrupt.
     """
     from mr2nst.core.engine import resolved_device
-    from mr2nst.node.methods.fast import (
-        FastMethod,
-        StudentEngine,
-        check_teacher,
-        load_checkpoint,
-        teacher_fingerprint,
-    )
+    from mr2nst.node.methods.fast import fast_method
     from mr2nst.node.methods.mr2nst import Mr2nstMethod
 
     path = config.fast.checkpoint
@@ -95,27 +89,11 @@ def _fast(config: Config, device: str | None = None) -> Method:
             "fast.checkpoint: not set, but method fast is used (train a student first: "
             "mr2nst train-fast --source GE_DIR --config FILE --out fast.pt)"
         )
-    checkpoint = load_checkpoint(path)
     teacher = _mr2nst(config, device="cpu")  # built for its fingerprint, then dropped
     assert isinstance(teacher, Mr2nstMethod)
-    check_teacher(checkpoint, teacher, path)
     where = device or str(resolved_device(config.engine.core()))
-    engine = StudentEngine(
-        checkpoint.student,
-        teacher.engine.config,
-        teacher_fingerprint(teacher),
-        teacher_features=teacher.engine.weights_id,
-        tile=config.fast.tile,
-        device=where,
-    )
-    return FastMethod(
-        engine,
-        teacher.bank,
-        teacher.references,
-        teacher.allow_fewer,
-        VERSION,
-        refiner_name=teacher.refiner_name,
-    )
+    method, _ = fast_method(path, teacher, tile=config.fast.tile, device=where)
+    return method
 
 
 FACTORIES: dict[str, MethodFactory] = {
