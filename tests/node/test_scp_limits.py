@@ -1,6 +1,5 @@
 """Hostile peers over real sockets: slots, deadlines, PDU size (hole 1), truncated data (hole 2)."""
 
-import select
 import socket
 import struct
 import time
@@ -11,8 +10,7 @@ from dicom_factory import make_mg
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from raw_peer import closed_within, echo_from
 
 from mr2nst.node.config import parse_config
 from mr2nst.node.dicom.status import StoreStatus
@@ -78,35 +76,7 @@ def node(tmp_path):
 
 def echo(port: int, source: str = "127.0.0.1") -> bool:
     """Whether a C-ECHO from MODALITY (bound to ``source``) succeeds."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MR2NST", bind_address=(source, 0))
-    if not assoc.is_established:
-        return False
-    ok = int(assoc.send_c_echo().Status) == 0
-    assoc.release()
-    return ok
-
-
-def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
-    """Whether the node closes ``sock`` within ``seconds`` (sending ``trickle`` bytewise)."""
-    deadline = time.monotonic() + seconds
-    pending = bytearray(trickle)
-    while time.monotonic() < deadline:
-        if pending:
-            try:
-                sock.send(bytes(pending[:1]))
-            except OSError:
-                return True
-            del pending[:1]
-        ready, _, _ = select.select([sock], [], [], 0.5)
-        if ready:
-            try:
-                if not sock.recv(65536):
-                    return True
-            except OSError:
-                return True
-    return False
+    return echo_from(port, source)
 
 
 def test_garbage_then_socket_closed_and_caller_served(node):
