@@ -27,7 +27,6 @@ construction.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .errors import EngineConfigError
+from .halo import padded_shape, tiled_forward, unet_halo
 from .intensity import FloatImage
 from .merge import with_detail_of
 
@@ -86,12 +86,8 @@ class StudentConfig:
     @property
     def halo(self) -> int:
         """Pixels of context each side of a tile: the receptive radius, rounded up to the
-        stride (two 3×3 convolutions per level going down, one per level going up)."""
-        radius = 2  # the two full-resolution convolutions
-        for level in range(1, self.depth + 1):
-            radius += 3 * 2**level  # stride-2 conv + conv (down), conv (up), at 2**level px
-        radius += 2  # the full-resolution convolution after the last upsampling, and slack
-        return -(-radius // self.stride) * self.stride
+        stride (:func:`~mr2nst.core.halo.unet_halo`)."""
+        return unet_halo(self.depth)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the checkpoint."""
@@ -147,11 +143,6 @@ class Student(nn.Module):
         return digest.hexdigest()[:12]
 
 
-def padded_shape(shape: tuple[int, int], stride: int) -> tuple[int, int]:
-    """``shape`` rounded up to multiples of ``stride``."""
-    return (-(-shape[0] // stride) * stride, -(-shape[1] // stride) * stride)
-
-
 def coarse_context(content: Tensor, block: int) -> Tensor:
     """``content`` ``(1, 1, H, W)`` averaged over ``block``-pixel blocks, upsampled back."""
     h, w = content.shape[-2:]
@@ -186,12 +177,6 @@ def student_inputs(
         noise = np.random.default_rng(config.noise_seed).standard_normal((hp, wp), np.float32)
     z = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32))
     return torch.stack([c[0, 0], m, coarse_context(c, config.context)[0, 0], z])
-
-
-def tiles(size: int, tile: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of the tiles that cover ``0..size``."""
-    for start in range(0, size, tile):
-        yield start, min(size, start + tile)
 
 
 def compose(output: Tensor, start: Tensor, detail_sigma: float) -> Tensor:
@@ -231,16 +216,7 @@ def run_student(
         raise EngineConfigError(f"fast.tile: must be a multiple of {cfg.stride}, got {tile}")
     h, w = content.shape
     inputs = student_inputs(content, mask, cfg)
-    hp, wp = inputs.shape[-2:]
-    out = np.empty((hp, wp), dtype=np.float32)
-    halo = cfg.halo
-    for y0, y1 in tiles(hp, tile):
-        for x0, x1 in tiles(wp, tile):
-            ry0, rx0 = max(0, y0 - halo), max(0, x0 - halo)
-            ry1, rx1 = min(hp, y1 + halo), min(wp, x1 + halo)
-            region = inputs[None, :, ry0:ry1, rx0:rx1].to(device)
-            pred = student(region)[0, 0].float().cpu().numpy()
-            out[y0:y1, x0:x1] = pred[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
+    out = tiled_forward(student, inputs, tile=tile, halo=cfg.halo, device=device)
     image = out[:h, :w]
     if detail_sigma > 0:
         start = inputs[0, :h, :w]

@@ -100,7 +100,7 @@ class Pair:
 
 
 def _no_noise(content: Any, student: Student) -> npt.NDArray[np.float32]:
-    from ..fast import padded_shape
+    from ..halo import padded_shape
 
     return np.zeros(padded_shape(content.shape, student.config.stride), np.float32)
 
