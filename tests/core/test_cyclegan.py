@@ -63,3 +63,34 @@ def test_config_bounds_name_the_key():
         GeneratorConfig(blocks=10)
     with pytest.raises(EngineConfigError, match="cyclegan.tile"):
         GeneratorConfig(depth=3, tile=100)
+
+
+def test_one_training_step_updates_all_four_networks():
+    """A step changes both generators and both discriminators; every loss is finite, and
+    the untrained (identity) generators start with zero cycle and identity loss."""
+    from mr2nst.core.lab.cyclegan_train import CycleGan, CycleGanSettings
+
+    model = CycleGan(GeneratorConfig(width=8, depth=1, blocks=1, tile=64), CycleGanSettings())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    ge = torch.rand(2, 1, 32, 32, generator=gen)
+    losses = model.step(ge, 0.5 * torch.rand(2, 1, 32, 32, generator=gen) + 0.4)
+    assert losses["cycle"] == 0.0 and losses["identity"] == 0.0
+    assert all(np.isfinite(v) for v in losses.values())
+    for net in ("g.head", "f.head", "d_uih.net.0", "d_ge.net.0"):
+        key = f"{net}.weight"
+        assert not torch.equal(before[key], model.state_dict()[key]), key
+
+
+def test_fake_pool_returns_new_crops_until_full_then_mixes():
+    """The image buffer hands back new crops while filling, then swaps about half."""
+    from mr2nst.core.lab.cyclegan_train import FakePool
+
+    pool = FakePool(4, seed=1)
+    first = torch.arange(4.0).view(4, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)
+    later = torch.full((200, 1, 1, 1), 9.0)
+    out = pool.query(later)
+    swapped = int((out != 9.0).sum())
+    assert 1 <= swapped <= 4  # the 4 stored crops come back, each at most once (then replaced)
+    assert int((out == 9.0).sum()) > 50
