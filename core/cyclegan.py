@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .errors import EngineConfigError
 from .halo import padded_shape, tiled_forward, unet_halo
+from .unet import ResidualUNet, check_unet
 
 #: Bumped when the networks change (part of every checkpoint).
 CYCLEGAN_REVISION = 1
@@ -38,16 +38,9 @@ class GeneratorConfig:
     tile: int = 512
 
     def __post_init__(self) -> None:
-        if not 4 <= self.width <= 128:
-            raise EngineConfigError(f"cyclegan.width: must be 4..128, got {self.width}")
-        if not 1 <= self.depth <= 4:
-            raise EngineConfigError(f"cyclegan.depth: must be 1..4, got {self.depth}")
+        check_unet("cyclegan", self.width, self.depth, self.tile)
         if not 0 <= self.blocks <= 9:
             raise EngineConfigError(f"cyclegan.blocks: must be 0..9, got {self.blocks}")
-        if self.tile < 64 or self.tile % self.stride:
-            raise EngineConfigError(
-                f"cyclegan.tile: must be >= 64 and a multiple of {self.stride}, got {self.tile}"
-            )
 
     @property
     def stride(self) -> int:
@@ -64,53 +57,13 @@ class GeneratorConfig:
         return asdict(self)
 
 
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU())
-
-
-class _Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(_conv(channels, channels), nn.Conv2d(channels, channels, 3, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = F.relu(x + self.body(x))
-        return out
-
-
-class Generator(nn.Module):
+class Generator(ResidualUNet):
     """``(N, 1, H, W)`` -> ``(N, 1, H, W)`` with H, W multiples of ``2**depth``; the
     untrained generator is the identity (zero-initialised head)."""
 
     def __init__(self, config: GeneratorConfig) -> None:
-        super().__init__()
+        super().__init__(1, config.width, config.depth, config.blocks)
         self.config = config
-        w = config.width
-        self.stem = nn.Sequential(_conv(1, w), _conv(w, w))
-        self.down = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for level in range(config.depth):
-            cin, cout = w * 2**level, w * 2 ** (level + 1)
-            self.down.append(nn.Sequential(_conv(cin, cout, stride=2), _conv(cout, cout)))
-            self.up.append(_conv(cout + cin, cin))
-        bottom = w * 2**config.depth
-        self.bottom = nn.Sequential(*(_Residual(bottom) for _ in range(config.blocks)))
-        self.head = nn.Conv2d(w, 1, 1)
-        nn.init.zeros_(self.head.weight)
-        assert self.head.bias is not None
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The translated image: input plus the predicted residual."""
-        skips = [self.stem(x)]
-        for down in self.down:
-            skips.append(down(skips[-1]))
-        y = self.bottom(skips.pop())
-        for up in reversed(self.up):
-            skip = skips.pop()
-            y = up(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skip], 1))
-        residual: Tensor = self.head(y)
-        return x + residual
 
 
 class PatchDiscriminator(nn.Module):

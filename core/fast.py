@@ -34,12 +34,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import EngineConfigError
 from .halo import padded_shape, tiled_forward, unet_halo
 from .intensity import FloatImage
 from .merge import with_detail_of
+from .unet import ResidualUNet, check_unet
 
 #: Bumped when the architecture, its inputs or its output's composition change (part of
 #: every checkpoint). 2: the engine's detail mode is applied to the output.
@@ -67,16 +68,9 @@ class StudentConfig:
     tile: int = 512
 
     def __post_init__(self) -> None:
-        if not 4 <= self.width <= 128:
-            raise EngineConfigError(f"fast.width: must be 4..128, got {self.width}")
-        if not 1 <= self.depth <= 4:
-            raise EngineConfigError(f"fast.depth: must be 1..4, got {self.depth}")
+        check_unet("fast", self.width, self.depth, self.tile)
         if self.context < 2:
             raise EngineConfigError(f"fast.context: must be >= 2, got {self.context}")
-        if self.tile < 64 or self.tile % self.stride:
-            raise EngineConfigError(
-                f"fast.tile: must be >= 64 and a multiple of {self.stride}, got {self.tile}"
-            )
 
     @property
     def stride(self) -> int:
@@ -94,41 +88,13 @@ class StudentConfig:
         return asdict(self)
 
 
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU())
-
-
-class Student(nn.Module):
-    """The student U-Net: ``(N, 4, H, W)`` inputs -> ``(N, 1, H, W)`` output, with H and W
-    multiples of ``2**depth``."""
+class Student(ResidualUNet):
+    """The student U-Net: ``(N, 4, H, W)`` inputs -> ``(N, 1, H, W)`` output (the content
+    plus the predicted residual), with H and W multiples of ``2**depth``."""
 
     def __init__(self, config: StudentConfig) -> None:
-        super().__init__()
+        super().__init__(IN_CHANNELS, config.width, config.depth)
         self.config = config
-        w = config.width
-        self.stem = nn.Sequential(_conv(IN_CHANNELS, w), _conv(w, w))
-        self.down = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for level in range(config.depth):
-            cin, cout = w * 2**level, w * 2 ** (level + 1)
-            self.down.append(nn.Sequential(_conv(cin, cout, stride=2), _conv(cout, cout)))
-            self.up.append(_conv(cout + cin, cin))
-        self.head = nn.Conv2d(w, 1, 1)
-        nn.init.zeros_(self.head.weight)  # untrained: the output is the content itself
-        assert self.head.bias is not None
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The output image: content plus the predicted residual."""
-        skips = [self.stem(x)]
-        for down in self.down:
-            skips.append(down(skips[-1]))
-        y = skips.pop()
-        for up in reversed(self.up):
-            skip = skips.pop()
-            y = up(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skip], 1))
-        residual: Tensor = self.head(y)
-        return x[:, :1] + residual
 
     def parameter_count(self) -> int:
         """How many weights the student has."""
