@@ -101,18 +101,20 @@ def average_precision(
     detections: Sequence[Detection], lesions: Sequence[Lesion], min_radius: float = 0.0
 ) -> float:
     """VOC all-point interpolated AP (0 without lesions or detections)."""
-    if not lesions:
-        return 0.0
     _, hits = match(detections, lesions, min_radius)
-    if not hits.size:
+    return ap_of_hits(hits, len(lesions))
+
+
+def ap_of_hits(hits: npt.NDArray[np.bool_], n_lesions: int) -> float:
+    """VOC all-point interpolated AP of detections in descending score, given which hit."""
+    if not n_lesions or not hits.size:
         return 0.0
     tp = np.cumsum(hits)
     precision = tp / np.arange(1, len(hits) + 1)
-    recall = tp / len(lesions)
+    recall = tp / n_lesions
     precision = np.concatenate([[0.0], precision, [0.0]])
     recall = np.concatenate([[0.0], recall, [recall[-1]]])
-    for i in range(len(precision) - 2, -1, -1):  # monotone from the right
-        precision[i] = max(precision[i], precision[i + 1])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # monotone from the right
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
@@ -124,13 +126,58 @@ def froc(
     min_radius: float = 0.0,
 ) -> Froc:
     """The FROC curve over ``n_images`` images (starting at 0 FP, 0 sensitivity)."""
+    _, hits = match(detections, lesions, min_radius)
+    return froc_of_hits(hits, len(lesions), n_images)
+
+
+def froc_of_hits(hits: npt.NDArray[np.bool_], n_lesions: int, n_images: int) -> Froc:
+    """The FROC curve of detections in descending score, given which hit."""
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
-    _, hits = match(detections, lesions, min_radius)
     tp = np.concatenate([[0], np.cumsum(hits)])
     fp = np.concatenate([[0], np.cumsum(~hits)])
-    sensitivity = tp / max(1, len(lesions))
+    sensitivity = tp / max(1, n_lesions)
     return Froc(fp / n_images, sensitivity.astype(np.float64))
+
+
+@dataclass(frozen=True)
+class ImageHits:
+    """One image's detections of one type, matched: their scores, which hit, and how many
+    lesions the image holds. Matching never crosses images, so a resample of images can
+    pool these instead of matching again (:func:`pooled`)."""
+
+    scores: npt.NDArray[np.float64]
+    hits: npt.NDArray[np.bool_]
+    lesions: int
+
+
+def per_image(
+    detections: Sequence[Detection],
+    lesions: Sequence[Lesion],
+    images: Sequence[str],
+    min_radius: float = 0.0,
+) -> dict[str, ImageHits]:
+    """:class:`ImageHits` of every image in ``images`` (one lesion type)."""
+    out = {}
+    for name in images:
+        mine = [x for x in lesions if x.image == name]
+        scores, hits = match([d for d in detections if d.image == name], mine, min_radius)
+        out[name] = ImageHits(scores, hits, len(mine))
+    return out
+
+
+def pooled(
+    sample: Sequence[str], by_image: dict[str, ImageHits]
+) -> tuple[npt.NDArray[np.bool_], int]:
+    """The images of ``sample`` (repeats are distinct images) as one ranked list: which
+    detection hit, in descending score, and the number of lesions."""
+    parts = [by_image[name] for name in sample]
+    if not parts:
+        return np.zeros(0, dtype=bool), 0
+    scores = np.concatenate([p.scores for p in parts])
+    hits = np.concatenate([p.hits for p in parts])
+    order = np.argsort(-scores, kind="stable")
+    return hits[order], sum(p.lesions for p in parts)
 
 
 Metric = Callable[[Sequence[str]], float]

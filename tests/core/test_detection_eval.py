@@ -89,3 +89,44 @@ def test_paired_bootstrap_interval():
     assert better["difference"] == pytest.approx(1 - (1 + 2 / 3 + 0.6) / 3)
     assert 0 <= better["low"] <= better["difference"] <= better["high"]
     assert better["high"] > 0
+
+
+def test_pooled_per_image_hits_give_the_same_ap_and_froc_as_matching_again():
+    """Matching never crosses images: pooling per-image hits of a resample (with repeats)
+    gives the AP and FROC of matching the resampled lists from scratch."""
+    import numpy as np
+
+    from mr2nst.core.lab.detection_eval import (
+        ap_of_hits,
+        froc_of_hits,
+        per_image,
+        pooled,
+    )
+
+    rng = np.random.default_rng(3)
+    names = [f"im{i}" for i in range(6)]
+    lesions = [
+        Lesion(n, float(rng.uniform(0, 100)), float(rng.uniform(0, 100)), 8.0, "mass")
+        for n in names
+        for _ in range(int(rng.integers(0, 3)))
+    ]
+    detections = [
+        Detection(
+            n, float(rng.uniform(0, 100)), float(rng.uniform(0, 100)), float(rng.random()), "mass"
+        )
+        for n in names
+        for _ in range(5)
+    ] + [Detection(x.image, x.x + 2, x.y, float(rng.random()), "mass") for x in lesions]
+    by_image = per_image(detections, lesions, names)
+    for _draw in range(5):
+        sample = [names[i] for i in rng.integers(len(names), size=len(names))]
+        again_lesions, again_dets = resampled(lesions, detections, sample)
+        hits, n_lesions = pooled(sample, by_image)
+        assert n_lesions == len(again_lesions)
+        assert ap_of_hits(hits, n_lesions) == pytest.approx(
+            average_precision(again_dets, again_lesions)
+        )
+        curve = froc_of_hits(hits, n_lesions, len(sample))
+        expected = froc(again_dets, again_lesions, len(sample))
+        assert curve.recall_at(1.0) == pytest.approx(expected.recall_at(1.0))
+        assert curve.sensitivity.tolist() == pytest.approx(expected.sensitivity.tolist())
