@@ -249,6 +249,19 @@ class FastSection(_Section):
     tile: int = Field(default=0, ge=0, le=8192)
 
 
+class CycleGanSection(_Section):
+    """Settings of the ``cyclegan`` method: the baseline generator trained by
+    ``mr2nst train-cyclegan``.
+
+    The output is mapped like the ``mr2nst`` method's (``[engine] tone``, the bank's range),
+    so only the checkpoint and the inference tile are set here.
+    """
+
+    checkpoint: str = ""
+    # Inference tile in pixels (a multiple of the generator's stride); 0: the checkpoint's.
+    tile: int = Field(default=0, ge=0, le=8192)
+
+
 class SpectralSection(_Section):
     """Settings of the ``spectral`` method.
 
@@ -289,7 +302,7 @@ class BankSection(_Section):
     allow_fewer: bool = False
 
 
-Method = Literal["mr2nst", "fast", "ehm", "spectral", "passthrough"]
+Method = Literal["mr2nst", "fast", "cyclegan", "ehm", "spectral", "passthrough"]
 #: What a route does with the instances it matches.
 Action = Literal["normalize", "forward", "drop"]
 #: What the router decided for one instance: its route's action, or "none" (no route applied).
@@ -541,6 +554,7 @@ class Config(_Section):
     bank: BankSection = BankSection()
     spectral: SpectralSection = SpectralSection()
     fast: FastSection = FastSection()
+    cyclegan: CycleGanSection = CycleGanSection()
     routes: tuple[Route, ...] = ()
     destinations: dict[str, Destination] = Field(default_factory=dict)
     tls: TlsSection = TlsSection()

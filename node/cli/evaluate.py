@@ -36,6 +36,11 @@ def add_parser(sub: Any) -> None:
         "bank): adds the fast row",
     )
     p.add_argument(
+        "--cyclegan",
+        metavar="PATH",
+        help="CycleGAN checkpoint (mr2nst train-cyclegan): adds the cyclegan row",
+    )
+    p.add_argument(
         "--domain-source", help="source-domain DICOMs held apart, for the domain classifier"
     )
     p.add_argument(
@@ -58,6 +63,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods = (*methods, lab.TRAINED)
     if args.fast:
         methods = (*methods, lab.FAST)
+    if args.cyclegan:
+        methods = (*methods, lab.CYCLEGAN)
     for name in ("source", "target", "truth", "domain_source"):
         value = getattr(args, name)
         if value is not None and not Path(value).is_dir():
@@ -73,6 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         domain_source=Path(args.domain_source) if args.domain_source else None,
         refiner=args.refiner,
         fast=args.fast,
+        cyclegan=args.cyclegan,
         classifier_steps=args.classifier_steps,
         command=" ".join(["mr2nst", *sys.argv[1:]]) if sys.argv else "",
         progress=sys.stderr.isatty(),

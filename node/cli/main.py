@@ -37,6 +37,7 @@ COMMANDS: tuple[str, ...] = (
     "bench",
     "train_refiner",
     "train_fast",
+    "train_cyclegan",
     "cad_study",
 )
 

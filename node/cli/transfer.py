@@ -17,7 +17,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN")
     p.add_argument("--out", required=True)
     p.add_argument("--config")
-    p.add_argument("--method", default="passthrough")
+    p.add_argument(
+        "--method",
+        default="passthrough",
+        help="passthrough, ehm, spectral, mr2nst, fast or cyclegan (its [section] configured)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_transfer)
 

@@ -212,7 +212,9 @@ def run_cad_study(
     bank, bank_references, _ = _target_bank(inputs.train, out, len(ge_files))
     # Test A shows every method that Test B uses too.
     runner_methods = tuple(dict.fromkeys((*settings.methods, *settings.test_b)))
-    runner = Runner(config, bank, runner_methods, fast_path=settings.fast)
+    runner = Runner(
+        config, bank, runner_methods, fast_path=settings.fast, cyclegan_path=settings.cyclegan
+    )
     device = "cuda" if runner.cuda else "cpu"
 
     # Test A's inputs: every method's output on every GE test image.
@@ -330,7 +332,7 @@ def run_cad_study(
             for name, s in seconds.items()
         },
         "fast": runner.fast_info,
-        "cyclegan": getattr(runner, "cyclegan_info", None),
+        "cyclegan": runner.cyclegan_info,
         "test_b_counts": counts,
         "test_a": _without_curves(test_a),
         "test_b": _without_curves(test_b),
@@ -376,7 +378,7 @@ def _method_of(runner: Any, name: str) -> Callable[..., Any]:
         "spectral": runner.spectral,
         "mr2nst": runner.mr2nst,
         "fast": runner.fast,
-        "cyclegan": getattr(runner, "cyclegan", None),
+        "cyclegan": runner.cyclegan,
     }.get(name)
     if method is None:
         raise _usage(f"Test B method {name} is not available in this run")

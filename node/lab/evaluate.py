@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mr2nst.node.lab.runner import FAST, METHODS, TRAINED, Runner
+from mr2nst.node.lab.runner import CYCLEGAN, FAST, METHODS, TRAINED, Runner
 from mr2nst.node.lab.scoring import IMAGE_METRICS, METRICS, Context, Item, metric_context, score
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "REFERENCE_ROW",
     "TRAINED",
     "FAST",
+    "CYCLEGAN",
     "parse_methods",
     "run_evaluation",
     "split_target",
@@ -131,6 +132,7 @@ def run_evaluation(
     domain_source: Path | None = None,
     refiner: str | None = None,
     fast: str | None = None,
+    cyclegan: str | None = None,
     classifier_steps: int = 150,
     command: str = "",
     progress: bool = False,
@@ -148,6 +150,8 @@ def run_evaluation(
         refiner: a trained refiner checkpoint (the :data:`TRAINED` row).
         fast: a fast student checkpoint (the :data:`FAST` row); its teacher must be this
             run's mr2nst method on this run's bank.
+        cyclegan: a CycleGAN checkpoint of ``mr2nst train-cyclegan`` (the :data:`CYCLEGAN`
+            row), mapped to this run's bank with the config's tone.
         classifier_steps: the domain classifier's training steps.
         command: the command line, for the report.
         progress: show a progress bar.
@@ -164,7 +168,9 @@ def run_evaluation(
 
     sources = _dicoms(source)
     bank, references, held_files = _target_bank(target, out, len(sources))
-    runner = Runner(config, bank, methods, refiner_path=refiner, fast_path=fast)
+    runner = Runner(
+        config, bank, methods, refiner_path=refiner, fast_path=fast, cyclegan_path=cyclegan
+    )
     device = torch.device("cuda" if runner.cuda else "cpu")
     held = [_load(p) for p in held_files]
     domain = [_load(p) for p in _dicoms(domain_source)] if domain_source else []
@@ -186,6 +192,7 @@ def run_evaluation(
         "references": config.methods.references,
         "refiner": refiner or "",
         "fast": runner.fast_info,
+        "cyclegan": runner.cyclegan_info,
         "intensity_scale": "[0, 1] over the full BitsStored range, brighter = denser",
         **ctx_info,
         "reference_row": scores.summary(REFERENCE_ROW),

@@ -103,6 +103,8 @@ DESCRIPTIONS = {
     "mr2nst_trained": "the same run's scales (or bands) merged by the trained refiner",
     "fast": "the fast student of the mr2nst row (mr2nst train-fast): one feed-forward pass "
     "with mr2nst's scaling, references and tone step around it",
+    "cyclegan": "the CycleGAN baseline's GE -> UIH generator (mr2nst train-cyclegan), tiled, "
+    "with mr2nst's scaling and tone step around it",
     "true_target": "(reference) the true target rendering itself",
 }
 

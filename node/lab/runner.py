@@ -30,8 +30,9 @@ METHODS = (
 )
 TRAINED = "mr2nst_trained"
 FAST = "fast"
+CYCLEGAN = "cyclegan"
 #: Methods that need no mr2NST engine of all grids.
-_WITHOUT_FULL_ENGINE = {"passthrough", "ehm", "spectral", "nst_single"}
+_WITHOUT_FULL_ENGINE = {"passthrough", "ehm", "spectral", "nst_single", CYCLEGAN}
 
 Image = npt.NDArray[np.float32]
 #: One method's result on one source: (output in the common scale, seconds, peak MB).
@@ -97,9 +98,12 @@ class Runner:
         refiner_path: a trained refiner checkpoint: adds :data:`TRAINED`.
         fast_path: a fast student checkpoint: adds :data:`FAST` (checked against the mr2nst
             method built here, its teacher).
+        cyclegan_path: a CycleGAN checkpoint (``mr2nst train-cyclegan``): adds
+            :data:`CYCLEGAN` (its generator only: no mr2NST engine is needed for it).
 
     Raises:
-        ConfigError: the student was trained for another teacher or bank.
+        ConfigError: the student was trained for another teacher or bank, or the CycleGAN
+            checkpoint cannot be read.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Runner:
         methods: tuple[str, ...],
         refiner_path: str | None = None,
         fast_path: str | None = None,
+        cyclegan_path: str | None = None,
     ) -> None:
         from mr2nst.core.engine import Mr2nstEngine, resolved_device
         from mr2nst.core.refiner import load_refiner
@@ -120,7 +125,10 @@ class Runner:
 
         self.bank = bank
         self.methods = methods
-        self.core = replace(config.engine.core(), weights=ensure_weights(config.engine) or "")
+        # The feature weights are verified (or downloaded) only for rows that run an engine.
+        engine_rows = set(methods) - {"passthrough", "ehm", "spectral", CYCLEGAN}
+        weights = ensure_weights(config.engine) if engine_rows else None
+        self.core = replace(config.engine.core(), weights=weights or "")
         self.cuda = resolved_device(self.core).type == "cuda"
         k = config.methods.references
         self.ehm = EhmMethod(bank, k, True, VERSION)
@@ -145,6 +153,12 @@ class Runner:
         if fast_path:
             assert self.mr2nst is not None  # "fast" needs the full engine: its teacher
             self.fast, self.fast_info = _fast_method(self.mr2nst, fast_path, self.cuda)
+        self.cyclegan: Any = None
+        self.cyclegan_info: dict[str, Any] | None = None
+        if cyclegan_path:
+            self.cyclegan, self.cyclegan_info = _cyclegan_method(
+                config, bank, cyclegan_path, self.cuda
+            )
 
     def run(self, item: Item) -> dict[str, Output]:
         """Every method's output for one source.
@@ -175,6 +189,7 @@ class Runner:
             ("nst_single", self.nst_single),
             ("mr2nst_1ref", self.one_ref),
             (FAST, self.fast),
+            (CYCLEGAN, self.cyclegan),
             ("mr2nst", self.mr2nst),
         ):
             if method is not None:
@@ -241,6 +256,30 @@ def _fast_method(teacher: Any, path: str, cuda: bool) -> tuple[Any, dict[str, An
         "teacher": checkpoint.teacher,
         "training": checkpoint.training,
         "parameters": checkpoint.student.parameter_count(),
+    }
+    return method, info
+
+
+def _cyclegan_method(config: Any, bank: Any, path: str, cuda: bool) -> tuple[Any, dict[str, Any]]:
+    """The ``cyclegan`` method of the generator at ``path`` on this run's bank."""
+    from mr2nst.node.methods.cyclegan import cyclegan_method, parameter_count
+    from mr2nst.node.version import VERSION
+
+    method, checkpoint = cyclegan_method(
+        path,
+        config.engine.core(),
+        bank,
+        config.methods.references,
+        True,
+        VERSION,
+        device="cuda" if cuda else "cpu",
+    )
+    info = {
+        "checkpoint": path,
+        "generator": checkpoint.config.as_dict(),
+        "training": checkpoint.training,
+        "parameters": parameter_count(checkpoint.g),
+        "tone": method.engine.config.tone,
     }
     return method, info
 

@@ -96,12 +96,45 @@ def _fast(config: Config, device: str | None = None) -> Method:
     return method
 
 
+def _cyclegan(config: Config, device: str | None = None) -> Method:
+    """The ``cyclegan`` method: the generator of ``[cyclegan] checkpoint`` on the configured
+    bank, its output mapped with ``[engine] tone`` (no feature network is loaded).
+
+    Raises:
+        ConfigError: no checkpoint is set, or it cannot be read or does not fit.
+    """
+    from mr2nst.bank.bank import Bank
+    from mr2nst.core.engine import resolved_device
+    from mr2nst.node.methods.cyclegan import cyclegan_method
+
+    path = config.cyclegan.checkpoint
+    if not path:
+        raise ConfigError(
+            "cyclegan.checkpoint: not set, but method cyclegan is used (train one first: "
+            "mr2nst train-cyclegan --source GE_DIR --target UIH_DIR --out cyclegan.pt)"
+        )
+    core = config.engine.core()
+    where = device or str(resolved_device(core))
+    method, _ = cyclegan_method(
+        path,
+        core,
+        Bank(config.bank.path),
+        config.methods.references,
+        config.bank.allow_fewer,
+        VERSION,
+        tile=config.cyclegan.tile,
+        device=where,
+    )
+    return method
+
+
 FACTORIES: dict[str, MethodFactory] = {
     "passthrough": lambda config: Passthrough(engine_version=VERSION),
     "ehm": _ehm,
     "spectral": _spectral,
     "mr2nst": _mr2nst,
     "fast": _fast,
+    "cyclegan": _cyclegan,
 }
 
 
@@ -134,6 +167,21 @@ def check_fast(config: Config) -> None:
         WeightsError: the teacher's feature weights are missing or corrupt.
     """
     _fast(config, device="cpu")
+
+
+def uses_cyclegan(config: Config) -> bool:
+    """Whether a route runs the ``cyclegan`` method (so its checkpoint must load)."""
+    return any(r.action == "normalize" and r.method == "cyclegan" for r in config.routes)
+
+
+def check_cyclegan(config: Config) -> None:
+    """Load the ``cyclegan`` generator once, so that a missing, corrupt or foreign
+    checkpoint stops the node at start (exit 2) with a reason.
+
+    Raises:
+        ConfigError: the checkpoint is not set, missing, unreadable or does not fit.
+    """
+    _cyclegan(config, device="cpu")
 
 
 def check_engine(config: Config) -> None:

@@ -26,9 +26,11 @@ from mr2nst.node.ledger import Ledger
 from mr2nst.node.ledger.reconcile import find_orphans, register_incoming
 from mr2nst.node.logs import get_logger
 from mr2nst.node.methods.registry import (
+    check_cyclegan,
     check_engine,
     check_fast,
     check_methods,
+    uses_cyclegan,
     uses_engine,
     uses_fast,
 )
@@ -140,6 +142,8 @@ class Node:
             check_engine(cfg)
         if uses_fast(cfg):
             check_fast(cfg)  # the student's checkpoint, and that it fits its teacher
+        if uses_cyclegan(cfg):
+            check_cyclegan(cfg)  # the generator's checkpoint loads and fits
         stale = self._prepare_data_dir()
         self.ledger = Ledger.open(cfg.ledger_url)
         try:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from mr2nst.node.config import Config
 from mr2nst.node.methods.registry import (
+    check_cyclegan,
     check_engine,
     check_fast,
     check_methods,
+    uses_cyclegan,
     uses_engine,
     uses_fast,
 )
@@ -67,6 +69,8 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         check_engine(merged)
     if uses_fast(merged) and not uses_fast(running):
         check_fast(merged)
+    if uses_cyclegan(merged) and not uses_cyclegan(running):
+        check_cyclegan(merged)
     changed = tuple(s for s in RELOADABLE if getattr(running, s) != getattr(new, s))
     needs_restart = tuple(
         s

@@ -28,6 +28,11 @@ def sets(tmp_path_factory):
     write_phantom_set(root / "test", 4, size=SIZE, seed=12)
     write_phantom_set(root / "ge", 16, size=SIZE, seed=13)
     (root / "tiny.toml").write_text(TINY, encoding="utf-8")
+    cyclegan = ["train-cyclegan", "--source", str(root / "ge" / "ge"), "--target",
+                str(root / "train" / "uih"), "--out", str(root / "cyclegan.pt"), "--epochs", "1",
+                "--steps-per-epoch", "2", "--width", "8", "--depth", "1", "--blocks", "1",
+                "--crop", "32", "--batch", "2"]  # fmt: skip
+    assert main(cyclegan) == 0
     return root
 
 
@@ -53,7 +58,8 @@ def _args(root, out, *extra):
 
 @pytest.fixture(scope="module")
 def study(sets):
-    """One tiny study: passthrough and ehm, Test B with raw and ehm GE at 1:1 and 1:2."""
+    """One tiny study: passthrough, ehm and cyclegan; Test B with raw, ehm and cyclegan GE at
+    1:1 and 1:2."""
     out = sets / "out"
     code = main(
         _args(
@@ -63,8 +69,10 @@ def study(sets):
             str(sets / "ge" / "ge"),
             "--methods",
             "passthrough,ehm",
+            "--cyclegan",
+            str(sets / "cyclegan.pt"),
             "--test-b",
-            "ehm",
+            "ehm,cyclegan",
             "--epochs",
             "2",
             "--draws",
@@ -78,14 +86,17 @@ def study(sets):
 def test_study_json_has_every_row_type_and_metric(study):
     """Per test set and row: ap, recall at 0.5 and 1 FP/image per lesion type, in [0, 1]."""
     _, data = study
-    assert set(data["test_a"]) == {"passthrough", "ehm", "true_uih"}
+    assert set(data["test_a"]) == {"passthrough", "ehm", "cyclegan", "true_uih"}
     assert set(data["test_b"]) == {
         "uih",
         "uih+ge_raw_x1",
         "uih+ge_raw_x2",
         "uih+ge_ehm_x1",
         "uih+ge_ehm_x2",
+        "uih+ge_cyclegan_x1",
+        "uih+ge_cyclegan_x2",
     }
+    assert data["cyclegan"]["checkpoint"].endswith("cyclegan.pt")
     for test in ("test_a", "test_b"):
         for row in data[test].values():
             for kind in ("mass", "calc"):

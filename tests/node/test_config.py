@@ -132,6 +132,6 @@ def test_config_check_cli(tmp_path, capsys):
 
 def test_unknown_method_rejected(tmp_path, capsys):
     """A route naming a method that does not exist is a config error naming the key."""
-    text = GOOD.replace('method = "passthrough"', 'method = "cyclegan"')
+    text = GOOD.replace('method = "passthrough"', 'method = "nosuchmethod"')
     assert main(["config", "check", str(write(tmp_path, text))]) == 2
     assert "routes[0].method" in capsys.readouterr().err

@@ -134,10 +134,10 @@ def test_unknown_method_is_a_usage_error(tmp_path, capsys):
             "--out",
             str(tmp_path / "o"),
             "--methods",
-            "passthrough,cyclegan",
+            "passthrough,nosuchmethod",
         ]
     )
-    assert code == 2 and "cyclegan" in capsys.readouterr().err
+    assert code == 2 and "nosuchmethod" in capsys.readouterr().err
 
 
 @pytest.mark.slow
