@@ -7,8 +7,8 @@
 #   3. the fast student (issue #14) on CUDA: a tiny student is trained on two phantoms (its
 #      speed does not depend on its training), then `mr2nst bench --method fast` times it
 #      on a 2294x1914 phantom (target <= 0.1 s).
-# Results land in ${OUT:-.}/gpu-bench.json, ${OUT:-.}/gpu-fast-bench.json and
-# ${OUT:-.}/gpu-pytest.txt.
+# Results land in ${OUT:-.}/gpu-bench.json, ${OUT:-.}/gpu-fast-bench.json,
+# ${OUT:-.}/gpu-pytest.txt and ${OUT:-.}/gpu-cad-study/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
@@ -54,3 +54,18 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 print("fast student s", d["seconds"], "runs", d["seconds_runs"], "device", d["machine"]["device"])
 PYEOF
+# 4. Issue #15 on CUDA: one tiny CycleGAN epoch (--device cuda) and a tiny detection study
+#    whose detectors train and read on the GPU (engine.device = "cuda").
+CAD="$(mktemp -d)"
+"$MR2NST" phantom "$CAD/train" --n 8 --size 192 160 --seed 11 > /dev/null
+"$MR2NST" phantom "$CAD/test" --n 4 --size 192 160 --seed 12 > /dev/null
+"$MR2NST" train-cyclegan --source "$CAD/test/ge" --target "$CAD/train/uih" \
+    --out "$CAD/cyclegan.pt" --epochs 1 --steps-per-epoch 20 --device cuda
+printf '[engine]\ndevice = "cuda"\nfeatures = "seeded-random"\n[methods]\nreferences = 2\n' \
+    > "$CAD/cuda.toml"
+"$MR2NST" cad-study --train "$CAD/train/uih" --test-uih "$CAD/test/uih" --test-ge "$CAD/test/ge" \
+    --truth "$CAD/test/truth" --train-ge "$CAD/train/ge" --config "$CAD/cuda.toml" \
+    --methods passthrough,ehm,cyclegan --test-b ehm --cyclegan "$CAD/cyclegan.pt" --epochs 5 \
+    --quiet --out "$OUT/gpu-cad-study"
+"$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print("cad-study device", d["device"], "s", d["seconds"])' \
+    "$OUT/gpu-cad-study/study.json"

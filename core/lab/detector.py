@@ -328,6 +328,7 @@ def train_detector(
     config: DetectorConfig = DetectorConfig(),
     settings: DetectorSettings = DetectorSettings(),
     progress: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> tuple[Detector, list[float]]:
     """Train a detector from random init on ``samples``.
 
@@ -336,6 +337,8 @@ def train_detector(
         config: the network and its heatmaps.
         settings: the training settings.
         progress: called after every epoch with its number (from 1) and mean loss.
+        device: where to train (the initialisation is drawn on the CPU, so it is the same
+            on every device).
 
     Returns:
         The trained detector (eval mode) and the mean loss of every epoch.
@@ -346,6 +349,7 @@ def train_detector(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         detector = Detector(config)
+    detector.to(device)
     optimizer = torch.optim.Adam(
         detector.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -373,7 +377,8 @@ def train_detector(
                     cache[key] = _example(samples[n], key[1], key[2], config)
                 xs.append(cache[key][0])
                 ys.append(cache[key][1])
-            loss = focal_loss(detector(torch.stack(xs)), torch.stack(ys))
+            x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+            loss = focal_loss(detector(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call, unused-ignore]
             optimizer.step()

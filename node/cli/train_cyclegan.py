@@ -40,6 +40,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--blocks", type=int, default=_DEFAULTS.blocks, help="residual blocks at the bottom"
     )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=_DEFAULTS.device, help="where to train"
+    )
     p.add_argument("--progress", action="store_true", help="one JSON line per epoch on stderr")
     p.set_defaults(func=cmd_train_cyclegan)
 
@@ -65,6 +68,7 @@ def cmd_train_cyclegan(args: argparse.Namespace) -> int:
             depth=args.depth,
             blocks=args.blocks,
             progress=args.progress,
+            device=args.device,
         )
     )
     print(f"trained {summary['epochs']} epochs ({summary['seconds']} s); checkpoint: {args.out}")

@@ -258,6 +258,7 @@ def run_cad_study(
             samples,
             detector_config,
             det_settings,
+            device=device,
             progress=lambda e, loss: emit(
                 {"event": "detector_epoch", "row": row, "epoch": e, "loss": round(loss, 5)}
             ),

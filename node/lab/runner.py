@@ -102,8 +102,9 @@ class Runner:
             :data:`CYCLEGAN` (its generator only: no mr2NST engine is needed for it).
 
     Raises:
-        ConfigError: the student was trained for another teacher or bank, or the CycleGAN
-            checkpoint cannot be read.
+        ConfigError: the student was trained for another teacher or bank, the CycleGAN
+            checkpoint cannot be read, or ``engine.device`` names CUDA on a machine
+            without it.
     """
 
     def __init__(
@@ -115,8 +116,11 @@ class Runner:
         fast_path: str | None = None,
         cyclegan_path: str | None = None,
     ) -> None:
+        import torch
+
         from mr2nst.core.engine import Mr2nstEngine, resolved_device
         from mr2nst.core.refiner import load_refiner
+        from mr2nst.node.errors import ConfigError
         from mr2nst.node.methods.ehm import EhmMethod
         from mr2nst.node.methods.mr2nst import Mr2nstMethod
         from mr2nst.node.methods.spectral import SpectralMethod
@@ -130,6 +134,11 @@ class Runner:
         weights = ensure_weights(config.engine) if engine_rows else None
         self.core = replace(config.engine.core(), weights=weights or "")
         self.cuda = resolved_device(self.core).type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise ConfigError(
+                f"engine.device = {config.engine.device!r}: no CUDA device is available here "
+                '(use "auto" or "cpu")'
+            )
         k = config.methods.references
         self.ehm = EhmMethod(bank, k, True, VERSION)
         self.spectral = SpectralMethod(bank, k, True, VERSION, config.spectral.core())

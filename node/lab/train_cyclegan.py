@@ -55,6 +55,7 @@ class CycleGanTrainingSettings:
     depth: int = 2
     blocks: int = 2
     progress: bool = False  # one JSON line per epoch on stderr
+    device: str = "cpu"  # "cpu" or "cuda"
 
 
 def _usage(message: str) -> UsageError:
@@ -77,6 +78,10 @@ def train_cyclegan(settings: CycleGanTrainingSettings) -> dict[str, Any]:
     from mr2nst.core.lab.cyclegan_train import CycleGan, CycleGanSettings
 
     _check_numbers(settings)
+    if settings.device not in ("cpu", "cuda"):
+        raise _usage(f"--device {settings.device!r}: expected cpu or cuda")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise _usage("--device cuda: no CUDA device is available here (use --device cpu)")
     try:
         config = GeneratorConfig(width=settings.width, depth=settings.depth, blocks=settings.blocks)
     except (EngineConfigError, ValueError) as exc:
@@ -95,6 +100,7 @@ def train_cyclegan(settings: CycleGanTrainingSettings) -> dict[str, Any]:
     target = _images("--target", settings.target, settings.crop)
     train_settings = CycleGanSettings(**saved["settings"]) if saved else CycleGanSettings()
     model = CycleGan(config, train_settings, seed=settings.seed)
+    model.to(settings.device)  # before restoring: the optimizers' state follows the weights
     rng = np.random.default_rng(settings.seed)
     losses: list[dict[str, float]] = []
     seconds = 0.0
@@ -115,14 +121,15 @@ def train_cyclegan(settings: CycleGanTrainingSettings) -> dict[str, Any]:
         "seed": settings.seed,
         "parameters": sum(p.numel() for p in model.g.parameters()),
         "torch_threads": torch.get_num_threads(),
+        "device": settings.device,
     }
     model.train()
     for epoch in range(start + 1, settings.epochs + 1):
         started = time.perf_counter()
         totals: dict[str, float] = {}
         for _ in range(settings.steps_per_epoch):
-            ge = _batch(source, settings.batch, settings.crop, rng)
-            uih = _batch(target, settings.batch, settings.crop, rng)
+            ge = _batch(source, settings.batch, settings.crop, rng).to(settings.device)
+            uih = _batch(target, settings.batch, settings.crop, rng).to(settings.device)
             for name, value in model.step(ge, uih).items():
                 totals[name] = totals.get(name, 0.0) + value
         took = time.perf_counter() - started
@@ -253,7 +260,8 @@ def _restore(model: Any, saved: dict[str, Any], rng: np.random.Generator) -> Non
     model.opt_d.load_state_dict(state["opt_d"])
     for name in ("pool_uih", "pool_ge"):
         pool, data = getattr(model, name), state[name]
-        pool.items = list(data["items"])
+        device = next(model.parameters()).device
+        pool.items = [item.to(device) for item in data["items"]]
         version, internal, gauss = data["rng"]
         pool.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
     saved_rng = state["rng"]
@@ -279,7 +287,8 @@ def _save(
 
     def pool(p: Any) -> dict[str, Any]:
         version, internal, gauss = p.rng.getstate()
-        return {"items": list(p.items), "rng": [version, list(internal), gauss]}
+        items = [item.cpu() for item in p.items]
+        return {"items": items, "rng": [version, list(internal), gauss]}
 
     training = json.loads(json.dumps(summary))
     data = {

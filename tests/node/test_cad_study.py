@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from mr2nst.node.cli.main import main
 from mr2nst.node.lab.phantom_io import write_phantom_set
@@ -150,6 +151,7 @@ def test_report_and_froc_figure(study):
         ([], "no_truth", "no ground truth"),
         ([], "unpaired", "same file names"),
         ([], "no_dir", "not a directory"),
+        ([], "cuda_absent", "no CUDA device"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(sets, tmp_path, capsys, extra, change, expected):
@@ -164,6 +166,11 @@ def test_bad_inputs_exit_2_with_one_line(sets, tmp_path, capsys, extra, change, 
         (root / "test" / "ge" / "case0001.dcm").rename(root / "test" / "ge" / "other.dcm")
     elif change == "no_dir":
         shutil.rmtree(root / "test" / "uih")
+    elif change == "cuda_absent":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        toml = root / "tiny.toml"
+        toml.write_text(toml.read_text().replace('device = "cpu"', 'device = "cuda"'))
     code = main(_args(root, tmp_path / "out", "--methods", "passthrough", *extra))
     err = capsys.readouterr().err.strip()
     assert code == 2

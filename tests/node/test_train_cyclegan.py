@@ -68,7 +68,7 @@ def test_checkpoint_records_architecture_and_training(site, trained):
     assert training["source_images"] == 2 and training["target_images"] == 2
     assert training["source_shapes"] == ["96x80"] and training["target_dir"] == str(site / "uih")
     assert training["epochs"] == 1 and training["steps_per_epoch"] == 2
-    assert training["crop"] == 32 and training["batch"] == 2
+    assert training["crop"] == 32 and training["batch"] == 2 and training["device"] == "cpu"
     assert set(training["losses"][0]) >= {"epoch", "cycle", "identity", "discriminators"}
     assert [e["epoch"] for e in events] == [1]
 
@@ -130,6 +130,7 @@ def test_resume_refuses_another_architecture_or_no_new_epochs(
         ("exists", "exists: pass --resume"),
         ("resume-nothing", "does not exist"),
         ("resume-foreign", "not a CycleGAN checkpoint"),
+        ("cuda-absent", "no CUDA device"),
     ],
 )
 def test_bad_inputs_give_one_line_and_exit_2(site, trained, tmp_path, capsys, problem, expected):
@@ -155,6 +156,10 @@ def test_bad_inputs_give_one_line_and_exit_2(site, trained, tmp_path, capsys, pr
         out = trained[0]
     elif problem == "resume-nothing":
         extra += ["--resume"]
+    elif problem == "cuda-absent":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra += ["--device", "cuda"]
     else:
         torch.save({"kind": "something-else"}, out)
         extra += ["--resume"]
